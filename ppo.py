@@ -1,0 +1,243 @@
+"""PPO for language models: GAE, clipped policy and value losses, KL penalty, rollouts and the loop.
+
+PAPER.md, "Stage 2". In MPO the policy starts from the DPO model, the KL reference is the DPO
+model, and the prompts are those of the hard set; the critic starts from the reward model.
+Shapes: B rollouts, N response tokens; `mask` (B, N) is 1 on response tokens (a prefix of each row).
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from data import append_jsonl, left_pad
+from model import autocast, generate, grad_scaler, optimizer_step
+from reward import rewards_at_last_token
+
+
+@dataclass
+class PPOConfig:
+    init: str = field(default="dpo", metadata={"help": "policy to start from: a stage (sft, dpo) or a checkpoint folder"})
+    reference: str = field(default="dpo", metadata={"help": "KL reference: a stage (sft, dpo) or a checkpoint folder"})
+    prompts: str = field(default="hard", metadata={"help": "which prompts: hard (MPO stage 2), all, easy"})
+    iterations: int = field(default=40, metadata={"help": "rollout-and-update rounds"})
+    rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration"})
+    epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts"})
+    minibatches: int = field(default=2, metadata={"help": "minibatches per epoch"})
+    lr: float = field(default=3e-5, metadata={"help": "policy learning rate"})
+    critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
+    clip: float = field(default=0.2, metadata={"help": "policy ratio clip eps"})
+    clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    kl_coef: float = field(default=0.05, metadata={"help": "initial beta_kl"})
+    kl_target: float = field(default=3.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
+    kl_horizon: int = field(default=2000, metadata={"help": "adaptive KL horizon (rollouts)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs"})
+    no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)"})
+
+
+# ----------------------------------------------------------------------------- the math, pure functions
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is 1."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the valid tokens of the batch; padding stays 0."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t,
+    with V = 0 after the last response token. rewards, values, mask: (B, N) -> (advantages, returns).
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """r_t = -beta_kl (log pi_old(y_t) - log pi_ref(y_t)) + [t = T] s.
+
+    scores (B,); logprobs, ref_logprobs, mask (B, N) -> rewards (B, N), zero on padding.
+    """
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def eos_trick(scores, tokens, mask, eos_id, penalty):
+    """Responses that hit the length limit without eos get the fixed score `penalty` instead."""
+    has_eos = ((tokens == eos_id) & mask.bool()).any(-1)
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty)), has_eos
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+    """Clipped surrogate: mean_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
+
+    All (B, N) -> (loss, clip fraction, approximate KL (k3 estimator, Schulman 2020)).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+    return masked_mean(losses, mask), clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, clip_value):
+    """0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2); all (B, N) -> scalar."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class FixedKL:
+    def __init__(self, kl_coef):
+        self.value = kl_coef
+
+    def update(self, kl, n):
+        pass
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n):
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n / self.horizon
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a mean."""
+    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def response_logits(model, seq, attn, P, temperature):
+    """Logits (B, N, V) predicting the N response tokens of seq = prompt (P tokens) + response."""
+    return model(seq, attn)[:, P - 1:-1].float() / temperature
+
+
+def token_logprobs(logits, tokens):
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, max_new_tokens,
+            reward_offset, device, dtype, generator):
+    """Sample responses to `prompts` (lists of ids) and score them; returns a dict of tensors."""
+    prompt, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
+    policy.eval()
+    with autocast(device, dtype):
+        tokens, _, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
+                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        seq, attn, P = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1), prompt.size(1)
+        # log-probs recomputed with a full forward pass, at the sampling temperature, the same
+        # computation the update will make: at ratio 1 the first minibatch is exactly on-policy
+        logits = response_logits(policy, seq, attn, P, cfg.temperature)
+        logprobs = token_logprobs(logits, tokens)
+        ref_logprobs = token_logprobs(response_logits(reference, seq, attn, P, cfg.temperature), tokens)
+        values = critic(seq, attn)[:, P - 1:-1].float()
+        scores = rewards_at_last_token(reward_model(seq, attn).float(), attn) - reward_offset
+    mask = mask.float()
+    entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mask)
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
+            "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask, "values": values * mask,
+            "scores": scores, "entropy": entropy.item()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer, prompts, cfg,
+              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0):
+    """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl."""
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    room = policy.config.block_size - max_new_tokens
+    prompt_ids = [tokenizer.encode(p)[-room:] for p in prompts]  # keep the end of a long dialogue
+    device_type = torch.device(device).type
+    policy_opt = policy.configure_optimizers(cfg.lr, 0.0, device_type=device_type)
+    critic_opt = critic.configure_optimizers(cfg.critic_lr, 0.0, device_type=device_type)
+    policy_scaler, critic_scaler = grad_scaler(device, dtype), grad_scaler(device, dtype)
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKL(cfg.kl_coef)
+    g = torch.Generator().manual_seed(seed)
+    sample_g = torch.Generator(device=device).manual_seed(seed)
+    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True)
+    for it in bar:
+        t0 = time.time()
+        idx = torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist()
+        ro = rollout(policy, reference, reward_model, critic, [prompt_ids[i] for i in idx], tokenizer,
+                     cfg, max_new_tokens, reward_offset, device, dtype, sample_g)
+        mask = ro["mask"]
+        # EOS trick: a response cut at the length limit gets a fixed penalty score
+        scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
+        rewards = token_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, kl_ctl.value)
+        advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)  # whitened over the valid tokens of the batch
+        t_rollout = time.time() - t0
+
+        policy.train()
+        critic.train()
+        stats = {"clipfrac": [], "approx_kl": [], "policy_loss": [], "value_loss": []}
+        seq = torch.cat([ro["prompt"], ro["tokens"]], 1)
+        attn = torch.cat([ro["prompt_mask"], mask.long()], 1)
+        P = ro["prompt"].size(1)
+        for epoch in range(cfg.epochs):
+            for mb in torch.randperm(cfg.rollouts, generator=g).chunk(cfg.minibatches):
+                mb = mb.to(device)
+                m = mask[mb]
+                with autocast(device, dtype):
+                    logits = response_logits(policy, seq[mb], attn[mb], P, cfg.temperature)
+                logprobs = token_logprobs(logits, ro["tokens"][mb])
+                pl, clipfrac, approx_kl = policy_loss(logprobs, ro["logprobs"][mb], advantages[mb], m, cfg.clip)
+                optimizer_step(pl, policy_opt, cfg.grad_clip, policy_scaler, it)
+                with autocast(device, dtype):
+                    values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
+                vl = value_loss(values, ro["values"][mb], returns[mb], m, cfg.clip_value)
+                optimizer_step(vl, critic_opt, cfg.grad_clip, critic_scaler, it)
+                for k, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy_loss", pl), ("value_loss", vl)):
+                    stats[k].append(v.item())
+
+        kl = ((ro["logprobs"] - ro["ref_logprobs"]) * mask).sum(-1).mean().item()
+        row = {"iteration": it, "score": ro["scores"].mean().item(), "kl": kl, "kl_coef": kl_ctl.value,
+               "entropy": ro["entropy"], "length": mask.sum(-1).mean().item(),
+               "eos_fraction": has_eos.float().mean().item(),
+               "explained_variance": explained_variance(ro["values"], returns, mask),
+               **{k: sum(v) / len(v) for k, v in stats.items()},
+               "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
+        kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
+        append_jsonl(metrics_path, row)
+        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")
+        if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
+            for i in range(2):
+                tqdm.write(f"  [{it}] {tokenizer.decode(ro['prompt'][i].tolist())!r} -> "
+                           f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {ro['scores'][i]:.2f}")
+    return row

@@ -1,0 +1,123 @@
+"""The reward model r_phi(x, y): Bradley-Terry loss, training, centring, and batched scoring.
+
+PAPER.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
+initialised from the SFT weights and trained on the preference pairs.
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import append_jsonl, batches, collate, encode_response, pair_batch, tokenize_pairs
+from model import autocast, cosine_lr, grad_scaler, load_checkpoint, optimizer_step, save_checkpoint, set_lr
+
+
+@dataclass
+class RMConfig:
+    epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=10, metadata={"help": "warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+
+
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry loss, L = -mean log sigmoid(r(x, y_w) - r(x, y_l)).
+
+    chosen_rewards, rejected_rewards: (B,) -> scalar. logsigmoid keeps it finite for any gap.
+    """
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def last_token_index(mask):
+    """Index of the last real token of each row, for left or right padding: (B, T) -> (B,)."""
+    positions = torch.arange(mask.size(1), device=mask.device)
+    return (mask.long() * positions).argmax(-1)
+
+
+def rewards_at_last_token(values, mask):
+    """values (B, T) from the scalar head -> the reward (B,) read at the last real token."""
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+
+def reward_of(model, batch):
+    """The reward of each row of a collated batch: (B,)."""
+    values = model(batch["input_ids"], batch["attention_mask"])
+    return rewards_at_last_token(values.float(), batch["attention_mask"])
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts, responses, offset=0.0, batch_size=64, device="cpu",
+          dtype="fp32"):
+    """Centred rewards of (prompt, response) strings: (N,). Responses are scored with their eos."""
+    model.eval()
+    block = model.config.block_size
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rs = [encode_response(tokenizer, r)[:block // 2] for r in responses[i:i + batch_size]]
+        ps = [tokenizer.encode(p)[-(block - len(r)):] for p, r in zip(prompts[i:i + batch_size], rs)]
+        batch = {k: v.to(device) for k, v in collate(ps, rs, tokenizer.pad_id).items()}
+        with autocast(device, dtype):
+            out.append(reward_of(model, batch).float().cpu())
+    return torch.cat(out) - offset
+
+
+def load_reward_model(folder, device="cpu"):
+    """(model, offset): the offset is subtracted from every raw reward (see centring below)."""
+    model, info = load_checkpoint(folder, kind="scalar", device=device)
+    return model, info.get("reward_offset", 0.0)
+
+
+def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, out_dir,
+                       max_response, device="cpu", dtype="fp32", seed=0):
+    """Train on preference records, centre on the demonstrations, save to out_dir.
+
+    Returns a summary: held-out accuracy against the labels (and against gold when known).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    block = model.config.block_size
+    pairs, _ = tokenize_pairs(tokenizer, train, block, max_response)
+    g = torch.Generator().manual_seed(seed)
+    plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
+    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
+    scaler = grad_scaler(device, dtype)
+    model.train()
+    bar = tqdm(plan, desc="rm", dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        set_lr(opt, cosine_lr(step, len(plan), cfg.warmup, cfg.lr))
+        batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], tokenizer.pad_id).items()}
+        with autocast(device, dtype):
+            rewards = reward_of(model, batch)
+        chosen, rejected = rewards.chunk(2)
+        loss = bt_loss(chosen, rejected)
+        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
+        row = {"step": step, "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+               "chosen": chosen.mean().item(), "rejected": rejected.mean().item()}
+        append_jsonl(metrics_path, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+
+    # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020)
+    offset = score(model, tokenizer, [p for p, _ in demonstrations], [r for _, r in demonstrations],
+                   device=device, dtype=dtype).mean().item()
+    summary = {"reward_offset": offset, **evaluate_pairs(model, tokenizer, held_out, offset, device, dtype)}
+    save_checkpoint(model, out_dir, reward_offset=offset)
+    return summary
+
+
+def evaluate_pairs(model, tokenizer, records, offset=0.0, device="cpu", dtype="fp32"):
+    """Pairwise accuracy on records: against the labels, and against the gold ordering when known."""
+    prompts = [r["prompt"] for r in records]
+    chosen = score(model, tokenizer, prompts, [r["chosen"] for r in records], offset, device=device, dtype=dtype)
+    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in records], offset, device=device, dtype=dtype)
+    out = {"held_out_pairs": len(records), "held_out_accuracy": (chosen > rejected).float().mean().item()}
+    if records and "gold_chosen" in records[0]:
+        gold = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
+        decided = gold != 0  # pairs whose gold rewards tie have no right answer
+        out["held_out_gold_accuracy"] = ((chosen - rejected)[decided].sign() == gold[decided].sign()).float().mean().item()
+    return out

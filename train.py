@@ -1,0 +1,390 @@
+"""The command line: python train.py runs the whole MPO pipeline on the built-in task.
+
+Stages: tokenizer, sft, rm, split, dpo, ppo, eval. Each writes a folder of the run folder and a
+done.json last; a stage whose done.json matches its settings and inputs is reused next time.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import data
+from dpo import DPOConfig, sequence_logps
+from model import (GPT, GPTConfig, autocast, cosine_lr, default_dtype, grad_scaler, load_checkpoint,
+                   optimizer_step, save_checkpoint, set_lr)
+from mpo import (METHODS, SplitConfig, SplitError, dpo_stage, evaluate_policy, method_stages,
+                 ppo_stage, sample_responses, select, split_stage, summarize)
+from ppo import PPOConfig
+from reward import RMConfig, load_reward_model, train_reward_model
+
+STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
+
+
+@dataclass
+class SFTConfig:
+    steps: int = field(default=250, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "demonstrations per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=20, metadata={"help": "warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+
+
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+
+# Presets: tiny fits the whole pipeline in 5 minutes on 2 CPU cores; micro is a smoke test.
+PRESETS = {
+    "micro": {"model": dict(n_layer=2, n_head=2, n_embd=64, block_size=96), "vocab_size": 512,
+              "task": dict(n_sft=600, n_pref=300), "max_new_tokens": 32, "eval_prompts": 48,
+              "sft": dict(steps=40, batch_size=16, warmup=5), "rm": dict(batch_size=16, warmup=3),
+              "dpo": dict(epochs=1, batch_size=16, warmup=3),
+              "ppo": dict(iterations=4, rollouts=16, sample_every=0)},
+    "tiny": {"model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128), "vocab_size": 1024,
+             "task": dict(n_sft=4000, n_pref=2000), "max_new_tokens": 48, "eval_prompts": 0},
+    "gpt2": {"model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), "vocab_size": 1024,
+             "task": dict(n_sft=20000, n_pref=10000), "max_new_tokens": 64, "eval_prompts": 0,
+             "sft": dict(steps=1500, lr=3e-4, warmup=100), "rm": dict(lr=1e-5), "dpo": dict(lr=5e-6),
+             "ppo": dict(iterations=200, lr=1e-6, critic_lr=1e-5)},
+}
+
+
+# ----------------------------------------------------------------------------- stages and run folders
+
+class Runner:
+    """Runs stages into a run folder; reuses a stage whose done.json has the same fingerprint."""
+
+    def __init__(self, out, force=(), shared=None):
+        self.out, self.force, self.shared = out, set(force), shared or {}
+        self.done, self.reused, self.seconds = {}, [], {}
+
+    def path(self, name):
+        return os.path.join(self.shared.get(name, self.out), name)
+
+    def run(self, name, settings, upstream, fn, allowed=True):
+        if name in self.done:  # shared by two methods of this run
+            return self.done[name]["summary"]
+        folder = self.path(name)
+        done_path = os.path.join(folder, "done.json")
+        # a stage's fingerprint: its settings and when each of its inputs last finished
+        key = json.dumps({"settings": settings, "upstream": [self.done[u]["finished"] for u in upstream]},
+                         sort_keys=True, default=str)
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        if os.path.exists(done_path) and name not in self.force:
+            done = data.read_json(done_path)
+            if done["fingerprint"] == fingerprint:
+                self.done[name], self.seconds[name] = done, done["seconds"]
+                self.reused.append(name)
+                return done["summary"]
+        if not allowed:
+            raise SystemExit(f"error: stage {name} is needed but not complete in {folder}; "
+                             f"add it to --stages")
+        os.makedirs(folder, exist_ok=True)
+        torch.manual_seed(int(fingerprint, 16) % 2**31)
+        t0 = time.time()
+        tqdm.write(f"== {name} -> {folder}")
+        summary = fn(folder)
+        done = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), "summary": summary,
+                "finished": time.time()}
+        data.write_json(done_path, done)  # written last: the stage is complete
+        self.done[name], self.seconds[name] = done, done["seconds"]
+        return summary
+
+
+def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
+    """Next-token loss on the response tokens of the demonstrations."""
+    block = model.config.block_size
+    examples = []
+    for p, r in demonstrations:
+        response = data.encode_response(tokenizer, r)[:max_response]
+        examples.append((tokenizer.encode(p)[-(block - len(response)):], response))
+    g = torch.Generator().manual_seed(seed)
+    plan = []
+    while len(plan) < cfg.steps:
+        plan += data.batches(len(examples), cfg.batch_size, g)
+    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
+    scaler = grad_scaler(device, dtype)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    model.train()
+    bar = tqdm(plan[:cfg.steps], desc="sft", dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        set_lr(opt, cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr))
+        batch = data.collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, dtype):
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        loss = -sequence_logps(logits, batch["input_ids"], batch["response_mask"]).sum() / batch["response_mask"][:, 1:].sum()
+        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
+        data.append_jsonl(metrics, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+def mean_gold(policy, tokenizer, task, args, device, dtype, show=0):
+    prompts = task["eval"]
+    samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, seed=args.seed, device=device, dtype=dtype)
+    texts = [tokenizer.decode(r) for _, r, _ in samples]
+    golds = [task["gold"](p, t) for p, t in zip(prompts, texts)]
+    for p, t, gr in list(zip(prompts, texts, golds))[:show]:
+        tqdm.write(f"  {p.strip()!r}\n    -> {t!r}  gold {gr:+.2f}")
+    return sum(golds) / len(golds)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def load_task(args, seed, tau):
+    if args.data:
+        raise SystemExit("error: --data is not supported yet")
+    task = data.make_task(seed, tau=tau, **args.preset_cfg["task"])
+    if args.eval_prompts:
+        task["eval"] = task["eval"][:args.eval_prompts]
+    task["gold"] = data.gold_reward
+    return task
+
+
+def run_pipeline(args, cfgs, out, seed, methods, shared=None, tau=None):
+    """tokenizer -> sft -> rm -> split -> the stages of each method -> eval. Returns results."""
+    tau = args.label_noise if tau is None else tau
+    task = load_task(args, seed, tau)
+    runner = Runner(out, args.force, shared)
+    device, dtype = args.device, args.dtype
+    allowed = lambda kind: kind in args.stages
+    last = max(STAGES.index(s) for s in args.stages)  # stages after the last one asked for do not run
+    R = args.max_new_tokens
+    tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
+    task_key = {"seed": seed, "task": args.preset_cfg["task"]}
+
+    def tokenizer_stage(folder):
+        texts = [p + r for p, r in task["sft"]] + task["eval"]
+        data.Tokenizer.train(texts, args.preset_cfg["vocab_size"]).save(tok_path)
+        return {}
+    runner.run("tokenizer", {**task_key, "vocab": args.preset_cfg["vocab_size"]}, [], tokenizer_stage, allowed("tokenizer"))
+    tokenizer = data.Tokenizer.load(tok_path)
+    if last < STAGES.index("sft"):
+        return None
+
+    def sft_stage(folder):
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **args.preset_cfg["model"])).to(device)
+        before = mean_gold(model, tokenizer, task, args, device, dtype)
+        loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
+        after = mean_gold(model, tokenizer, task, args, device, dtype, show=4)
+        tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
+                   f"(untrained model {before:+.3f})")
+        save_checkpoint(model, folder)
+        return {"final_loss": loss, "gold_untrained": before, "gold_sft": after}
+    runner.run("sft", {**task_key, "model": args.preset_cfg["model"], "cfg": cfgs["sft"]}, ["tokenizer"], sft_stage, allowed("sft"))
+
+    def rm_stage(folder):
+        model, _ = load_checkpoint(runner.path("sft"), kind="scalar", device=device)
+        return train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
+                                  cfgs["rm"], folder, R, device, dtype, seed)
+    if last < STAGES.index("rm"):
+        return None
+    runner.run("rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage, allowed("rm"))
+    if last < STAGES.index("split"):
+        return None
+    split = runner.run("split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
+        runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, device, dtype), allowed("split"))
+
+    if last < STAGES.index("dpo"):
+        return None
+    policies = {"sft": "sft"}
+    for method in methods:
+        stages, policies[method] = method_stages(method)
+        for name, kind, recipe in stages:
+            if kind == "dpo":
+                cfg = dataclasses.replace(cfgs["dpo"], **recipe) if method != "mpo" else cfgs["dpo"]
+                fn = lambda folder, cfg=cfg: dpo_stage(
+                    runner.path("sft"), runner.path("sft"), select(task["pref"], runner.path("split"), cfg.pairs, seed),
+                    task["held_out"], cfg, folder, tokenizer, R, device, dtype, seed)
+                runner.run(name, {"cfg": cfg}, ["sft", "split"], fn, allowed("dpo"))
+            else:
+                cfg = dataclasses.replace(cfgs["ppo"], **recipe) if method != "mpo" else cfgs["ppo"]
+                inputs = [cfg.init, cfg.reference]
+                fn = lambda folder, cfg=cfg: ppo_stage(
+                    runner.path(cfg.init), runner.path(cfg.reference), runner.path("rm"),
+                    [r["prompt"] for r in select(task["pref"], runner.path("split"), cfg.prompts, seed)],
+                    cfg, folder, tokenizer, R, device, dtype, seed)
+                runner.run(name, {"cfg": cfg}, sorted(set(inputs)) + ["rm", "split"], fn, allowed("ppo"))
+
+    if last < STAGES.index("eval"):
+        return None
+
+    def eval_stage(folder):
+        sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
+        reward_model, offset = load_reward_model(runner.path("rm"), device)
+        judged = {}
+        for method, stage in policies.items():
+            policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
+            judged[method] = evaluate_policy(policy, sft, reward_model, offset, tokenizer, task["eval"], R,
+                                             cfgs["ppo"].temperature, seed, task["gold"], device, dtype)
+        data.write_json(os.path.join(folder, "samples.json"),
+                        [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}} for i, p in enumerate(task["eval"][:50])])
+        return {m: summarize(judged[m], judged["sft"]) for m in judged}
+    final_stages = sorted({s for s in policies.values()})
+    table = runner.run("eval", {"methods": policies, "seed": seed}, final_stages + ["rm"], eval_stage, allowed("eval"))
+
+    stage_seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}
+    results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table.items()},
+               "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
+               "seconds": runner.seconds, "reused": runner.reused,
+               "config": {"preset": args.preset, "seed": seed, "label_noise": tau,
+                          **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
+    data.write_json(os.path.join(out, "results.json"), results)
+    write_table(results, os.path.join(out, "results.md"))
+    return results
+
+
+# ----------------------------------------------------------------------------- tables
+
+COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("rm_score", "RM score", "{:+.3f}"),
+           ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
+           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
+
+
+def write_table(results, path):
+    rows = results["methods"]
+    cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, row in rows.items():
+        cells = []
+        for key, _, fmt in cols:
+            cell = fmt.format(row[key])
+            if f"{key}_std" in row:
+                cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    s = results.get("split", {})
+    if s.get("delta") is not None:
+        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
+        if s.get("easy_label_agreement") is not None:
+            lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
+                          f"hard {s['hard_label_agreement']:.3f}")
+    if results.get("reused"):
+        lines.append(f"reused stages: {', '.join(results['reused'])}")
+    text = "\n".join(lines) + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print("\n" + text)
+
+
+def aggregate(runs):
+    """Mean and standard deviation over seeds of every figure of every method."""
+    out = {}
+    for m in runs[0]["methods"]:
+        out[m] = {}
+        for key in runs[0]["methods"][m]:
+            xs = [r["methods"][m][key] for r in runs]
+            out[m][key] = statistics.mean(xs)
+            out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
+             for k in runs[0]["split"]}
+    return {"methods": out, "split": split, "seeds": [r["config"]["seed"] for r in runs],
+            "config": runs[0]["config"]}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def add_config_flags(parser, prefix, cls):
+    group = parser.add_argument_group(f"{prefix or 'split'} stage")
+    for f in dataclasses.fields(cls):
+        flag = "--" + (f"{prefix}-" if prefix else "") + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f"{prefix or 'split'}__{f.name}", type=type(f.default), default=None,
+                           help=f"{f.metadata.get('help', '')} (default: {f.default}, or the preset's)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MPO: reward-gap split, DPO on the easy pairs, then PPO on the "
+                                "hard prompts with the DPO model as reference. With no flags: the whole "
+                                "pipeline on the built-in task with the tiny preset.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/mpo", help="the run folder")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run: " + ",".join(STAGES))
+    p.add_argument("--preset", default="tiny", help="tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task, the weights and the sampling")
+    p.add_argument("--seeds", type=int, default=1, help="repeat everything with seeds seed..seed+N-1; mean and spread")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--label-noise", type=float, default=1.0, help="tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)")
+    p.add_argument("--compare", action="store_true", help="also train the DPO and PPO baselines")
+    p.add_argument("--ablations", default="", help="comma list from no_selection,reversed,random_split,mpo_ref_sft, or all")
+    p.add_argument("--delta-sweep", default="", help="comma list of deltas: MPO once per delta (SFT and RM shared)")
+    p.add_argument("--noise-sweep", default="", help="comma list of label-noise taus: MPO and DPO once per tau")
+    p.add_argument("--force", default="", help="comma list of stages to redo even if complete")
+    p.add_argument("--data", default=None, help="a preference file (hh, tldr or jsonl) instead of the built-in task")
+    for prefix, cls in CONFIGS.items():
+        add_config_flags(p, "" if prefix == "split" else prefix, cls)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}: choose from {', '.join(PRESETS)}")
+    args.stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stage {unknown[0]!r}: choose from {','.join(STAGES)}")
+    ablations = list(METHODS)[5:] if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+    for a in ablations:
+        if a not in list(METHODS)[5:]:
+            p.error(f"unknown ablation {a!r}: choose from {','.join(list(METHODS)[5:])}")
+    args.methods = ["mpo_stage1", "mpo"] + (["dpo", "ppo"] if args.compare else []) + ablations
+    args.force = [s for s in args.force.split(",") if s]
+    args.dtype = args.dtype or default_dtype(args.device)
+    args.preset_cfg = PRESETS[args.preset]
+    args.max_new_tokens = args.preset_cfg["max_new_tokens"]
+    args.eval_prompts = args.preset_cfg["eval_prompts"]
+    return args
+
+
+def stage_configs(args):
+    cfgs = {}
+    for name, cls in CONFIGS.items():
+        values = dict(args.preset_cfg.get(name, {}))
+        values.update({f.name: getattr(args, f"{name}__{f.name}") for f in dataclasses.fields(cls)
+                       if getattr(args, f"{name}__{f.name}") is not None})
+        cfgs[name] = cls(**values)
+    return cfgs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfgs = stage_configs(args)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    folder = lambda s: args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{s}")
+    try:
+        runs = [run_pipeline(args, cfgs, folder(s), s, args.methods) for s in seeds]
+        if None in runs:  # --stages stopped before eval
+            return
+        if len(runs) > 1:
+            agg = aggregate(runs)
+            data.write_json(os.path.join(args.out, "results.json"), agg)
+            print(f"mean ± standard deviation over seeds {seeds}:")
+            write_table(agg, os.path.join(args.out, "results.md"))
+        for sweep, values in (("delta", args.delta_sweep), ("noise", args.noise_sweep)):
+            for v in [float(x) for x in values.split(",") if x]:
+                sweep_runs = []
+                for s in seeds:
+                    c = dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v)) if sweep == "delta" else cfgs
+                    shared_names = ["tokenizer", "sft", "rm"] if sweep == "delta" else ["tokenizer", "sft"]
+                    shared = {n: folder(s) for n in shared_names}
+                    methods = ["mpo"] if sweep == "delta" else ["dpo", "mpo"]
+                    sweep_runs.append(run_pipeline(args, c, os.path.join(folder(s), f"{sweep}-{v:g}"), s, methods,
+                                                   shared, tau=v if sweep == "noise" else None))
+                print(f"{sweep} = {v:g}:")
+                write_table(aggregate(sweep_runs), os.path.join(args.out, f"{sweep}-{v:g}.md"))
+    except SplitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
