@@ -44,7 +44,7 @@ CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOCon
 PRESETS = {
     "micro": {"model": dict(n_layer=2, n_head=2, n_embd=64, block_size=96), "vocab_size": 512,
               "task": dict(n_sft=600, n_pref=300), "max_new_tokens": 32, "eval_prompts": 48,
-              "sft": dict(steps=40, batch_size=16, warmup=5), "rm": dict(batch_size=16, warmup=3),
+              "sft": dict(steps=150, batch_size=16, lr=3e-3, warmup=10), "rm": dict(batch_size=16, lr=1e-3, warmup=3),
               "dpo": dict(epochs=1, batch_size=16, warmup=3),
               "ppo": dict(iterations=4, rollouts=16, sample_every=0)},
     "tiny": {"model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128), "vocab_size": 1024,

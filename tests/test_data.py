@@ -1,0 +1,94 @@
+"""The built-in task, its gold reward and label noise, the tokenizer, and batching."""
+import math
+
+import pytest
+import torch
+
+import data
+
+Q = "\n\nHuman: What color is a banana?\n\nAssistant:"
+HARM = "\n\nHuman: How do I steal a car?\n\nAssistant:"
+
+
+def test_gold_reward_facets():
+    """Each facet moves the gold reward the right way."""
+    g = data.gold_reward
+    assert g(Q, " A banana is yellow.") > g(Q, " A banana is blue.")                  # helpful
+    assert g(Q, " A banana is blue.") < g(Q, " I am not sure, maybe look it up.")      # wrong < unsure
+    assert g(Q, " Sorry, I can't help with that.") < g(Q, " Hmm, that is hard to say.")  # over-refusal
+    assert g(HARM, " Sorry, I can't help with that.") > g(HARM, " Hmm.")               # harmless
+    assert g(HARM, " Sure, here is how to steal a car: first wait.") < g(HARM, " Hmm.")
+    assert g(Q, " Happy to help! A banana is yellow.") > g(Q, " A banana is yellow.")  # polite
+    assert g(Q, " Ugh, fine. A banana is yellow.") < g(Q, " A banana is yellow.")      # rude
+    long = " A banana is yellow. That is about all there is to say on this topic, so do some reading too."
+    assert g(Q, long) < g(Q, " A banana is yellow.")                                     # concise
+    assert g(Q, " A banana is yellow.") == 2.0
+    with pytest.raises(ValueError):
+        g("\n\nHuman: unknown?\n\nAssistant:", " hi")
+
+
+def test_prompt_splits_are_disjoint_and_task_deterministic():
+    pools = data.split_prompts(0)
+    sets = [set(p for p, _, _ in pools[k]) for k in ("sft", "pref", "eval")]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    a, b = data.make_task(3, n_sft=50, n_pref=40), data.make_task(3, n_sft=50, n_pref=40)
+    assert a == b and a != data.make_task(4, n_sft=50, n_pref=40)
+    own = data.split_prompts(3)  # each part's prompts come from the seed's own pool
+    assert {p for p, _ in a["sft"]} <= {p for p, _, _ in own["sft"]}
+    assert {r["prompt"] for r in a["pref"]} <= {p for p, _, _ in own["pref"]}
+    assert all(r["prompt"] in set(a["eval"]) for r in a["held_out"])
+    assert all(r["chosen"] != r["rejected"] for r in a["pref"])
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_label_noise_matches_tau(tau):
+    """The fraction of labels against the gold ordering is what Bradley-Terry with tau implies."""
+    pairs = data.make_task(0, n_sft=0, n_pref=4000, tau=tau)["pref"]
+    wrong, expected, var = 0.0, 0.0, 0.0
+    for r in pairs:
+        d = r["gold_chosen"] - r["gold_rejected"]
+        wrong += 1.0 if d < 0 else 0.5 if d == 0 else 0.0
+        p = 1 / (1 + math.exp(abs(d) / tau))  # P(the label is against gold)
+        expected += p
+        var += p * (1 - p)
+    n = len(pairs)
+    assert abs(wrong - expected) / n < 4 * math.sqrt(var) / n + 1e-3
+    assert 0.5 < 1 - wrong / n < 0.98  # noisy, but not random
+
+
+def test_noise_grows_with_tau():
+    agree = [data.label_agreement(data.make_task(0, n_sft=0, n_pref=2000, tau=t)["pref"]) for t in (0.3, 1, 3)]
+    assert agree[0] > agree[1] > agree[2]
+
+
+def test_tokenizer_round_trip(tmp_path):
+    task = data.make_task(0, n_sft=300, n_pref=10)
+    texts = [p + r for p, r in task["sft"]]
+    tok = data.Tokenizer.train(texts, 400)
+    for t in texts[:50] + ["\n\nHuman: unseen wörds ✓\n\nAssistant: ok"]:
+        assert tok.decode(tok.encode(t)) == t
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert again.encode(texts[0]) == tok.encode(texts[0])
+    assert tok.eos_id != tok.pad_id and tok.vocab_size <= 400
+
+
+def test_collate_pads_prompts_left_and_responses_right():
+    b = data.collate([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_tokenize_pairs_cuts_long_prompts_from_the_left():
+    tok = data.Tokenizer.train(["a b c d e f g h"] * 10, 300)
+    rec = {"prompt": " a" * 40, "chosen": " b", "rejected": " c c"}
+    [(p, c, r)], cut = data.tokenize_pairs(tok, [rec], block_size=16, max_response=8)
+    assert cut == 1 and len(p) + max(len(c), len(r)) == 16
+    assert p == tok.encode(rec["prompt"])[-len(p):]  # the end of the dialogue is kept
+    assert c[-1] == tok.eos_id
+
+
+def test_batches_cover_every_index_once():
+    got = data.batches(10, 3, torch.Generator().manual_seed(0))
+    assert sorted(i for b in got for i in b) == list(range(10)) and [len(b) for b in got] == [3, 3, 3, 1]

@@ -1,0 +1,163 @@
+"""The GPT: KV cache, left padding, sampling, heads, optimizer groups, checkpoints, precision."""
+import torch
+import pytest
+
+from model import (GPT, GPTConfig, ScalarModel, autocast, generate, grad_scaler, load_checkpoint,
+                   optimizer_step, response_mask, save_checkpoint, NonFiniteError)
+
+CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+def test_kv_cache_matches_full_forward(model):
+    """Feeding tokens one at a time through the cache gives the logits of one full pass."""
+    from model import KVCache
+    idx = torch.randint(0, 97, (3, 12))
+    full = model(idx)
+    cache = KVCache(CFG, 3, 12, "cpu", torch.float32)
+    steps = [model(idx[:, :5], cache=cache)]  # a prefill of 5, then single tokens
+    steps += [model(idx[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_kv_cache_with_left_padding(model):
+    """Incremental decoding of a left-padded row equals a full pass over its real tokens."""
+    from model import KVCache
+    real = torch.randint(0, 97, (1, 9))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), real], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    cache = KVCache(CFG, 1, 12, "cpu", torch.float32)
+    out = [model(padded[:, :7], mask[:, :7], cache=cache)[:, 3:]]
+    for t in range(7, 12):
+        out.append(model(padded[:, t:t + 1], mask[:, :t + 1], position_ids=torch.tensor([[t - 3]]), cache=cache))
+    assert torch.allclose(torch.cat(out, 1), model(real), atol=1e-5)
+
+
+def test_left_padding_invariance(model):
+    """A left-padded prompt gives the same logits on its real tokens as the prompt alone."""
+    a, b = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.full((1, 4), 5), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    out = model(batch, mask)
+    assert torch.allclose(out[0], model(a)[0], atol=1e-5)
+    assert torch.allclose(out[1, 4:], model(b)[0], atol=1e-5)
+    assert torch.isfinite(out).all()  # padding rows too: never an all-masked softmax
+
+
+def test_generate_reproducible_and_logprobs(model):
+    """A fixed generator gives the same sample; logprobs match a full pass at the temperature."""
+    prompt = torch.randint(0, 97, (4, 5))
+    run = lambda: generate(model, prompt, None, 10, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    t1, lp1, m1 = run()
+    t2, lp2, m2 = run()
+    assert torch.equal(t1, t2) and torch.equal(lp1, lp2)
+    logits = model(torch.cat([prompt, t1], 1))[:, 4:-1] / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, t1[..., None]).squeeze(-1)
+    assert torch.allclose(lp1, expected, atol=1e-5)
+    t3, _, _ = generate(model, prompt, None, 10, temperature=0.7, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(t1, t3)
+
+
+def test_generate_stops_at_eos_and_masks(model):
+    """The mask is 1 up to and including the first eos; tokens after it are padding."""
+    prompt = torch.randint(0, 97, (8, 3))
+    free, _, _ = generate(model, prompt, None, 12, top_k=1)  # greedy, no eos
+    eos = free[0, 3].item()  # row 0 will stop at step 4 (or earlier); other rows elsewhere
+    tokens, lp, mask = generate(model, prompt, None, 12, eos_id=eos, pad_id=0, top_k=1)
+    assert (tokens == eos).any()
+    for row, m, l in zip(tokens.tolist(), mask.tolist(), lp.tolist()):
+        n = row.index(eos) + 1 if eos in row else len(row)
+        assert m == [1] * n + [0] * (len(row) - n)
+        assert all(t == 0 for t in row[n:]) and all(x == 0 for x in l[n:])
+    assert torch.equal(response_mask(torch.tensor([[1, 7, 7, 2]]), 7, 0), torch.tensor([[1, 1, 0, 0]]))
+
+
+def test_top_k_top_p_restrict_the_sample(model):
+    """top_k=1 is greedy; a tiny top_p is greedy too."""
+    prompt = torch.randint(0, 97, (3, 4))
+    greedy = model(prompt)[:, -1].argmax(-1)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        tokens, _, _ = generate(model, prompt, None, 1, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.equal(tokens[:, 0], greedy)
+
+
+def test_scalar_model_shapes_and_backbone(model):
+    """The scalar head gives (B, T); a GPT checkpoint loaded as scalar keeps the backbone."""
+    head = ScalarModel(CFG)
+    x = torch.randint(0, 97, (2, 7))
+    assert head(x).shape == (2, 7)
+
+
+def test_checkpoint_round_trip_and_kinds(model, tmp_path):
+    save_checkpoint(model, tmp_path / "gpt", note="hello")
+    loaded, info = load_checkpoint(tmp_path / "gpt")
+    x = torch.randint(0, 97, (2, 7))
+    assert torch.equal(loaded(x), model(x)) and info["note"] == "hello"
+    scalar, _ = load_checkpoint(tmp_path / "gpt", kind="scalar")
+    assert torch.equal(scalar.gpt(x, hidden=True), model(x, hidden=True))
+    save_checkpoint(scalar, tmp_path / "rm", reward_offset=1.5)
+    back, info = load_checkpoint(tmp_path / "rm", kind="gpt")
+    assert torch.equal(back(x), model(x)) and info["reward_offset"] == 1.5
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_checkpoint_shape_mismatch_is_a_clear_error(model, tmp_path):
+    import json
+    save_checkpoint(model, tmp_path)
+    info = json.loads((tmp_path / "config.json").read_text())
+    info["model"]["n_embd"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_checkpoint(tmp_path)
+
+
+def test_weight_decay_groups(model):
+    """Decay on matrices only: not on biases, LayerNorms or embeddings."""
+    opt = model.configure_optimizers(1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert "transformer.h.0.attn.c_attn.weight" in decay
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+            "transformer.h.0.attn.c_attn.bias"} <= no_decay
+    assert not decay & no_decay and len(decay | no_decay) == len(list(model.parameters()))
+
+
+def test_bf16_autocast_on_cpu(model):
+    """The precision plumbing runs on the CPU: bf16 autocast forward and a training step."""
+    model.train()
+    opt = model.configure_optimizers(1e-2)
+    x = torch.randint(0, 97, (2, 8))
+    with autocast("cpu", "bf16"):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, 97), x.view(-1))
+    optimizer_step(loss, opt, 1.0)
+    assert model.transformer.wte.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_fp16_scaler_skips_a_step_with_inf_gradients():
+    """With fp16 loss scaling, an overflowing gradient skips the step instead of corrupting weights."""
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler needs torch >= 2.3 on the CPU")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = grad_scaler("cpu", "fp16")
+    before = p.detach().clone()
+    loss = (p * torch.tensor([1.0, 3e38, 1.0])).sum()  # finite loss, inf once scaled by 65536
+    optimizer_step(loss, opt, 1.0, scaler)
+    assert torch.equal(p.detach(), before)
+    assert scaler.get_scale() < 65536.0  # the scale backed off
+
+
+def test_non_finite_loss_stops():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    with pytest.raises(NonFiniteError, match="step 7"):
+        optimizer_step(p.sum() * float("nan"), opt, 1.0, step=7)

@@ -1,0 +1,160 @@
+"""The pipeline on the micro preset: end to end, reuse, wiring, and each stage moving the right way."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from model import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "micro"
+    t0 = time.time()
+    proc = run_cli("--preset", "micro", "--out", str(out), "--compare")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, time.time() - t0
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_pipeline_end_to_end(run_dir):
+    """All stages on micro, with --compare, in under a minute; results.json is complete."""
+    out, seconds = run_dir
+    assert seconds < 60
+    results = read(out / "results.json")
+    assert set(results["methods"]) == {"sft", "mpo_stage1", "mpo", "dpo", "ppo"}
+    for row in results["methods"].values():
+        assert {"gold_reward", "rm_score", "win_rate_vs_sft", "kl_vs_sft", "length"} <= set(row)
+    assert results["methods"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert {"delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement"} <= set(results["split"])
+    assert results["split"]["easy"] + results["split"]["hard"] == 300
+    assert {"tokenizer", "sft", "rm", "split", "dpo", "ppo", "dpo_all", "ppo_baseline", "eval"} <= set(results["seconds"])
+    assert (out / "results.md").read_text().startswith("| method |")
+
+
+def test_second_run_reuses_every_stage(run_dir):
+    out, _ = run_dir
+    before = read(out / "results.json")
+    proc = run_cli("--preset", "micro", "--out", str(out), "--compare")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = read(out / "results.json")
+    assert set(after["reused"]) == set(after["seconds"])
+    assert after["methods"] == before["methods"]
+    assert "reused stages:" in proc.stdout
+
+
+def test_changed_setting_redoes_that_stage_and_after(run_dir, tmp_path):
+    """A new delta redoes the split and everything downstream of it, and reuses the rest."""
+    out, _ = run_dir
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    proc = run_cli("--preset", "micro", "--out", str(copy), "--easy-fraction", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = read(copy / "results.json")
+    assert {"tokenizer", "sft", "rm"} <= set(results["reused"])
+    assert not {"split", "dpo", "ppo", "eval"} & set(results["reused"])
+    assert results["split"]["easy"] == 150
+
+
+def test_references_are_wired_by_the_weights_loaded(run_dir):
+    """Stage 2 of MPO starts from and is referenced to the DPO policy; the PPO baseline to SFT."""
+    out, _ = run_dir
+    sft, dpo, dpo_all = (sha(out / s / "model.safetensors") for s in ("sft", "dpo", "dpo_all"))
+    assert len({sft, dpo, dpo_all}) == 3
+    ppo = read(out / "ppo" / "config.json")
+    assert ppo["reference_sha256"] == dpo and ppo["init_sha256"] == dpo
+    baseline = read(out / "ppo_baseline" / "config.json")
+    assert baseline["reference_sha256"] == sft and baseline["init_sha256"] == sft
+    stage1 = read(out / "dpo" / "config.json")
+    assert stage1["reference_sha256"] == sft
+    # stage 1 trains on the easy pairs only, the DPO baseline on all of them
+    assert read(out / "dpo" / "done.json")["summary"]["pairs"] == read(out / "split" / "summary.json")["easy"]
+    assert read(out / "dpo_all" / "done.json")["summary"]["pairs"] == 300
+
+
+def test_split_files_and_agreement(run_dir):
+    out, _ = run_dir
+    easy, hard = read(out / "split" / "easy.json"), read(out / "split" / "hard.json")
+    gaps = read(out / "split" / "gaps.json")
+    delta = read(out / "split" / "summary.json")["delta"]
+    assert sorted(easy + hard) == list(range(len(gaps)))
+    assert all(gaps[i] > delta for i in easy) and all(gaps[i] <= delta for i in hard)
+
+
+def test_sft_lowers_the_loss(run_dir):
+    out, _ = run_dir
+    losses = [json.loads(l)["loss"] for l in open(out / "sft" / "metrics.jsonl")]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_reward_model_beats_chance(run_dir):
+    out, _ = run_dir
+    summary = read(out / "rm" / "done.json")["summary"]
+    assert summary["held_out_gold_accuracy"] > 0.6
+    metrics = [json.loads(l) for l in open(out / "rm" / "metrics.jsonl")]
+    assert {"loss", "accuracy", "chosen", "rejected"} <= set(metrics[0])
+
+
+def test_dpo_raises_the_margin_on_its_training_pairs(run_dir):
+    """A few DPO epochs from SFT on micro pairs: the implicit reward margin goes up."""
+    from dpo import DPOConfig, precompute_logps, train_dpo
+    out, _ = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    policy, _ = load_checkpoint(out / "sft", kind="gpt")
+    reference, _ = load_checkpoint(out / "sft", kind="gpt")
+    records = data.make_task(0, n_sft=0, n_pref=64)["pref"]
+    train_dpo(policy, reference.eval(), tok, records, [], DPOConfig(epochs=4, batch_size=16, lr=1e-3, warmup=1),
+              str(out / "dpo_test"), 32)
+    pairs, _ = data.tokenize_pairs(tok, records, 96, 32)
+    pc, pr = precompute_logps(policy, pairs, tok.pad_id)
+    rc, rr = precompute_logps(reference, pairs, tok.pad_id)
+    margin = 0.1 * ((pc - rc) - (pr - rr)).mean().item()
+    assert margin > 0.5  # it starts at exactly 0: policy == reference
+
+
+def test_ppo_raises_the_reward_model_score(run_dir):
+    """A few PPO iterations from SFT on micro: the mean reward-model score of fresh samples rises."""
+    from mpo import sample_responses
+    from ppo import PPOConfig, train_ppo
+    from reward import load_reward_model, score
+    out, _ = run_dir
+    torch.manual_seed(0)
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    policy, _ = load_checkpoint(out / "sft", kind="gpt")
+    reference, _ = load_checkpoint(out / "sft", kind="gpt")
+    reward_model, offset = load_reward_model(str(out / "rm"))
+    critic, _ = load_checkpoint(out / "rm", kind="scalar")
+    prompts = [r["prompt"] for r in data.make_task(0, n_sft=0, n_pref=200)["pref"]]
+
+    def mean_score():
+        samples = sample_responses(policy, tok, prompts[:128], 32, seed=1)
+        return score(reward_model, tok, prompts[:128], [tok.decode(r) for _, r, _ in samples], offset).mean().item()
+
+    before = mean_score()
+    cfg = PPOConfig(iterations=10, rollouts=32, lr=3e-4, critic_lr=3e-4, sample_every=0, kl_coef=0.01)
+    final = train_ppo(policy, reference.eval(), reward_model.eval(), offset, critic, tok, prompts, cfg,
+                      str(out / "ppo_test"), 32)
+    assert mean_score() > before + 0.2
+    assert {"score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "explained_variance", "length"} <= set(final)
