@@ -1,14 +1,46 @@
-"""Benchmarks that print figures (never timed tests).
+"""Benchmarks that print figures (never timed tests), one line per figure, side by side in one run.
 
-    python bench.py --preset tiny        sampling with the KV cache vs recomputing the whole prefix
+    python bench.py                         # GPT-2 124M shape on CUDA (bf16), the tiny preset on a CPU
+    python bench.py --preset tiny --figures sample,cache
+
+Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
+sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
+the prefix), and, when transformers is installed, its GPT-2 of the same shape for lm and sample.
+MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 """
 import argparse
 import time
 
 import torch
 
-from model import GPT, GPTConfig, generate
+from dpo import pair_logps
+from model import GPT, GPTConfig, ScalarModel, generate
+from ppo import PPOConfig, train_ppo
 from train import PRESETS
+import training
+from training import autocast, compiled, default_dtype, optimizer_step
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def timed(fn, device, repeat=3):
+    """Seconds per call, after one warm-up call (compilation, allocator)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def n_params(model):
+    return sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
 
 
 @torch.no_grad()
@@ -21,36 +53,138 @@ def sample_without_cache(model, prompt, max_new_tokens, generator):
     return seq[:, prompt.size(1):]
 
 
-def timed(fn, device):
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def lm_step(model, ids, opt, device, dtype, hf=False):
+    with autocast(device, dtype):
+        logits = model(ids).logits if hf else model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    optimizer_step(loss, opt, 1.0)
+
+
+def hf_twin(cfg, device):
+    """transformers' GPT-2 of the same shape, random weights; None without transformers."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(hf_cfg).to(device)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--new", type=int, default=48)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--preset", default="gpt2" if cuda else "tiny", choices=list(PRESETS))
+    p.add_argument("--vocab", type=int, default=50257 if cuda else None, help="default: the preset's")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=32, help="sequences per LM step, pairs per DPO step")
+    p.add_argument("--prompt", type=int, default=128 if cuda else 32)
+    p.add_argument("--new", type=int, default=256 if cuda else 48)
+    p.add_argument("--rollouts", type=int, default=64, help="PPO rollouts per iteration; sampling batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
+    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     a = p.parse_args()
-    cfg = GPTConfig(vocab_size=PRESETS[a.preset]["vocab_size"], **PRESETS[a.preset]["model"])
-    model = GPT(cfg).to(a.device).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (a.batch, a.prompt), device=a.device)
-    g = torch.Generator(device=a.device).manual_seed(0)
-    n = a.batch * a.new
-    cached = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device)
-    naive = timed(lambda: sample_without_cache(model, prompt, a.new, g), a.device)
-    print(f"sampling, {a.preset} on {a.device}, batch {a.batch}, {a.prompt} -> {a.new} tokens:")
-    print(f"  KV cache     {n / cached:10.0f} new tokens/s")
-    print(f"  recompute    {n / naive:10.0f} new tokens/s")
-    print(f"  ratio        {naive / cached:10.2f}x (same run)")
+    dtype = a.dtype or default_dtype(a.device)
+    preset = PRESETS[a.preset]
+    cfg = GPTConfig(vocab_size=a.vocab or preset["vocab_size"], **{**preset["model"], "block_size": max(
+        preset["model"]["block_size"], a.prompt + a.new)})
+    figures = a.figures.split(",")
+    peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+                             if a.device == "cuda" else None)
+    mfu = lambda tokens_per_s, params: (f"  MFU {6 * params * tokens_per_s / (peak * 1e12):.1%}" if peak else "")
+    torch.manual_seed(0)
+    model = GPT(cfg).to(a.device)
+    training.COMPILE = a.compile
+    train_model = compiled(model)
+    T, B = a.prompt + a.new, a.batch
+    print(f"{a.preset} shape ({n_params(model) / 1e6:.1f}M parameters), {a.device}, {dtype}"
+          f"{', compiled' if a.compile else ''}; torch {torch.__version__}"
+          + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""))
+
+    if "lm" in figures:
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device=a.device)
+        opt = model.configure_optimizers(1e-4, device_type=a.device)
+        s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device)
+        print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, n_params(model))}")
+        hf = hf_twin(cfg, a.device)
+        if hf is not None:
+            hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=a.device == "cuda")
+            s_hf = timed(lambda: lm_step(hf, ids, hf_opt, a.device, dtype, hf=True), a.device)
+            print(f"  transformers {B * T / s_hf:12,.0f} tokens/s  ours / theirs {s_hf / s:.2f}x")
+            del hf, hf_opt
+
+    if "dpo" in figures:
+        # one DPO step: B pairs = 2B rows through the policy; the reference's log-probs are precomputed
+        ids = torch.randint(0, cfg.vocab_size, (2 * B, T), device=a.device)
+        mask = torch.ones_like(ids)
+        response = torch.zeros_like(ids)
+        response[:, a.prompt:] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response}
+        ref = torch.zeros(B, device=a.device)
+        opt = model.configure_optimizers(1e-6, device_type=a.device)
+
+        def dpo_step():
+            with autocast(a.device, dtype):
+                chosen, rejected = pair_logps(train_model, batch)
+            loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref) - (rejected - ref))).mean()
+            optimizer_step(loss, opt, 1.0)
+        s = timed(dpo_step, a.device)
+        print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
+              f"{mfu(2 * B * T / s, n_params(model))}")
+
+    if "sample" in figures:
+        prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
+        g = torch.Generator(device=a.device).manual_seed(0)
+        model.eval()
+        with autocast(a.device, dtype):
+            s = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
+        n = a.rollouts * a.new
+        print(f"sampling       {n / s:12,.0f} new tokens/s  (batch {a.rollouts}, {a.prompt} -> {a.new}, temperature 1)")
+        hf = hf_twin(cfg, a.device)
+        if hf is not None:
+            hf.eval()
+            with torch.no_grad(), autocast(a.device, dtype):
+                s_hf = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                                 max_new_tokens=a.new, min_new_tokens=a.new, top_k=0,
+                                                 pad_token_id=0), a.device, repeat=1)
+            print(f"  transformers {n / s_hf:12,.0f} new tokens/s  ours / theirs {s_hf / s:.2f}x")
+            del hf
+
+    if "cache" in figures:
+        prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
+        g = torch.Generator(device=a.device).manual_seed(0)
+        with autocast(a.device, dtype):
+            cached = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
+            naive = timed(lambda: sample_without_cache(model, prompt, a.new, g), a.device, repeat=1)
+        print(f"KV cache       {naive / cached:12.2f}x faster than recomputing the prefix "
+              f"({a.rollouts * a.new / cached:,.0f} against {a.rollouts * a.new / naive:,.0f} new tokens/s)")
+
+    if "ppo" in figures:
+        # one PPO iteration with four models of this shape: policy, reference, reward model, critic
+        class Ids:  # prompts are already token ids; no eos, so every response has full length
+            eos_id, pad_id = cfg.vocab_size, 0
+            encode = staticmethod(lambda ids: ids)
+            decode = staticmethod(str)
+        reference = GPT(cfg).to(a.device).eval().requires_grad_(False)
+        reward_model = ScalarModel(cfg).to(a.device).eval().requires_grad_(False)
+        critic = ScalarModel(cfg).to(a.device)
+        prompts = torch.randint(1, cfg.vocab_size, (4 * a.rollouts, a.prompt)).tolist()
+        ppo_cfg = PPOConfig(iterations=2, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
+        if a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            row = train_ppo(model, reference, reward_model, 0.0, critic, Ids, prompts, ppo_cfg, tmp, a.new,
+                            a.device, dtype)  # the second iteration's figures: the first warms up
+        total = row["seconds_rollout"] + row["seconds_update"]
+        print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
+              f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
+              f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
+    if a.device == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:11.1f} GiB")
 
 
 if __name__ == "__main__":

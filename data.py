@@ -17,6 +17,10 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # ----------------------------------------------------------------------------- files
 
+class DataError(ValueError):
+    """A mistake in a user's file: the message names the file, the line and the field."""
+
+
 def write_json(path, obj):
     """Write to a temporary name and rename into place: a kill never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -26,8 +30,16 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file; a missing file or bad JSON raises DataError naming the file and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
 
 
 def append_jsonl(path, row):
@@ -64,7 +76,15 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         from tokenizers import Tokenizer as HFTokenizer
-        return cls(HFTokenizer.from_file(path))
+        read_json(path)  # a missing file or bad JSON: a clear error
+        try:
+            tok = HFTokenizer.from_file(path)
+        except Exception as e:  # the library's own message, on one line
+            raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+        try:
+            return cls(tok)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
 
     def save(self, path):
         tmp = f"{path}.tmp{os.getpid()}"
@@ -252,6 +272,148 @@ def label_agreement(records):
     agree = [1.0 if r["gold_chosen"] > r["gold_rejected"] else
              0.5 if r["gold_chosen"] == r["gold_rejected"] else 0.0 for r in records]
     return sum(agree) / len(agree)
+
+
+# ----------------------------------------------------------------------------- preference files
+
+def read_lines(path):
+    """(line number, text) of a plain or gzip text file; errors name the file (and the line)."""
+    import gzip
+    import zlib
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: not a complete gzip file ({e})") from None
+    lines = raw.split(b"\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
+        if text.strip():
+            out.append((n, text))
+    if not out:
+        raise DataError(f"{path}: empty file")
+    return out
+
+
+def _field(row, key, where, allow_empty=False):
+    if key not in row:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field {key!r} must be a string, not {type(row[key]).__name__}")
+    if not allow_empty and not row[key].strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return row[key]
+
+
+def _from_hh(row, where):
+    """An HH-RLHF line: two whole dialogues that share everything up to the last Assistant turn."""
+    chosen, rejected = _field(row, "chosen", where, True), _field(row, "rejected", where, True)
+    cut = chosen.rfind(HH_TURN) + len(HH_TURN)
+    prompt = chosen[:cut]
+    if cut < len(HH_TURN) or rejected[:cut] != prompt or HH_TURN in rejected[cut:]:
+        return "prompt differs"
+    if not chosen[cut:].strip() or not rejected[cut:].strip():
+        return "empty response"
+    return {"prompt": prompt, "chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
+def _from_tldr(row, where):
+    """A summarize-from-feedback comparison: a post, two summaries and the index of the better one."""
+    for key in ("info", "summaries", "choice"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r}")
+    info, summaries, choice = row["info"], row["summaries"], row["choice"]
+    if not isinstance(info, dict):
+        raise DataError(f"{where}: field 'info' must be an object")
+    if not (isinstance(summaries, list) and len(summaries) == 2 and all(isinstance(s, dict) for s in summaries)):
+        raise DataError(f"{where}: field 'summaries' must be a list of two objects")
+    if choice not in (0, 1) or isinstance(choice, bool):
+        raise DataError(f"{where}: field 'choice' must be 0 or 1, not {choice!r}")
+    post = {k: _field(info, k, f"{where}: info", k == "title") for k in ("subreddit", "title", "post")}
+    texts = [_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
+    prompt = f"SUBREDDIT: r/{post['subreddit']}\nTITLE: {post['title']}\nPOST: {post['post']}\nTL;DR:"
+    return {"prompt": prompt, "chosen": " " + texts[choice].strip(), "rejected": " " + texts[1 - choice].strip()}
+
+
+def _from_jsonl(row, where):
+    return {"prompt": _field(row, "prompt", where, True), "chosen": _field(row, "chosen", where),
+            "rejected": _field(row, "rejected", where)}
+
+
+HH_TURN = "\n\nAssistant:"
+FORMATS = {"hh": _from_hh, "tldr": _from_tldr, "jsonl": _from_jsonl}
+
+
+def detect_format(row):
+    """jsonl, tldr or hh from the fields of one line, or None."""
+    for name, key in (("jsonl", "prompt"), ("tldr", "summaries"), ("hh", "chosen")):
+        if key in row:
+            return name
+    return None
+
+
+def load_preferences(path, format="auto", log=print):
+    """A preference file -> [{"prompt", "chosen", "rejected", "line"}], responses alone.
+
+    Formats: hh (Anthropic HH-RLHF), tldr (OpenAI summarize-from-feedback comparisons), jsonl
+    ({"prompt", "chosen", "rejected"}, as in TRL), or auto (told apart by the first line). Plain or
+    gzip. Pairs whose two responses are identical, and HH lines whose dialogues differ before the
+    last Assistant turn or end in an empty turn, are skipped and counted. Any other mistake raises
+    DataError naming the file, the line and the field.
+    """
+    if format not in ("auto", *FORMATS):
+        raise DataError(f"unknown format {format!r}: choose from auto, {', '.join(FORMATS)}")
+    records, skipped = [], {}
+    for n, text in read_lines(path):
+        where, row = f"{path}:{n}", _json(n, text, path)
+        if format == "auto":
+            format = detect_format(row)
+            if format is None:
+                raise DataError(f"{where}: cannot tell the format (fields {sorted(row)}); give --format")
+            log(f"{path}: format {format} (from its first line)")
+        try:
+            record = FORMATS[format](row, where)
+        except DataError as e:
+            seen = detect_format(row)
+            raise DataError(f"{e} (reading as {format}{f'; the line looks like {seen}' if seen and seen != format else ''})") from None
+        if isinstance(record, dict) and record["chosen"] == record["rejected"]:
+            record = "chosen equals rejected"
+        if isinstance(record, str):
+            skipped[record] = skipped.get(record, 0) + 1
+            continue
+        records.append({**record, "line": n})
+    if skipped:
+        log(f"{path}: skipped " + ", ".join(f"{k} lines: {v}" for k, v in sorted(skipped.items())))
+    if not records:
+        raise DataError(f"{path}: no usable preference pairs")
+    return records
+
+
+def load_demonstrations(path, format="auto", log=print):
+    """(prompt, response) pairs: {"prompt", "response"} lines, or the chosen side of a preference file."""
+    lines = read_lines(path)
+    if "response" not in _json(*lines[0], path):
+        return [(r["prompt"], r["chosen"]) for r in load_preferences(path, format, log)]
+    return [(_field(row, "prompt", f"{path}:{n}", True), _field(row, "response", f"{path}:{n}"))
+            for n, row in ((n, _json(n, text, path)) for n, text in lines)]
+
+
+def _json(n, text, path):
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{n}: expected a JSON object, not {type(row).__name__}")
+    return row
 
 
 # ----------------------------------------------------------------------------- batching

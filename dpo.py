@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import append_jsonl, batches, pair_batch, tokenize_pairs
-from model import autocast, cosine_lr, grad_scaler, optimizer_step, set_lr
+from training import StepState, autocast, compiled, cosine_lr, grad_scaler, optimizer_step, set_lr, truncate_jsonl
 
 
 @dataclass
@@ -21,10 +21,11 @@ class DPOConfig:
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    lr: float = field(default=3e-5, metadata={"help": "peak learning rate"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
 
 
 def sequence_logps(logits, labels, mask):
@@ -87,9 +88,6 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
     The caller saves the policy.
     """
     os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     block = policy.config.block_size
     pairs, _ = tokenize_pairs(tokenizer, train, block, max_response)
     ref_chosen, ref_rejected = precompute_logps(reference, pairs, tokenizer.pad_id, device=device, dtype=dtype)
@@ -97,13 +95,18 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
     plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
     opt = policy.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
+    state = StepState(out_dir, cfg.save_every, {"policy": policy}, {"opt": opt})
+    start, _ = state.restore()
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    truncate_jsonl(metrics_path, "step", start)
     policy.train()
-    bar = tqdm(plan, desc=os.path.basename(out_dir), dynamic_ncols=True)
-    for step, idx in enumerate(bar):
+    forward = compiled(policy)
+    bar = tqdm(plan, desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start)
+    for step, idx in enumerate(plan[start:], start):
         set_lr(opt, cosine_lr(step, len(plan), cfg.warmup, cfg.lr))
         batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], tokenizer.pad_id).items()}
         with autocast(device, dtype):
-            chosen, rejected = pair_logps(policy, batch)
+            chosen, rejected = pair_logps(forward, batch)
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref_chosen[idx].to(device),
                                                 ref_rejected[idx].to(device), cfg.beta,
                                                 cfg.label_smoothing, cfg.loss_type)
@@ -113,7 +116,11 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
                "accuracy": (chosen_r > rejected_r).float().mean().item(),
                "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}
         append_jsonl(metrics_path, row)
+        bar.update()
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
+        if step + 1 < len(plan):
+            state.save(step + 1)
+    bar.close()
     return {"pairs": len(pairs), "steps": len(plan),
             "held_out_accuracy": preference_accuracy(policy, reference, tokenizer, held_out,
                                                      max_response, device, dtype)}

@@ -3,7 +3,6 @@
 The parameter layout follows GPT-2 (and nanoGPT), so Hugging Face GPT-2 weights map onto it
 with a transpose of the attention and MLP matrices (see load_hf_gpt2).
 """
-import contextlib
 import json
 import math
 import os
@@ -198,79 +197,6 @@ class ScalarModel(nn.Module):
         return opt
 
 
-# ----------------------------------------------------------------------------- training helpers
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_dtype(device):
-    """bf16 on a GPU that supports it, fp32 on the CPU."""
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast(device, dtype):
-    """Mixed precision for forward passes; the weights stay float32 (the master copy)."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
-
-
-def grad_scaler(device, dtype):
-    """fp16 needs loss scaling; it skips a step whose gradients overflowed. None otherwise."""
-    if dtype != "fp16":
-        return None
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler(torch.device(device).type)
-    return torch.cuda.amp.GradScaler()
-
-
-def cosine_lr(step, steps, warmup, lr, final=0.1):
-    """Linear warmup, then cosine decay to final * lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
-    """Backward, clip, step, zero. Returns the gradient norm before clipping.
-
-    A non-finite loss, or a non-finite gradient without fp16 loss scaling (where it is an
-    expected overflow and the scaler skips the step), stops training rather than spreading NaN.
-    """
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"step {step}: the loss is {loss.item()} (learning rate too high?"
-                             " with --dtype fp16, an overflow?)")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)  # skipped when the gradients overflowed
-        scaler.update()
-    elif not torch.isfinite(norm):
-        raise NonFiniteError(f"step {step}: the gradient norm is {norm.item()} "
-                             "(learning rate too high?)")
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.item()
-
-
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
 # ----------------------------------------------------------------------------- sampling
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -346,7 +272,11 @@ def response_mask(tokens, eos_id, pad_id):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _atomic_replace(path, write):
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the message names the file and the key."""
+
+
+def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
@@ -358,15 +288,36 @@ def save_checkpoint(model, folder, **extra):
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not k.endswith("lm_head.weight")}  # tied to wte: stored once
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
-    _atomic_replace(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
+    atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
     config = {"kind": kind, "model": asdict(model.config), **extra}
-    _atomic_replace(os.path.join(folder, "config.json"),
+    atomic_write(os.path.join(folder, "config.json"),
                     lambda p: open(p, "w").write(json.dumps(config, indent=2)))
 
 
 def read_checkpoint_config(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    for key, kind in (("kind", str), ("model", dict)):
+        if not isinstance(info.get(key), kind):
+            raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    return info
+
+
+def load_weights(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # safetensors' own error, on one line
+        raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def load_checkpoint(folder, kind=None, device="cpu"):
@@ -374,8 +325,11 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     scalar model whose backbone is that GPT (the reward model starts from SFT); kind="gpt" from
     a "scalar" folder gives its backbone. Weights only ever come through safetensors."""
     info = read_checkpoint_config(folder)
-    config = GPTConfig(**info["model"])
-    state = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
+    try:
+        config = GPTConfig(**info["model"])
+    except TypeError as e:
+        raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
+    state = load_weights(os.path.join(folder, "model.safetensors"), device)
     kind = kind or info["kind"]
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
@@ -387,9 +341,84 @@ def load_checkpoint(folder, kind=None, device="cpu"):
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a size mismatch: name the first offending tensor, in one line
         detail = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e))
-        raise ValueError(f"{folder}/model.safetensors: shapes do not match config.json: {detail}")
+        raise CheckpointError(f"{folder}/model.safetensors: shapes do not match config.json: {detail}") from None
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match its config "
+        raise CheckpointError(f"{folder}: checkpoint does not match its config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device), info
+
+
+# ----------------------------------------------------------------------------- GPT-2 import/export
+
+# Hugging Face GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_gpt2(path, device="cpu"):
+    """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2."""
+    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors")}
+    try:
+        with open(files["config.json"], encoding="utf-8") as f:
+            hf = json.load(f)
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf["n_ctx"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           bias=True)  # dropout stays at 0.0, this project's default
+    except FileNotFoundError:
+        raise CheckpointError(f"{files['config.json']}: no such file (a GPT-2 folder needs it)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{files['config.json']}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{files['config.json']}: not valid UTF-8 (byte {e.start})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{files['config.json']}: missing field {e}") from None
+    # model.py has GPT-2's LayerNorm eps (1e-5) and GELU (tanh approximation, "gelu_new")
+    if (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12
+            or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
+        raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
+                              "activation_function gelu_new are supported")
+    hf_state = load_weights(files["model.safetensors"])
+    model = GPT(config)
+    state = {}
+    for key, ours in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to wte
+        short = key[len("transformer."):]
+        if key not in hf_state and short not in hf_state:
+            raise CheckpointError(f"{files['model.safetensors']}: missing key {key!r}")
+        w = hf_state.get(key, hf_state.get(short))
+        w = w.t() if key.endswith(_CONV1D) else w
+        if w.shape != ours.shape:
+            raise CheckpointError(f"{files['model.safetensors']}: {key!r} has shape {tuple(w.shape)}, "
+                             f"config.json needs {tuple(ours.shape)}")
+        state[key] = w
+    head = hf_state.get("lm_head.weight")
+    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+        raise CheckpointError(f"{files['model.safetensors']}: lm_head.weight is not tied to wte")
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state)  # buffers such as attn.bias / attn.masked_bias are ignored
+    return model.to(device)
+
+
+def save_hf_gpt2(gpt, path, eos_id=None):
+    """Write a GPT as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained reads.
+
+    eos_id (default vocab_size - 1, GPT-2's <|endoftext|> slot) becomes bos/eos_token_id.
+    """
+    c = gpt.config
+    if not c.bias:
+        raise ValueError("GPT-2 has biases: a model with bias=False cannot be saved as GPT-2")
+    os.makedirs(path, exist_ok=True)
+    state = {k: (v.t() if k.endswith(_CONV1D) else v).detach().contiguous().cpu()
+             for k, v in gpt.state_dict().items() if k != "lm_head.weight"}  # transformers ties it
+    eos_id = c.vocab_size - 1 if eos_id is None else eos_id
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None, "layer_norm_epsilon": 1e-5,
+              "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
+              "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
+              "bos_token_id": eos_id, "eos_token_id": eos_id}
+    atomic_write(os.path.join(path, "model.safetensors"),
+                    lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "config.json"),
+                    lambda p: open(p, "w").write(json.dumps(config, indent=2)))

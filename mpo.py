@@ -10,6 +10,7 @@ The baselines and ablations of the paper are rows of METHODS; evaluate_policy ju
 This file adds no loss: those live in reward.py, dpo.py and ppo.py.
 """
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import torch
 
 from data import read_json, write_json
 from dpo import train_dpo
-from model import autocast, generate, load_checkpoint, save_checkpoint
+from model import generate, load_checkpoint, save_checkpoint
 from ppo import token_logprobs, train_ppo
 from reward import load_reward_model, score
+from training import autocast
 
 
 @dataclass
@@ -107,19 +109,43 @@ def text_histogram(gaps, delta, bins=16, width=40):
     return "\n".join(lines)
 
 
-def plot_histogram(gaps, delta, path):
-    """A PNG of the gap histogram with delta marked, when matplotlib is installed."""
+def _pyplot():
+    """matplotlib's pyplot without a display, or None: pictures are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_histogram(gaps, delta, path):
+    """A PNG of the gap histogram with delta marked, when matplotlib is installed."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(gaps.numpy(), bins=40, color="#4c72b0")
     ax.axvline(delta, color="#c44e52", label=f"delta = {delta:.2f}")
     ax.set(xlabel="reward gap r(x, y_w) - r(x, y_l)", ylabel="pairs", title="hard | easy")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(metrics_path, x, keys, path):
+    """A PNG with one panel per metric of a metrics.jsonl file (PPO score and KL, DPO margin)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, key in zip(axes, keys):
+        ax.plot([r[x] for r in rows], [r[key] for r in rows], color="#4c72b0")
+        ax.set(xlabel=x, title=key)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -185,6 +211,8 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
                         device, dtype, seed)
     save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy"],
+                os.path.join(out_dir, "curves.png"))
     return summary
 
 
@@ -203,6 +231,8 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
                       out_dir, max_new_tokens, device, dtype, seed)
     save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "kl", "kl_coef"],
+                os.path.join(out_dir, "curves.png"))
     return final
 
 

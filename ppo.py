@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from data import append_jsonl, left_pad
-from model import autocast, generate, grad_scaler, optimizer_step
+from model import generate
+from training import StepState, autocast, compiled, grad_scaler, optimizer_step, truncate_jsonl
 from reward import rewards_at_last_token
 
 
@@ -37,6 +38,7 @@ class PPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs"})
     no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: never)"})
     sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)"})
 
 
@@ -154,9 +156,13 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
     """Sample responses to `prompts` (lists of ids) and score them; returns a dict of tensors."""
     prompt, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
     policy.eval()
+    t0 = time.perf_counter()
     with autocast(device, dtype):
         tokens, _, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        if tokens.is_cuda:
+            torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
+        seconds_generate = time.perf_counter() - t0
         seq, attn, P = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1), prompt.size(1)
         # log-probs recomputed with a full forward pass, at the sampling temperature, the same
         # computation the update will make: at ratio 1 the first minibatch is exactly on-policy
@@ -169,7 +175,7 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
     entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mask)
     return {"prompt": prompt, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
             "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask, "values": values * mask,
-            "scores": scores, "entropy": entropy.item()}
+            "scores": scores, "entropy": entropy.item(), "seconds_generate": seconds_generate}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -178,9 +184,6 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
               out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0):
     """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl."""
     os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     room = policy.config.block_size - max_new_tokens
     prompt_ids = [tokenizer.encode(p)[-room:] for p in prompts]  # keep the end of a long dialogue
     device_type = torch.device(device).type
@@ -190,8 +193,15 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKL(cfg.kl_coef)
     g = torch.Generator().manual_seed(seed)
     sample_g = torch.Generator(device=device).manual_seed(seed)
-    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True)
-    for it in bar:
+    state = StepState(out_dir, cfg.save_every, {"policy": policy, "critic": critic},
+                      {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g])
+    start, extra = state.restore()
+    kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    truncate_jsonl(metrics_path, "iteration", start)
+    policy_forward, critic_forward = compiled(policy), compiled(critic)
+    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start)
+    for it in range(start, cfg.iterations):
         t0 = time.time()
         idx = torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist()
         ro = rollout(policy, reference, reward_model, critic, [prompt_ids[i] for i in idx], tokenizer,
@@ -215,12 +225,12 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
                 mb = mb.to(device)
                 m = mask[mb]
                 with autocast(device, dtype):
-                    logits = response_logits(policy, seq[mb], attn[mb], P, cfg.temperature)
+                    logits = response_logits(policy_forward, seq[mb], attn[mb], P, cfg.temperature)
                 logprobs = token_logprobs(logits, ro["tokens"][mb])
                 pl, clipfrac, approx_kl = policy_loss(logprobs, ro["logprobs"][mb], advantages[mb], m, cfg.clip)
                 optimizer_step(pl, policy_opt, cfg.grad_clip, policy_scaler, it)
                 with autocast(device, dtype):
-                    values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
+                    values = critic_forward(seq[mb], attn[mb])[:, P - 1:-1].float()
                 vl = value_loss(values, ro["values"][mb], returns[mb], m, cfg.clip_value)
                 optimizer_step(vl, critic_opt, cfg.grad_clip, critic_scaler, it)
                 for k, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy_loss", pl), ("value_loss", vl)):
@@ -232,12 +242,16 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
                "eos_fraction": has_eos.float().mean().item(),
                "explained_variance": explained_variance(ro["values"], returns, mask),
                **{k: sum(v) / len(v) for k, v in stats.items()},
-               "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
+               "seconds_generate": ro["seconds_generate"], "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
         kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
         append_jsonl(metrics_path, row)
+        bar.update()
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
             for i in range(2):
                 tqdm.write(f"  [{it}] {tokenizer.decode(ro['prompt'][i].tolist())!r} -> "
                            f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {ro['scores'][i]:.2f}")
+        if it + 1 < cfg.iterations:
+            state.save(it + 1, {"kl_coef": kl_ctl.value})
+    bar.close()
     return row

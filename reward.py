@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import append_jsonl, batches, collate, encode_response, pair_batch, tokenize_pairs
-from model import autocast, cosine_lr, grad_scaler, load_checkpoint, optimizer_step, save_checkpoint, set_lr
+from model import load_checkpoint, save_checkpoint
+from training import (StepState, autocast, compiled, cosine_lr, grad_scaler, optimizer_step, set_lr,
+                      truncate_jsonl)
 
 
 @dataclass
@@ -22,6 +24,7 @@ class RMConfig:
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
 
 
 def bt_loss(chosen_rewards, rejected_rewards):
@@ -78,29 +81,35 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
     Returns a summary: held-out accuracy against the labels (and against gold when known).
     """
     os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     block = model.config.block_size
     pairs, _ = tokenize_pairs(tokenizer, train, block, max_response)
     g = torch.Generator().manual_seed(seed)
     plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
+    state = StepState(out_dir, cfg.save_every, {"model": model}, {"opt": opt})
+    start, _ = state.restore()
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    truncate_jsonl(metrics_path, "step", start)
     model.train()
-    bar = tqdm(plan, desc="rm", dynamic_ncols=True)
-    for step, idx in enumerate(bar):
+    forward = compiled(model)
+    bar = tqdm(plan, desc="rm", dynamic_ncols=True, initial=start)
+    for step, idx in enumerate(plan[start:], start):
         set_lr(opt, cosine_lr(step, len(plan), cfg.warmup, cfg.lr))
         batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], tokenizer.pad_id).items()}
         with autocast(device, dtype):
-            rewards = reward_of(model, batch)
+            rewards = reward_of(forward, batch)
         chosen, rejected = rewards.chunk(2)
         loss = bt_loss(chosen, rejected)
         optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
         row = {"step": step, "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                "chosen": chosen.mean().item(), "rejected": rejected.mean().item()}
         append_jsonl(metrics_path, row)
+        bar.update()
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+        if step + 1 < len(plan):
+            state.save(step + 1)
+    bar.close()
 
     # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020)
     offset = score(model, tokenizer, [p for p, _ in demonstrations], [r for _, r in demonstrations],

@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
+import shutil
 import statistics
 import sys
 import time
@@ -18,8 +20,10 @@ from tqdm import tqdm
 
 import data
 from dpo import DPOConfig, sequence_logps
-from model import (GPT, GPTConfig, autocast, cosine_lr, default_dtype, grad_scaler, load_checkpoint,
-                   optimizer_step, save_checkpoint, set_lr)
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, save_checkpoint, save_hf_gpt2
+import training
+from training import (NonFiniteError, StepState, autocast, compiled, cosine_lr, default_dtype, grad_scaler,
+                      optimizer_step, set_lr, truncate_jsonl)
 from mpo import (METHODS, SplitConfig, SplitError, dpo_stage, evaluate_policy, method_stages,
                  ppo_stage, sample_responses, select, split_stage, summarize)
 from ppo import PPOConfig
@@ -36,6 +40,7 @@ class SFTConfig:
     warmup: int = field(default=20, metadata={"help": "warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
 
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
@@ -44,8 +49,8 @@ CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOCon
 PRESETS = {
     "micro": {"model": dict(n_layer=2, n_head=2, n_embd=64, block_size=96), "vocab_size": 512,
               "task": dict(n_sft=600, n_pref=300), "max_new_tokens": 32, "eval_prompts": 48,
-              "sft": dict(steps=150, batch_size=16, lr=3e-3, warmup=10), "rm": dict(batch_size=16, lr=1e-3, warmup=3),
-              "dpo": dict(epochs=1, batch_size=16, warmup=3),
+              "sft": dict(steps=150, batch_size=16, lr=3e-3, warmup=10), "rm": dict(epochs=3, batch_size=16, lr=1e-3, warmup=3),
+              "dpo": dict(epochs=1, batch_size=16, lr=1e-4, warmup=3),
               "ppo": dict(iterations=4, rollouts=16, sample_every=0)},
     "tiny": {"model": dict(n_layer=4, n_head=4, n_embd=128, block_size=128), "vocab_size": 1024,
              "task": dict(n_sft=4000, n_pref=2000), "max_new_tokens": 48, "eval_prompts": 0},
@@ -61,14 +66,16 @@ PRESETS = {
 class Runner:
     """Runs stages into a run folder; reuses a stage whose done.json has the same fingerprint."""
 
-    def __init__(self, out, force=(), shared=None):
-        self.out, self.force, self.shared = out, set(force), shared or {}
+    def __init__(self, out, seed, force=(), shared=None):
+        self.out, self.seed, self.force, self.shared = out, seed, set(force), shared or {}
         self.done, self.reused, self.seconds = {}, [], {}
 
     def path(self, name):
         return os.path.join(self.shared.get(name, self.out), name)
 
     def run(self, name, settings, upstream, fn, allowed=True):
+        """Reuse the stage if complete with this fingerprint; else run it (resuming from its step
+        state when one was saved under the same fingerprint)."""
         if name in self.done:  # shared by two methods of this run
             return self.done[name]["summary"]
         folder = self.path(name)
@@ -87,19 +94,32 @@ class Runner:
             raise SystemExit(f"error: stage {name} is needed but not complete in {folder}; "
                              f"add it to --stages")
         os.makedirs(folder, exist_ok=True)
-        torch.manual_seed(int(fingerprint, 16) % 2**31)
+        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
+        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
+            if os.path.exists(step_state):
+                os.remove(step_state)  # saved under other settings or inputs: start over
+            data.write_json(started, {"fingerprint": fingerprint})
+        # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
+        seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
+        torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
         t0 = time.time()
         tqdm.write(f"== {name} -> {folder}")
-        summary = fn(folder)
+        try:
+            summary = fn(folder)
+        except NonFiniteError as e:
+            kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
+            raise NonFiniteError(f"stage {name}, {e}{kept}") from None
         done = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), "summary": summary,
                 "finished": time.time()}
         data.write_json(done_path, done)  # written last: the stage is complete
+        if os.path.exists(step_state):
+            os.remove(step_state)
         self.done[name], self.seconds[name] = done, done["seconds"]
         return summary
 
 
 def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
-    """Next-token loss on the response tokens of the demonstrations."""
+    """Next-token loss on the response tokens of the demonstrations; resumes from a step state."""
     block = model.config.block_size
     examples = []
     for p, r in demonstrations:
@@ -111,21 +131,27 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         plan += data.batches(len(examples), cfg.batch_size, g)
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
+    state = StepState(out_dir, cfg.save_every, {"model": model}, {"opt": opt})
+    start, _ = state.restore()
     metrics = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)
+    truncate_jsonl(metrics, "step", start)
     model.train()
-    bar = tqdm(plan[:cfg.steps], desc="sft", dynamic_ncols=True)
-    for step, idx in enumerate(bar):
+    forward = compiled(model)
+    bar = tqdm(plan[:cfg.steps], desc="sft", dynamic_ncols=True, initial=start)
+    for step, idx in enumerate(plan[start:cfg.steps], start):
         set_lr(opt, cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr))
         batch = data.collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
-            logits = model(batch["input_ids"], batch["attention_mask"])
+            logits = forward(batch["input_ids"], batch["attention_mask"])
         loss = -sequence_logps(logits, batch["input_ids"], batch["response_mask"]).sum() / batch["response_mask"][:, 1:].sum()
         optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
         data.append_jsonl(metrics, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step + 1 < cfg.steps:
+            state.save(step + 1)
+    bar.close()
     return loss.item()
 
 
@@ -142,38 +168,86 @@ def mean_gold(policy, tokenizer, task, args, device, dtype, show=0):
 # ----------------------------------------------------------------------------- one run
 
 def load_task(args, seed, tau):
-    if args.data:
-        raise SystemExit("error: --data is not supported yet")
-    task = data.make_task(seed, tau=tau, **args.preset_cfg["task"])
-    if args.eval_prompts:
-        task["eval"] = task["eval"][:args.eval_prompts]
-    task["gold"] = data.gold_reward
-    return task
+    """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
+    if not args.data:
+        task = data.make_task(seed, tau=tau, **args.preset_cfg["task"])
+        if args.eval_prompts:
+            task["eval"] = task["eval"][:args.eval_prompts]
+        return {**task, "gold": data.gold_reward, "key": {"seed": seed, "task": args.preset_cfg["task"]}}
+    log = lambda m: tqdm.write(m)
+    records = data.load_preferences(args.data, args.format, log)
+    if args.eval_data:
+        held_out = data.load_preferences(args.eval_data, args.format, log)
+    else:  # a seeded tenth of the file, at most 1000 pairs, never trained on
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n = max(1, min(1000, len(records) // 10))
+        held_out, records = [records[i] for i in order[:n]], [records[i] for i in sorted(order[n:])]
+        if not records:
+            raise data.DataError(f"{args.data}: too few pairs to hold some out; give --eval-data")
+    demos = (data.load_demonstrations(args.sft_data, args.format, log) if args.sft_data
+             else [(r["prompt"], r["chosen"]) for r in records])
+    eval_prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:args.eval_prompts or 256]
+    files = [f for f in (args.data, args.eval_data, args.sft_data) if f]
+    key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
+    return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None,
+            "key": key}
+
+
+def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path):
+    """One line for the prompts that do not fit the context: they are cut from the left."""
+    room = block_size - max_new_tokens
+    long = [(r["line"], n) for r in task["pref"] for n in [len(tokenizer.encode(r["prompt"]))] if n > room]
+    if long:
+        tqdm.write(f"{path}:{long[0][0]}: field 'prompt' has {long[0][1]} tokens, more than the {room} the "
+                   f"context leaves; {len(long)} such prompts are cut from the left, keeping the end")
+
+
+def init_model(path, device):
+    """--init: a Hugging Face GPT-2 folder or a checkpoint folder of this project."""
+    if data.read_json(os.path.join(path, "config.json")).get("kind"):
+        return load_checkpoint(path, kind="gpt", device=device)[0]
+    return load_hf_gpt2(path, device=device)
 
 
 def run_pipeline(args, cfgs, out, seed, methods, shared=None, tau=None):
     """tokenizer -> sft -> rm -> split -> the stages of each method -> eval. Returns results."""
     tau = args.label_noise if tau is None else tau
     task = load_task(args, seed, tau)
-    runner = Runner(out, args.force, shared)
+    runner = Runner(out, seed, args.force, shared)
     device, dtype = args.device, args.dtype
     allowed = lambda kind: kind in args.stages
     last = max(STAGES.index(s) for s in args.stages)  # stages after the last one asked for do not run
     R = args.max_new_tokens
     tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
-    task_key = {"seed": seed, "task": args.preset_cfg["task"]}
+    task_key = {**task["key"], "init": args.init}
+    init_tokenizer = args.init and os.path.join(args.init, "tokenizer.json")
 
     def tokenizer_stage(folder):
+        if init_tokenizer and os.path.exists(init_tokenizer):
+            shutil.copyfile(init_tokenizer, tok_path + ".tmp")
+            os.replace(tok_path + ".tmp", tok_path)
+            return {"from": init_tokenizer}
         texts = [p + r for p, r in task["sft"]] + task["eval"]
         data.Tokenizer.train(texts, args.preset_cfg["vocab_size"]).save(tok_path)
         return {}
     runner.run("tokenizer", {**task_key, "vocab": args.preset_cfg["vocab_size"]}, [], tokenizer_stage, allowed("tokenizer"))
     tokenizer = data.Tokenizer.load(tok_path)
+    block_size = args.init_block_size or args.preset_cfg["model"]["block_size"]
+    if args.data:
+        report_long_prompts(task, tokenizer, block_size, R, args.data)
     if last < STAGES.index("sft"):
         return None
 
     def sft_stage(folder):
-        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **args.preset_cfg["model"])).to(device)
+        if args.init:
+            model = init_model(args.init, device)
+        else:
+            model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **args.preset_cfg["model"])).to(device)
+        if not task["gold"]:
+            loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
+            save_checkpoint(model, folder)
+            return {"final_loss": loss}
         before = mean_gold(model, tokenizer, task, args, device, dtype)
         loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
         after = mean_gold(model, tokenizer, task, args, device, dtype, show=4)
@@ -241,6 +315,12 @@ def run_pipeline(args, cfgs, out, seed, methods, shared=None, tau=None):
                           **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
     data.write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
+    if args.export_hf:  # each final policy as a GPT-2 folder that transformers loads
+        for method, stage in policies.items():
+            folder = os.path.join(out, "hf", method)
+            save_hf_gpt2(load_checkpoint(runner.path(stage), kind="gpt")[0], folder, eos_id=tokenizer.eos_id)
+            tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        tqdm.write(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
     return results
 
 
@@ -303,8 +383,15 @@ def add_config_flags(parser, prefix, cls):
                            help=f"{f.metadata.get('help', '')} (default: {f.default}, or the preset's)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Flag mistakes: one line on stderr and exit status 2, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MPO: reward-gap split, DPO on the easy pairs, then PPO on the "
+    p = OneLineParser(description="MPO: reward-gap split, DPO on the easy pairs, then PPO on the "
                                 "hard prompts with the DPO model as reference. With no flags: the whole "
                                 "pipeline on the built-in task with the tiny preset.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -315,13 +402,23 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="repeat everything with seeds seed..seed+N-1; mean and spread")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes (pays on a GPU)")
     p.add_argument("--label-noise", type=float, default=1.0, help="tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)")
     p.add_argument("--compare", action="store_true", help="also train the DPO and PPO baselines")
     p.add_argument("--ablations", default="", help="comma list from no_selection,reversed,random_split,mpo_ref_sft, or all")
     p.add_argument("--delta-sweep", default="", help="comma list of deltas: MPO once per delta (SFT and RM shared)")
     p.add_argument("--noise-sweep", default="", help="comma list of label-noise taus: MPO and DPO once per tau")
     p.add_argument("--force", default="", help="comma list of stages to redo even if complete")
-    p.add_argument("--data", default=None, help="a preference file (hh, tldr or jsonl) instead of the built-in task")
+    p.add_argument("--data", default=None, help="a preference file (hh, tldr or jsonl, plain or gzip) instead of "
+                   "the built-in task; a tenth of it is held out")
+    p.add_argument("--format", default="auto", choices=["auto", *data.FORMATS], help="the format of --data")
+    p.add_argument("--eval-data", default=None, help="held-out preference file for evaluation (with --data)")
+    p.add_argument("--sft-data", default=None, help="demonstrations for SFT: {prompt, response} lines or a "
+                   "preference file's chosen side (default: the chosen side of --data)")
+    p.add_argument("--export-hf", action="store_true", help="also write each final policy as a Hugging Face "
+                   "GPT-2 folder, RUN/hf/METHOD (GPT2LMHeadModel.from_pretrained loads it)")
+    p.add_argument("--init", default=None, help="start SFT from this folder: Hugging Face GPT-2 layout "
+                   "(config.json, model.safetensors, tokenizer.json) or a checkpoint of this project")
     for prefix, cls in CONFIGS.items():
         add_config_flags(p, "" if prefix == "split" else prefix, cls)
     args = p.parse_args(argv)
@@ -341,7 +438,29 @@ def parse_args(argv=None):
     args.preset_cfg = PRESETS[args.preset]
     args.max_new_tokens = args.preset_cfg["max_new_tokens"]
     args.eval_prompts = args.preset_cfg["eval_prompts"]
+    if (args.eval_data or args.sft_data) and not args.data:
+        p.error("--eval-data and --sft-data need --data")
+    args.init_block_size = None
     return args
+
+
+def check_init(args):
+    """Load --init once before anything is written: its weights, config and tokenizer must agree."""
+    if not args.init:
+        return
+    try:
+        model = init_model(args.init, "cpu")
+    except data.DataError:
+        raise
+    except ValueError as e:  # the loaders name the file and the key
+        raise data.DataError(str(e)) from None
+    args.init_block_size = model.config.block_size
+    tok_path = os.path.join(args.init, "tokenizer.json")
+    if os.path.exists(tok_path) and data.Tokenizer.load(tok_path).vocab_size > model.config.vocab_size:
+        raise data.DataError(f"{tok_path}: {data.Tokenizer.load(tok_path).vocab_size} tokens, more than the "
+                             f"{model.config.vocab_size} of the model's config.json")
+    if args.max_new_tokens >= args.init_block_size:
+        raise data.DataError(f"{args.init}/config.json: context {args.init_block_size} leaves no room for prompts")
 
 
 def stage_configs(args):
@@ -356,11 +475,13 @@ def stage_configs(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    training.COMPILE = args.compile
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfgs = stage_configs(args)
     seeds = [args.seed + i for i in range(args.seeds)]
     folder = lambda s: args.out if len(seeds) == 1 else os.path.join(args.out, f"seed-{s}")
     try:
+        check_init(args)
         runs = [run_pipeline(args, cfgs, folder(s), s, args.methods) for s in seeds]
         if None in runs:  # --stages stopped before eval
             return
@@ -381,9 +502,12 @@ def main(argv=None):
                                                    shared, tau=v if sweep == "noise" else None))
                 print(f"{sweep} = {v:g}:")
                 write_table(aggregate(sweep_runs), os.path.join(args.out, f"{sweep}-{v:g}.md"))
-    except SplitError as e:
+    except (SplitError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

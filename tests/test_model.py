@@ -2,8 +2,8 @@
 import torch
 import pytest
 
-from model import (GPT, GPTConfig, ScalarModel, autocast, generate, grad_scaler, load_checkpoint,
-                   optimizer_step, response_mask, save_checkpoint, NonFiniteError)
+from model import GPT, GPTConfig, ScalarModel, generate, load_checkpoint, response_mask, save_checkpoint
+from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
 

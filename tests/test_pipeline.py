@@ -24,7 +24,7 @@ def run_cli(*args, cwd=ROOT):
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "micro"
     t0 = time.time()
-    proc = run_cli("--preset", "micro", "--out", str(out), "--compare")
+    proc = run_cli("--preset", "micro", "--out", str(out), "--compare", "--export-hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, time.time() - t0
 
@@ -162,3 +162,26 @@ def test_ppo_raises_the_reward_model_score(run_dir):
     after = mean_score()
     assert after > before + 0.3, (before, after)
     assert {"score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "explained_variance", "length"} <= set(final)
+
+
+def test_transformers_loads_and_samples_the_exported_policy(run_dir):
+    """--export-hf: transformers reads RUN/hf/mpo with its tokenizer, gives our logits, and samples."""
+    transformers = pytest.importorskip("transformers")
+    out, _ = run_dir
+    folder = out / "hf" / "mpo"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    ours, _ = load_checkpoint(out / "ppo", kind="gpt")
+    ids = tok("\n\nHuman: What color is the sky?\n\nAssistant:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+        sample = hf.generate(ids, max_new_tokens=8, do_sample=True, pad_token_id=hf.config.eos_token_id)
+    assert sample.shape[1] > ids.shape[1]
+
+
+def test_pictures_when_matplotlib_is_installed(run_dir):
+    """The gap histogram, DPO's margin and PPO's score and KL curves as PNGs (matplotlib is optional)."""
+    pytest.importorskip("matplotlib")
+    out, _ = run_dir
+    for png in ("split/gaps.png", "dpo/curves.png", "ppo/curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
