@@ -313,12 +313,17 @@ def _field(row, key, where, allow_empty=False):
     return row[key]
 
 
+HH_TURN = "\n\nAssistant:"
+
+
 def _from_hh(row, where):
     """An HH-RLHF line: two whole dialogues that share everything up to the last Assistant turn."""
     chosen, rejected = _field(row, "chosen", where, True), _field(row, "rejected", where, True)
+    if HH_TURN not in chosen:
+        return "no Assistant turn"
     cut = chosen.rfind(HH_TURN) + len(HH_TURN)
     prompt = chosen[:cut]
-    if cut < len(HH_TURN) or rejected[:cut] != prompt or HH_TURN in rejected[cut:]:
+    if rejected[:cut] != prompt or HH_TURN in rejected[cut:]:
         return "prompt differs"
     if not chosen[cut:].strip() or not rejected[cut:].strip():
         return "empty response"
@@ -335,8 +340,10 @@ def _from_tldr(row, where):
         raise DataError(f"{where}: field 'info' must be an object")
     if not (isinstance(summaries, list) and len(summaries) == 2 and all(isinstance(s, dict) for s in summaries)):
         raise DataError(f"{where}: field 'summaries' must be a list of two objects")
-    if choice not in (0, 1) or isinstance(choice, bool):
+    if type(choice) is not int or choice not in (0, 1):
         raise DataError(f"{where}: field 'choice' must be 0 or 1, not {choice!r}")
+    if "post" not in info and "article" in info:
+        return "not a reddit post"  # the CNN/DM rows of the validation split
     post = {k: _field(info, k, f"{where}: info", k == "title") for k in ("subreddit", "title", "post")}
     texts = [_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
     prompt = f"SUBREDDIT: r/{post['subreddit']}\nTITLE: {post['title']}\nPOST: {post['post']}\nTL;DR:"
@@ -348,7 +355,6 @@ def _from_jsonl(row, where):
             "rejected": _field(row, "rejected", where)}
 
 
-HH_TURN = "\n\nAssistant:"
 FORMATS = {"hh": _from_hh, "tldr": _from_tldr, "jsonl": _from_jsonl}
 
 
@@ -393,7 +399,7 @@ def load_preferences(path, format="auto", log=print):
     if skipped:
         log(f"{path}: skipped " + ", ".join(f"{k} lines: {v}" for k, v in sorted(skipped.items())))
     if not records:
-        raise DataError(f"{path}: no usable preference pairs")
+        raise DataError(f"{path}: no usable preference pairs (every line skipped; is --format {format} right?)")
     return records
 
 

@@ -95,7 +95,7 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
     plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
     opt = policy.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, {"policy": policy}, {"opt": opt})
+    state = StepState(out_dir, cfg.save_every, len(plan), {"policy": policy}, {"opt": opt})
     start, _ = state.restore()
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "step", start)
@@ -118,8 +118,7 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
         append_jsonl(metrics_path, row)
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
-        if step + 1 < len(plan):
-            state.save(step + 1)
+        state.save(step + 1)
     bar.close()
     return {"pairs": len(pairs), "steps": len(plan),
             "held_out_accuracy": preference_accuracy(policy, reference, tokenizer, held_out,

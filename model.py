@@ -276,6 +276,14 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded: the message names the file and the key."""
 
 
+def write_text(path, text):
+    """A small text file, written under a temporary name and renamed into place."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
@@ -290,8 +298,7 @@ def save_checkpoint(model, folder, **extra):
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
     atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
     config = {"kind": kind, "model": asdict(model.config), **extra}
-    atomic_write(os.path.join(folder, "config.json"),
-                    lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+    write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
 
 
 def read_checkpoint_config(folder):
@@ -305,10 +312,23 @@ def read_checkpoint_config(folder):
         raise CheckpointError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, not {type(info).__name__}")
     for key, kind in (("kind", str), ("model", dict)):
         if not isinstance(info.get(key), kind):
             raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
     return info
+
+
+def check_config(config, path):
+    """Shapes a GPT can be built from, or a CheckpointError naming the config file and the field."""
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, key)
+        if type(value) is not int or value <= 0:
+            raise CheckpointError(f"{path}: field {key!r} must be a positive integer, not {value!r}")
+    if config.n_embd % config.n_head:
+        raise CheckpointError(f"{path}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    return config
 
 
 def load_weights(path, device="cpu"):
@@ -326,7 +346,7 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     a "scalar" folder gives its backbone. Weights only ever come through safetensors."""
     info = read_checkpoint_config(folder)
     try:
-        config = GPTConfig(**info["model"])
+        config = check_config(GPTConfig(**info["model"]), f"{folder}/config.json")
     except TypeError as e:
         raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
     state = load_weights(os.path.join(folder, "model.safetensors"), device)
@@ -361,6 +381,8 @@ def load_hf_gpt2(path, device="cpu"):
     try:
         with open(files["config.json"], encoding="utf-8") as f:
             hf = json.load(f)
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{files['config.json']}: expected a JSON object, not {type(hf).__name__}")
         config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf["n_ctx"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                            bias=True)  # dropout stays at 0.0, this project's default
@@ -372,6 +394,7 @@ def load_hf_gpt2(path, device="cpu"):
         raise CheckpointError(f"{files['config.json']}: not valid UTF-8 (byte {e.start})") from None
     except KeyError as e:
         raise CheckpointError(f"{files['config.json']}: missing field {e}") from None
+    check_config(config, files["config.json"])
     # model.py has GPT-2's LayerNorm eps (1e-5) and GELU (tanh approximation, "gelu_new")
     if (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
@@ -418,7 +441,5 @@ def save_hf_gpt2(gpt, path, eos_id=None):
               "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
               "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
               "bos_token_id": eos_id, "eos_token_id": eos_id}
-    atomic_write(os.path.join(path, "model.safetensors"),
-                    lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(path, "config.json"),
-                    lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))

@@ -193,7 +193,7 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKL(cfg.kl_coef)
     g = torch.Generator().manual_seed(seed)
     sample_g = torch.Generator(device=device).manual_seed(seed)
-    state = StepState(out_dir, cfg.save_every, {"policy": policy, "critic": critic},
+    state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
                       {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g])
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
@@ -251,7 +251,6 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
             for i in range(2):
                 tqdm.write(f"  [{it}] {tokenizer.decode(ro['prompt'][i].tolist())!r} -> "
                            f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {ro['scores'][i]:.2f}")
-        if it + 1 < cfg.iterations:
-            state.save(it + 1, {"kl_coef": kl_ctl.value})
+        state.save(it + 1, {"kl_coef": kl_ctl.value})
     bar.close()
     return row

@@ -87,7 +87,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
     plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, {"model": model}, {"opt": opt})
+    state = StepState(out_dir, cfg.save_every, len(plan), {"model": model}, {"opt": opt})
     start, _ = state.restore()
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "step", start)
@@ -107,8 +107,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
         append_jsonl(metrics_path, row)
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-        if step + 1 < len(plan):
-            state.save(step + 1)
+        state.save(step + 1)
     bar.close()
 
     # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020)

@@ -24,7 +24,7 @@ from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2
 import training
 from training import (NonFiniteError, StepState, autocast, compiled, cosine_lr, default_dtype, grad_scaler,
                       optimizer_step, set_lr, truncate_jsonl)
-from mpo import (METHODS, SplitConfig, SplitError, dpo_stage, evaluate_policy, method_stages,
+from mpo import (METHODS, SplitConfig, SplitError, dpo_stage, evaluate_policy, file_sha256, method_stages,
                  ppo_stage, sample_responses, select, split_stage, summarize)
 from ppo import PPOConfig
 from reward import RMConfig, load_reward_model, train_reward_model
@@ -63,6 +63,10 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- stages and run folders
 
+class StageError(Exception):
+    """A stage the command needs but may not run (not in --stages)."""
+
+
 class Runner:
     """Runs stages into a run folder; reuses a stage whose done.json has the same fingerprint."""
 
@@ -91,14 +95,9 @@ class Runner:
                 self.reused.append(name)
                 return done["summary"]
         if not allowed:
-            raise SystemExit(f"error: stage {name} is needed but not complete in {folder}; "
+            raise StageError(f"stage {name} is needed but not complete in {folder}; "
                              f"add it to --stages")
-        os.makedirs(folder, exist_ok=True)
-        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
-        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
-            if os.path.exists(step_state):
-                os.remove(step_state)  # saved under other settings or inputs: start over
-            data.write_json(started, {"fingerprint": fingerprint})
+        step_state = self.start(name, folder, fingerprint)
         # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
         seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
@@ -117,6 +116,16 @@ class Runner:
         self.done[name], self.seconds[name] = done, done["seconds"]
         return summary
 
+    def start(self, name, folder, fingerprint):
+        """Keep the stage's step state only if it was saved under this fingerprint; returns its path."""
+        os.makedirs(folder, exist_ok=True)
+        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
+        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
+            if os.path.exists(step_state):
+                os.remove(step_state)  # saved under other settings or inputs: start over
+            data.write_json(started, {"fingerprint": fingerprint})
+        return step_state
+
 
 def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
     """Next-token loss on the response tokens of the demonstrations; resumes from a step state."""
@@ -131,7 +140,7 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         plan += data.batches(len(examples), cfg.batch_size, g)
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, {"model": model}, {"opt": opt})
+    state = StepState(out_dir, cfg.save_every, cfg.steps, {"model": model}, {"opt": opt})
     start, _ = state.restore()
     metrics = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
@@ -149,8 +158,7 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         data.append_jsonl(metrics, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step + 1 < cfg.steps:
-            state.save(step + 1)
+        state.save(step + 1)
     bar.close()
     return loss.item()
 
@@ -205,7 +213,8 @@ def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path):
 
 def init_model(path, device):
     """--init: a Hugging Face GPT-2 folder or a checkpoint folder of this project."""
-    if data.read_json(os.path.join(path, "config.json")).get("kind"):
+    config = data.read_json(os.path.join(path, "config.json"))
+    if isinstance(config, dict) and "kind" in config:
         return load_checkpoint(path, kind="gpt", device=device)[0]
     return load_hf_gpt2(path, device=device)
 
@@ -220,11 +229,11 @@ def run_pipeline(args, cfgs, out, seed, methods, shared=None, tau=None):
     last = max(STAGES.index(s) for s in args.stages)  # stages after the last one asked for do not run
     R = args.max_new_tokens
     tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
-    task_key = {**task["key"], "init": args.init}
-    init_tokenizer = args.init and os.path.join(args.init, "tokenizer.json")
+    task_key = {**task["key"], "init": args.init_sha256}  # the weights' content, not their path
+    init_tokenizer = args.init_tokenizer
 
     def tokenizer_stage(folder):
-        if init_tokenizer and os.path.exists(init_tokenizer):
+        if init_tokenizer:
             shutil.copyfile(init_tokenizer, tok_path + ".tmp")
             os.replace(tok_path + ".tmp", tok_path)
             return {"from": init_tokenizer}
@@ -440,27 +449,36 @@ def parse_args(argv=None):
     args.eval_prompts = args.preset_cfg["eval_prompts"]
     if (args.eval_data or args.sft_data) and not args.data:
         p.error("--eval-data and --sft-data need --data")
-    args.init_block_size = None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
+    try:
+        args.delta_sweep, args.noise_sweep = ([float(x) for x in v.split(",") if x]
+                                              for v in (args.delta_sweep, args.noise_sweep))
+    except ValueError as e:
+        p.error(f"--delta-sweep and --noise-sweep take comma lists of numbers ({e})")
+    args.init_block_size = args.init_tokenizer = args.init_sha256 = None
     return args
 
 
 def check_init(args):
-    """Load --init once before anything is written: its weights, config and tokenizer must agree."""
+    """Load --init once before anything is written: its weights and its tokenizer must agree."""
     if not args.init:
         return
-    try:
-        model = init_model(args.init, "cpu")
-    except data.DataError:
-        raise
-    except ValueError as e:  # the loaders name the file and the key
-        raise data.DataError(str(e)) from None
-    args.init_block_size = model.config.block_size
-    tok_path = os.path.join(args.init, "tokenizer.json")
-    if os.path.exists(tok_path) and data.Tokenizer.load(tok_path).vocab_size > model.config.vocab_size:
-        raise data.DataError(f"{tok_path}: {data.Tokenizer.load(tok_path).vocab_size} tokens, more than the "
-                             f"{model.config.vocab_size} of the model's config.json")
-    if args.max_new_tokens >= args.init_block_size:
-        raise data.DataError(f"{args.init}/config.json: context {args.init_block_size} leaves no room for prompts")
+    model = init_model(args.init, "cpu")
+    # the tokenizer the weights were trained with: beside them (Hugging Face), or the run's own
+    candidates = [os.path.join(args.init, "tokenizer.json"), os.path.join(args.init, "..", "tokenizer", "tokenizer.json")]
+    tok_path = next((c for c in candidates if os.path.exists(c)), None)
+    if tok_path is None:
+        raise data.DataError(f"{args.init}: no tokenizer.json beside the weights; --init needs the tokenizer "
+                             "the model was trained with")
+    vocab = data.Tokenizer.load(tok_path).vocab_size
+    if vocab > model.config.vocab_size:
+        raise data.DataError(f"{tok_path}: {vocab} tokens, more than the {model.config.vocab_size} of the "
+                             f"model's config.json")
+    if args.max_new_tokens >= model.config.block_size:
+        raise data.DataError(f"{args.init}/config.json: context {model.config.block_size} leaves no room for prompts")
+    args.init_block_size, args.init_tokenizer = model.config.block_size, tok_path
+    args.init_sha256 = file_sha256(args.init)
 
 
 def stage_configs(args):
@@ -491,7 +509,7 @@ def main(argv=None):
             print(f"mean ± standard deviation over seeds {seeds}:")
             write_table(agg, os.path.join(args.out, "results.md"))
         for sweep, values in (("delta", args.delta_sweep), ("noise", args.noise_sweep)):
-            for v in [float(x) for x in values.split(",") if x]:
+            for v in values:
                 sweep_runs = []
                 for s in seeds:
                     c = dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v)) if sweep == "delta" else cfgs
@@ -502,7 +520,7 @@ def main(argv=None):
                                                    shared, tau=v if sweep == "noise" else None))
                 print(f"{sweep} = {v:g}:")
                 write_table(aggregate(sweep_runs), os.path.join(args.out, f"{sweep}-{v:g}.md"))
-    except (SplitError, data.DataError, CheckpointError) as e:
+    except (SplitError, StageError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import atomic_write, load_weights
+from model import CheckpointError, atomic_write, load_weights, write_text
 
 
 # ----------------------------------------------------------------------------- precision and steps
@@ -103,20 +103,21 @@ class StepState:
     """Resume inside a stage. Every `every` steps: the weights, the optimizer states, the RNG
     states, the step and `extra` (JSON), in one safetensors file renamed into place, no pickle.
 
-        state = StepState(folder, every, {"model": model}, {"opt": opt}, [generator])
+        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator])
         start, extra = state.restore()          # 0, {} on a fresh start
         for step in range(start, steps):
             ...
-            state.save(step + 1, extra)         # writes when (step + 1) % every == 0
-        state.clear()                           # the stage is complete
+            state.save(step + 1, extra)         # when step + 1 is a multiple of every, before the end
+    The run folder's Runner deletes the file once the stage is complete.
     """
 
-    def __init__(self, folder, every, modules, optimizers, generators=()):
+    def __init__(self, folder, every, steps, modules, optimizers, generators=()):
         self.path = os.path.join(folder, "step_state.safetensors")
-        self.every, self.modules, self.optimizers, self.generators = every, modules, optimizers, generators
+        self.every, self.steps = every, steps
+        self.modules, self.optimizers, self.generators = modules, optimizers, generators
 
-    def save(self, step, extra=None, force=False):
-        if not (force or (self.every and step % self.every == 0)):
+    def save(self, step, extra=None):
+        if not self.every or step % self.every or step >= self.steps:
             return
         tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()
                    for k, v in m.state_dict().items() if not k.endswith("lm_head.weight")}  # tied
@@ -137,12 +138,17 @@ class StepState:
         """Load the last saved step into the modules, optimizers and generators: (step, extra)."""
         if not os.path.exists(self.path):
             return 0, {}
+        tensors = load_weights(self.path)  # a damaged file: a CheckpointError naming it
         with safe_open(self.path, "pt") as f:
-            meta = json.loads(f.metadata()["json"])
+            meta = json.loads((f.metadata() or {}).get("json", "{}"))
+        if "step" not in meta:
+            raise CheckpointError(f"{self.path}: not a step state (no step in its metadata); delete it to start over")
         print(f"resuming from step {meta['step']}: {self.path}", flush=True)
-        tensors = load_weights(self.path)
         for n, m in self.modules.items():
-            m.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}, strict=False)
+            state = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
+            missing, unexpected = m.load_state_dict(state, strict=False)
+            if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+                raise CheckpointError(f"{self.path}: does not match the {n} being trained; delete it to start over")
         for n, opt in self.optimizers.items():
             state = {}
             for k, v in tensors.items():
@@ -153,13 +159,10 @@ class StepState:
         torch.set_rng_state(tensors["rng.cpu"])
         for i, g in enumerate(self.generators):
             g.set_state(tensors[f"rng.g{i}"])
-        if torch.cuda.is_available() and "rng.cuda0" in tensors:
-            torch.cuda.set_rng_state_all([tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())])
+        cuda_states = [tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda{i}" in tensors]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
         return meta["step"], meta["extra"]
-
-    def clear(self):
-        if os.path.exists(self.path):
-            os.remove(self.path)
 
 
 def truncate_jsonl(path, key, below):
@@ -168,4 +171,4 @@ def truncate_jsonl(path, key, below):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)[key] < below]
-    atomic_write(path, lambda p: open(p, "w").writelines(rows))
+    write_text(path, "".join(rows))

@@ -45,6 +45,25 @@ def test_tldr_prompt_and_the_chosen_summary(tmp_path):
     assert (r["chosen"], r["rejected"]) == (" homework gone", " cat ate it")
 
 
+def test_tldr_skips_cnn_dm_rows_and_checks_choice(tmp_path):
+    reddit = {"info": {"post": "p", "title": "t", "subreddit": "s"},
+              "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0}
+    news = {"info": {"article": "a news story", "site": "cnn"}, "summaries": [{"text": "a"}, {"text": "b"}], "choice": 1}
+    logs = []
+    records = data.load_preferences(write(tmp_path / "t.jsonl", [reddit, news]), "tldr", logs.append)
+    assert len(records) == 1 and "not a reddit post lines: 1" in logs[-1]
+    with pytest.raises(data.DataError, match=r":1: field 'choice' must be 0 or 1, not 1.0"):
+        data.load_preferences(write(tmp_path / "c.jsonl", [{**reddit, "choice": 1.0}]), "tldr")
+
+
+def test_hh_without_assistant_turns_says_so(tmp_path):
+    lines = [{"chosen": "a plain answer", "rejected": "another"}] * 2
+    logs = []
+    with pytest.raises(data.DataError, match="no usable preference pairs .* is --format hh right"):
+        data.load_preferences(write(tmp_path / "h.jsonl", lines), "auto", logs.append)
+    assert "no Assistant turn lines: 2" in logs[-1]
+
+
 def test_jsonl_gzip_and_auto_detection(tmp_path):
     rows = [{"prompt": "Q: 1+1?", "chosen": " 2", "rejected": " 3"}]
     logs = []

@@ -78,6 +78,7 @@ def test_chosen_identical_to_rejected_is_skipped_and_counted(tmp_path, capsys):
     (["--ablations", "nope"], "unknown ablation 'nope'"),
     (["--eval-data", "x.jsonl"], "--eval-data and --sft-data need --data"),
     (["--data", "no/such/file.jsonl"], "no/such/file.jsonl: no such file"),
+    (["--delta-sweep", "0.5,abc"], "--delta-sweep and --noise-sweep take comma lists of numbers"),
 ])
 def test_bad_flags(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
@@ -112,6 +113,19 @@ def test_bad_init_folders(tmp_path, capsys):
     (badtok / "tokenizer.json").write_text('{"version": "1.0"}')
     cases.append((badtok, "badtok/tokenizer.json: not a tokenizer.json"))
     cases.append((tmp_path / "missing", "missing/config.json: no such file"))
+    notok = tmp_path / "notok"
+    small_checkpoint(notok)
+    cases.append((notok, "notok: no tokenizer.json beside the weights"))
+    listed = tmp_path / "listed"
+    small_checkpoint(listed)
+    (listed / "config.json").write_text("[1, 2]")
+    cases.append((listed, "listed/config.json: expected a JSON object, not list"))
+    heads = tmp_path / "heads"
+    small_checkpoint(heads)
+    cfg = json.loads((heads / "config.json").read_text())
+    cfg["model"]["n_head"] = 3
+    (heads / "config.json").write_text(json.dumps(cfg))
+    cases.append((heads, "heads/config.json: n_embd 16 is not a multiple of n_head 3"))
     for folder, message in cases:
         code, err = run_main(["--preset", "micro", "--init", str(folder), "--out", str(out)], capsys)
         check_one_line(code, err, message)
@@ -126,3 +140,19 @@ def test_the_real_command_line_prints_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}:2: field 'prompt' must be a string, not int (reading as jsonl)"
     assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    code, err = run_main(["--out", str(out)], capsys)
+    check_one_line(code, err, "is a file, not a folder")
+
+
+def test_a_damaged_step_state_names_its_file(tmp_path):
+    from model import CheckpointError
+    from training import StepState
+    (tmp_path / "step_state.safetensors").write_bytes(b"half a file")
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(CheckpointError, match="step_state.safetensors: not a safetensors file"):
+        StepState(str(tmp_path), 1, 10, {"model": model}, {}).restore()
