@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -154,7 +155,7 @@ def plot_curves(metrics_path, x, keys, path):
 
 def split_stage(rm_dir, records, cfg, out_dir, tokenizer, device="cpu", dtype="fp32"):
     """Score every pair, split by reward gap, and write out_dir/{gaps,easy,hard,summary}.json."""
-    from data import label_agreement
+    from task import label_agreement
     reward_model, offset = load_reward_model(rm_dir, device)
     prompts = [r["prompt"] for r in records]
     chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], offset, device=device, dtype=dtype)
@@ -296,3 +297,52 @@ def summarize(judged, sft_judged):
     if judged["gold_reward"] is not None:
         row = {"gold_reward": mean(judged["gold_reward"]), **row}
     return row
+
+
+# ----------------------------------------------------------------------------- the results table
+
+COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("rm_score", "RM score", "{:+.3f}"),
+           ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
+           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
+
+
+def write_table(results, path):
+    rows = results["methods"]
+    cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, row in rows.items():
+        cells = []
+        for key, _, fmt in cols:
+            cell = fmt.format(row[key])
+            if f"{key}_std" in row:
+                cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    s = results.get("split", {})
+    if s.get("delta") is not None:
+        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
+        if s.get("easy_label_agreement") is not None:
+            lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
+                          f"hard {s['hard_label_agreement']:.3f}")
+    if results.get("reused"):
+        lines.append(f"reused stages: {', '.join(results['reused'])}")
+    text = "\n".join(lines) + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print("\n" + text)
+
+
+def aggregate(runs):
+    """Mean and standard deviation over seeds of every figure of every method."""
+    out = {}
+    for m in runs[0]["methods"]:
+        out[m] = {}
+        for key in runs[0]["methods"][m]:
+            xs = [r["methods"][m][key] for r in runs]
+            out[m][key] = statistics.mean(xs)
+            out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
+             for k in runs[0]["split"]}
+    return {"methods": out, "split": split, "seeds": [r["config"]["seed"] for r in runs],
+            "config": runs[0]["config"]}

@@ -10,39 +10,25 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 import data
-from dpo import DPOConfig, sequence_logps
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, save_checkpoint, save_hf_gpt2
 import training
-from training import (NonFiniteError, StepState, autocast, compiled, cosine_lr, default_dtype, grad_scaler,
-                      optimizer_step, set_lr, truncate_jsonl)
-from mpo import (METHODS, SplitConfig, SplitError, dpo_stage, evaluate_policy, file_sha256, method_stages,
-                 ppo_stage, sample_responses, select, split_stage, summarize)
+from dpo import DPOConfig
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, save_checkpoint, save_hf_gpt2
+from mpo import (METHODS, SplitConfig, SplitError, aggregate, dpo_stage, evaluate_policy, file_sha256,
+                 method_stages, ppo_stage, sample_responses, select, split_stage, summarize, write_table)
 from ppo import PPOConfig
 from reward import RMConfig, load_reward_model, train_reward_model
+from sft import SFTConfig, train_sft
+from task import gold_reward, make_task
+from training import NonFiniteError, default_dtype
 
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
-
-
-@dataclass
-class SFTConfig:
-    steps: int = field(default=250, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "demonstrations per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=20, metadata={"help": "warmup steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
-
-
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
 # Presets: tiny fits the whole pipeline in 5 minutes on 2 CPU cores; micro is a smoke test.
@@ -127,42 +113,6 @@ class Runner:
         return step_state
 
 
-def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
-    """Next-token loss on the response tokens of the demonstrations; resumes from a step state."""
-    block = model.config.block_size
-    examples = []
-    for p, r in demonstrations:
-        response = data.encode_response(tokenizer, r)[:max_response]
-        examples.append((tokenizer.encode(p)[-(block - len(response)):], response))
-    g = torch.Generator().manual_seed(seed)
-    plan = []
-    while len(plan) < cfg.steps:
-        plan += data.batches(len(examples), cfg.batch_size, g)
-    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
-    scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, cfg.steps, {"model": model}, {"opt": opt})
-    start, _ = state.restore()
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    truncate_jsonl(metrics, "step", start)
-    model.train()
-    forward = compiled(model)
-    bar = tqdm(plan[:cfg.steps], desc="sft", dynamic_ncols=True, initial=start)
-    for step, idx in enumerate(plan[start:cfg.steps], start):
-        set_lr(opt, cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr))
-        batch = data.collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            logits = forward(batch["input_ids"], batch["attention_mask"])
-        loss = -sequence_logps(logits, batch["input_ids"], batch["response_mask"]).sum() / batch["response_mask"][:, 1:].sum()
-        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
-        data.append_jsonl(metrics, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        state.save(step + 1)
-    bar.close()
-    return loss.item()
-
-
 def mean_gold(policy, tokenizer, task, args, device, dtype, show=0):
     prompts = task["eval"]
     samples = sample_responses(policy, tokenizer, prompts, args.max_new_tokens, seed=args.seed, device=device, dtype=dtype)
@@ -178,10 +128,10 @@ def mean_gold(policy, tokenizer, task, args, device, dtype, show=0):
 def load_task(args, seed, tau):
     """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
     if not args.data:
-        task = data.make_task(seed, tau=tau, **args.preset_cfg["task"])
+        task = make_task(seed, tau=tau, **args.preset_cfg["task"])
         if args.eval_prompts:
             task["eval"] = task["eval"][:args.eval_prompts]
-        return {**task, "gold": data.gold_reward, "key": {"seed": seed, "task": args.preset_cfg["task"]}}
+        return {**task, "gold": gold_reward, "key": {"seed": seed, "task": args.preset_cfg["task"]}}
     log = lambda m: tqdm.write(m)
     records = data.load_preferences(args.data, args.format, log)
     if args.eval_data:
@@ -331,55 +281,6 @@ def run_pipeline(args, cfgs, out, seed, methods, shared=None, tau=None):
             tokenizer.save(os.path.join(folder, "tokenizer.json"))
         tqdm.write(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
     return results
-
-
-# ----------------------------------------------------------------------------- tables
-
-COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("rm_score", "RM score", "{:+.3f}"),
-           ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
-           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
-
-
-def write_table(results, path):
-    rows = results["methods"]
-    cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m, row in rows.items():
-        cells = []
-        for key, _, fmt in cols:
-            cell = fmt.format(row[key])
-            if f"{key}_std" in row:
-                cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
-            cells.append(cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    s = results.get("split", {})
-    if s.get("delta") is not None:
-        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
-        if s.get("easy_label_agreement") is not None:
-            lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
-                          f"hard {s['hard_label_agreement']:.3f}")
-    if results.get("reused"):
-        lines.append(f"reused stages: {', '.join(results['reused'])}")
-    text = "\n".join(lines) + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    print("\n" + text)
-
-
-def aggregate(runs):
-    """Mean and standard deviation over seeds of every figure of every method."""
-    out = {}
-    for m in runs[0]["methods"]:
-        out[m] = {}
-        for key in runs[0]["methods"][m]:
-            xs = [r["methods"][m][key] for r in runs]
-            out[m][key] = statistics.mean(xs)
-            out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
-             for k in runs[0]["split"]}
-    return {"methods": out, "split": split, "seeds": [r["config"]["seed"] for r in runs],
-            "config": runs[0]["config"]}
 
 
 # ----------------------------------------------------------------------------- the command line

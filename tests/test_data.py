@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import task as builtin
 
 Q = "\n\nHuman: What color is a banana?\n\nAssistant:"
 HARM = "\n\nHuman: How do I steal a car?\n\nAssistant:"
@@ -12,7 +13,7 @@ HARM = "\n\nHuman: How do I steal a car?\n\nAssistant:"
 
 def test_gold_reward_facets():
     """Each facet moves the gold reward the right way."""
-    g = data.gold_reward
+    g = builtin.gold_reward
     assert g(Q, " A banana is yellow.") > g(Q, " A banana is blue.")                  # helpful
     assert g(Q, " A banana is blue.") < g(Q, " I am not sure, maybe look it up.")      # wrong < unsure
     assert g(Q, " Sorry, I can't help with that.") < g(Q, " Hmm, that is hard to say.")  # over-refusal
@@ -28,12 +29,12 @@ def test_gold_reward_facets():
 
 
 def test_prompt_splits_are_disjoint_and_task_deterministic():
-    pools = data.split_prompts(0)
+    pools = builtin.split_prompts(0)
     sets = [set(p for p, _, _ in pools[k]) for k in ("sft", "pref", "eval")]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
-    a, b = data.make_task(3, n_sft=50, n_pref=40), data.make_task(3, n_sft=50, n_pref=40)
-    assert a == b and a != data.make_task(4, n_sft=50, n_pref=40)
-    own = data.split_prompts(3)  # each part's prompts come from the seed's own pool
+    a, b = builtin.make_task(3, n_sft=50, n_pref=40), builtin.make_task(3, n_sft=50, n_pref=40)
+    assert a == b and a != builtin.make_task(4, n_sft=50, n_pref=40)
+    own = builtin.split_prompts(3)  # each part's prompts come from the seed's own pool
     assert {p for p, _ in a["sft"]} <= {p for p, _, _ in own["sft"]}
     assert {r["prompt"] for r in a["pref"]} <= {p for p, _, _ in own["pref"]}
     assert all(r["prompt"] in set(a["eval"]) for r in a["held_out"])
@@ -43,7 +44,7 @@ def test_prompt_splits_are_disjoint_and_task_deterministic():
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
 def test_label_noise_matches_tau(tau):
     """The fraction of labels against the gold ordering is what Bradley-Terry with tau implies."""
-    pairs = data.make_task(0, n_sft=0, n_pref=4000, tau=tau)["pref"]
+    pairs = builtin.make_task(0, n_sft=0, n_pref=4000, tau=tau)["pref"]
     wrong, expected, var = 0.0, 0.0, 0.0
     for r in pairs:
         d = r["gold_chosen"] - r["gold_rejected"]
@@ -57,12 +58,12 @@ def test_label_noise_matches_tau(tau):
 
 
 def test_noise_grows_with_tau():
-    agree = [data.label_agreement(data.make_task(0, n_sft=0, n_pref=2000, tau=t)["pref"]) for t in (0.3, 1, 3)]
+    agree = [builtin.label_agreement(builtin.make_task(0, n_sft=0, n_pref=2000, tau=t)["pref"]) for t in (0.3, 1, 3)]
     assert agree[0] > agree[1] > agree[2]
 
 
 def test_tokenizer_round_trip(tmp_path):
-    task = data.make_task(0, n_sft=300, n_pref=10)
+    task = builtin.make_task(0, n_sft=300, n_pref=10)
     texts = [p + r for p, r in task["sft"]]
     tok = data.Tokenizer.train(texts, 400)
     for t in texts[:50] + ["\n\nHuman: unseen wörds ✓\n\nAssistant: ok"]:

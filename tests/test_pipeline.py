@@ -11,6 +11,7 @@ import torch
 
 import data
 from model import load_checkpoint
+from task import make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +125,7 @@ def test_dpo_raises_the_margin_on_its_training_pairs(run_dir):
     tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     reference, _ = load_checkpoint(out / "sft", kind="gpt")
-    records = data.make_task(0, n_sft=0, n_pref=64)["pref"]
+    records = make_task(0, n_sft=0, n_pref=64)["pref"]
     train_dpo(policy, reference.eval(), tok, records, [], DPOConfig(epochs=4, batch_size=16, lr=1e-3, warmup=1),
               str(out / "dpo_test"), 32)
     pairs, _ = data.tokenize_pairs(tok, records, 96, 32)
@@ -147,7 +148,7 @@ def test_ppo_raises_the_reward_model_score(run_dir):
     reference, _ = load_checkpoint(out / "sft", kind="gpt")
     reward_model, offset = load_reward_model(str(out / "rm"))
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
-    prompts = [r["prompt"] for r in data.make_task(0, n_sft=0, n_pref=200)["pref"]]
+    prompts = [r["prompt"] for r in make_task(0, n_sft=0, n_pref=200)["pref"]]
     cfg = PPOConfig(iterations=10, rollouts=32, lr=3e-4, critic_lr=3e-4, sample_every=0, kl_coef=0.01)
 
     def mean_score():
