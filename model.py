@@ -301,8 +301,8 @@ def save_checkpoint(model, folder, **extra):
     write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
 
 
-def read_checkpoint_config(folder):
-    path = os.path.join(folder, "config.json")
+def read_config_json(path):
+    """A config.json as a dict; a missing file or bad JSON raises CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
@@ -314,6 +314,12 @@ def read_checkpoint_config(folder):
         raise CheckpointError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: expected a JSON object, not {type(info).__name__}")
+    return info
+
+
+def read_checkpoint_config(folder):
+    path = os.path.join(folder, "config.json")
+    info = read_config_json(path)
     for key, kind in (("kind", str), ("model", dict)):
         if not isinstance(info.get(key), kind):
             raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
@@ -378,20 +384,11 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def load_hf_gpt2(path, device="cpu"):
     """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2."""
     files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors")}
+    hf = read_config_json(files["config.json"])
     try:
-        with open(files["config.json"], encoding="utf-8") as f:
-            hf = json.load(f)
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{files['config.json']}: expected a JSON object, not {type(hf).__name__}")
         config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf["n_ctx"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                            bias=True)  # dropout stays at 0.0, this project's default
-    except FileNotFoundError:
-        raise CheckpointError(f"{files['config.json']}: no such file (a GPT-2 folder needs it)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{files['config.json']}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{files['config.json']}: not valid UTF-8 (byte {e.start})") from None
     except KeyError as e:
         raise CheckpointError(f"{files['config.json']}: missing field {e}") from None
     check_config(config, files["config.json"])

@@ -19,7 +19,8 @@ from tqdm import tqdm
 import data
 import training
 from dpo import DPOConfig
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, save_checkpoint, save_hf_gpt2
+from model import (GPT, CheckpointError, GPTConfig, load_checkpoint, load_hf_gpt2, read_config_json, save_checkpoint,
+                   save_hf_gpt2)
 from mpo import (METHODS, SplitConfig, SplitError, aggregate, dpo_stage, evaluate_policy, file_sha256,
                  method_stages, ppo_stage, sample_responses, select, split_stage, summarize, write_table)
 from ppo import PPOConfig
@@ -163,8 +164,7 @@ def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path):
 
 def init_model(path, device):
     """--init: a Hugging Face GPT-2 folder or a checkpoint folder of this project."""
-    config = data.read_json(os.path.join(path, "config.json"))
-    if isinstance(config, dict) and "kind" in config:
+    if "kind" in read_config_json(os.path.join(path, "config.json")):
         return load_checkpoint(path, kind="gpt", device=device)[0]
     return load_hf_gpt2(path, device=device)
 
