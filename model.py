@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from data import DataError, read_json
+
 
 @dataclass
 class GPTConfig:
@@ -304,14 +306,9 @@ def save_checkpoint(model, folder, **extra):
 def read_config_json(path):
     """A config.json as a dict; a missing file or bad JSON raises CheckpointError naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        info = read_json(path)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: expected a JSON object, not {type(info).__name__}")
     return info

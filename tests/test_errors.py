@@ -91,45 +91,35 @@ def small_checkpoint(folder):
     save_checkpoint(GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16)), folder)
 
 
-def test_bad_init_folders(tmp_path, capsys):
-    out = tmp_path / "run"
-    cases = []
-    shapes = tmp_path / "shapes"
-    small_checkpoint(shapes)
-    cfg = json.loads((shapes / "config.json").read_text())
-    cfg["model"]["n_embd"] = 32
-    (shapes / "config.json").write_text(json.dumps(cfg))
-    cases.append((shapes, "shapes/model.safetensors: shapes do not match config.json"))
-    broken = tmp_path / "broken"
-    small_checkpoint(broken)
-    (broken / "config.json").write_text('{"kind": "gpt",\n "model": ')
-    cases.append((broken, "broken/config.json:2: not JSON"))
-    field = tmp_path / "field"
-    small_checkpoint(field)
-    (field / "config.json").write_text('{"kind": "gpt", "model": {"n_layer": 1, "colour": 3}}')
-    cases.append((field, "field/config.json: field 'model'"))
-    badtok = tmp_path / "badtok"
-    small_checkpoint(badtok)
-    (badtok / "tokenizer.json").write_text('{"version": "1.0"}')
-    cases.append((badtok, "badtok/tokenizer.json: not a tokenizer.json"))
-    cases.append((tmp_path / "missing", "missing/config.json: no such file"))
-    notok = tmp_path / "notok"
-    small_checkpoint(notok)
-    cases.append((notok, "notok: no tokenizer.json beside the weights"))
-    listed = tmp_path / "listed"
-    small_checkpoint(listed)
-    (listed / "config.json").write_text("[1, 2]")
-    cases.append((listed, "listed/config.json: expected a JSON object, not list"))
-    heads = tmp_path / "heads"
-    small_checkpoint(heads)
-    cfg = json.loads((heads / "config.json").read_text())
-    cfg["model"]["n_head"] = 3
-    (heads / "config.json").write_text(json.dumps(cfg))
-    cases.append((heads, "heads/config.json: n_embd 16 is not a multiple of n_head 3"))
-    for folder, message in cases:
-        code, err = run_main(["--preset", "micro", "--init", str(folder), "--out", str(out)], capsys)
-        check_one_line(code, err, message)
-        assert not out.exists()
+# (folder name, changes to config.json's "model", files to write, what the message must say);
+# "missing" is never created
+INIT_CASES = [
+    ("shapes", {"n_embd": 32}, {}, "shapes/model.safetensors: shapes do not match config.json"),
+    ("broken", None, {"config.json": '{"kind": "gpt",\n "model": '}, "broken/config.json:2: not JSON"),
+    ("field", None, {"config.json": '{"kind": "gpt", "model": {"n_layer": 1, "colour": 3}}'},
+     "field/config.json: field 'model'"),
+    ("badtok", None, {"tokenizer.json": '{"version": "1.0"}'}, "badtok/tokenizer.json: not a tokenizer.json"),
+    ("missing", None, {}, "missing/config.json: no such file"),
+    ("notok", None, {}, "notok: no tokenizer.json beside the weights"),
+    ("listed", None, {"config.json": "[1, 2]"}, "listed/config.json: expected a JSON object, not list"),
+    ("heads", {"n_head": 3}, {}, "heads/config.json: n_embd 16 is not a multiple of n_head 3"),
+]
+
+
+@pytest.mark.parametrize("name, model_changes, files, message", INIT_CASES, ids=[c[0] for c in INIT_CASES])
+def test_bad_init_folder(tmp_path, capsys, name, model_changes, files, message):
+    folder, out = tmp_path / name, tmp_path / "run"
+    if name != "missing":
+        small_checkpoint(folder)
+    if model_changes:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["model"].update(model_changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    code, err = run_main(["--preset", "micro", "--init", str(folder), "--out", str(out)], capsys)
+    check_one_line(code, err, message)
+    assert not out.exists()
 
 
 def test_the_real_command_line_prints_one_line(tmp_path):
