@@ -89,8 +89,8 @@ def main():
     a = p.parse_args()
     dtype = a.dtype or default_dtype(a.device)
     preset = PRESETS[a.preset]
-    cfg = GPTConfig(vocab_size=a.vocab or preset["vocab_size"], **{**preset["model"], "block_size": max(
-        preset["model"]["block_size"], a.prompt + a.new)})
+    cfg = GPTConfig(vocab_size=a.vocab or preset.vocab_size, n_layer=preset.n_layer, n_head=preset.n_head,
+                    n_embd=preset.n_embd, block_size=max(preset.block_size, a.prompt + a.new))
     figures = a.figures.split(",")
     peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
                              if a.device == "cuda" else None)

@@ -1,13 +1,17 @@
-"""Tokenizer, the built-in preference task with its gold reward, file loaders, batching and masks.
+"""Tokenizer, file loaders, the task of a run (built-in or from files), batching and masks.
 
 Every preference record, built-in or loaded, is a dict {"prompt", "chosen", "rejected"} of
 strings where chosen and rejected are the responses alone; built-in records also carry the
 gold rewards of both responses ("gold_chosen", "gold_rejected").
 """
+import hashlib
 import json
 import os
+import random
 
 import torch
+
+from task import gold_reward, make_task
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -242,6 +246,42 @@ def _json(n, text, path):
     if not isinstance(row, dict):
         raise DataError(f"{path}:{n}: expected a JSON object, not {type(row).__name__}")
     return row
+
+
+# ----------------------------------------------------------------------------- the task of a run
+
+def load_task(run, seed, tau, log=print):
+    """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
+    if not run.data:
+        task = make_task(seed, tau=tau, n_sft=run.n_sft, n_pref=run.n_pref)
+        if run.eval_prompts:
+            task["eval"] = task["eval"][:run.eval_prompts]
+        return {**task, "gold": gold_reward, "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref}}}
+    records = load_preferences(run.data, run.format, log)
+    if run.eval_data:
+        held_out = load_preferences(run.eval_data, run.format, log)
+    else:  # a seeded tenth of the file, at most 1000 pairs, never trained on
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n = max(1, min(1000, len(records) // 10))
+        held_out, records = [records[i] for i in order[:n]], [records[i] for i in sorted(order[n:])]
+        if not records:
+            raise DataError(f"{run.data}: too few pairs to hold some out; give --eval-data")
+    demos = (load_demonstrations(run.sft_data, run.format, log) if run.sft_data
+             else [(r["prompt"], r["chosen"]) for r in records])
+    eval_prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:run.eval_prompts or 256]
+    files = [f for f in (run.data, run.eval_data, run.sft_data) if f]
+    key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
+    return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None, "key": key}
+
+
+def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):
+    """One line for the prompts that do not fit the context: they are cut from the left."""
+    room = block_size - max_new_tokens
+    long = [(r["line"], n) for r in task["pref"] for n in [len(tokenizer.encode(r["prompt"]))] if n > room]
+    if long:
+        log(f"{path}:{long[0][0]}: field 'prompt' has {long[0][1]} tokens, more than the {room} the "
+                   f"context leaves; {len(long)} such prompts are cut from the left, keeping the end")
 
 
 # ----------------------------------------------------------------------------- batching

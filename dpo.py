@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import append_jsonl, batches, pair_batch, tokenize_pairs
-from training import StepState, autocast, compiled, cosine_lr, grad_scaler, optimizer_step, set_lr, truncate_jsonl
+from data import batches, pair_batch, tokenize_pairs
+from model import sequence_logps
+from training import autocast, epoch_steps, fit
 
 
 @dataclass
 class DPOConfig:
-    pairs: str = field(default="easy", metadata={"help": "which pairs: easy (MPO stage 1), all (the DPO baseline), hard (reversed)"})
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: assumed label flip rate"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
@@ -26,17 +25,6 @@ class DPOConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
-
-
-def sequence_logps(logits, labels, mask):
-    """Sum of log pi(y_t | x, y_<t) over the response tokens.
-
-    logits (B, T, V), labels (B, T), mask (B, T) 1 on response tokens -> (B,).
-    The logits at position t predict the token at t + 1; prompt and padding never count.
-    """
-    logits, labels, mask = logits[:, :-1].float(), labels[:, 1:], mask[:, 1:]
-    token_logps = logits.gather(-1, labels[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logps * mask).sum(-1)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -87,40 +75,26 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
     Metrics per step go to out_dir/metrics.jsonl; returns a summary with held-out accuracy.
     The caller saves the policy.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    block = policy.config.block_size
-    pairs, _ = tokenize_pairs(tokenizer, train, block, max_response)
+    pairs, _ = tokenize_pairs(tokenizer, train, policy.config.block_size, max_response)
     ref_chosen, ref_rejected = precompute_logps(reference, pairs, tokenizer.pad_id, device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
-    plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
-    opt = policy.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
-    scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, len(plan), {"policy": policy}, {"opt": opt})
-    start, _ = state.restore()
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    truncate_jsonl(metrics_path, "step", start)
-    policy.train()
-    forward = compiled(policy)
-    bar = tqdm(plan, desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start)
-    for step, idx in enumerate(plan[start:], start):
-        set_lr(opt, cosine_lr(step, len(plan), cfg.warmup, cfg.lr))
-        batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], tokenizer.pad_id).items()}
-        with autocast(device, dtype):
-            chosen, rejected = pair_logps(forward, batch)
-        losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref_chosen[idx].to(device),
-                                                ref_rejected[idx].to(device), cfg.beta,
-                                                cfg.label_smoothing, cfg.loss_type)
-        loss = losses.mean()
-        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
-        row = {"step": step, "loss": loss.item(), "margin": (chosen_r - rejected_r).mean().item(),
-               "accuracy": (chosen_r > rejected_r).float().mean().item(),
-               "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}
-        append_jsonl(metrics_path, row)
-        bar.update()
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
-        state.save(step + 1)
-    bar.close()
-    return {"pairs": len(pairs), "steps": len(plan),
+    examples = list(zip(pairs, ref_chosen.tolist(), ref_rejected.tolist()))
+
+    def collate(rows):
+        return {**pair_batch([pair for pair, _, _ in rows], tokenizer.pad_id),
+                "ref_chosen": torch.tensor([c for _, c, _ in rows]), "ref_rejected": torch.tensor([r for _, _, r in rows])}
+
+    def step_loss(forward, batch):
+        chosen, rejected = pair_logps(forward, batch)
+        losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
+                                                cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        return losses.mean(), {"margin": (chosen_r - rejected_r).mean().item(),
+                               "accuracy": (chosen_r > rejected_r).float().mean().item(),
+                               "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}
+
+    steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
+    fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
+        os.path.basename(out_dir), show=("loss", "margin"))
+    return {"pairs": len(pairs), "steps": steps,
             "held_out_accuracy": preference_accuracy(policy, reference, tokenizer, held_out,
                                                      max_response, device, dtype)}
 

@@ -1,19 +1,15 @@
-"""GPT policy, scalar heads (reward and value), KV-cache sampling, GPT-2 weight import/export.
+"""GPT policy, scalar heads (reward and value), KV-cache sampling, and the log-probabilities of
+responses that every stage shares (SFT loss, DPO, PPO, the evaluation's KL).
 
 The parameter layout follows GPT-2 (and nanoGPT), so Hugging Face GPT-2 weights map onto it
-with a transpose of the attention and MLP matrices (see load_hf_gpt2).
+with a transpose of the attention and MLP matrices (checkpoint.load_hf_gpt2).
 """
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-from data import DataError, read_json
 
 
 @dataclass
@@ -220,9 +216,9 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
     """Sample responses with a KV cache.
 
     prompt (B, P) left-padded token ids, prompt_mask (B, P) 1 on real tokens.
-    Returns tokens (B, N), logprobs (B, N) and mask (B, N), N <= max_new_tokens: logprobs are
-    log pi(y_t | x, y_<t) under the sampling temperature (before top-k/top-p, the distribution
-    PPO recomputes); mask is 1 up to and including the first eos, and tokens are pad_id after it.
+    Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is 1 up to and including
+    the first eos, and tokens are pad_id after it. Log-probs are recomputed by a full forward pass
+    (response_logprobs), the computation every later use makes.
     """
     B, P = prompt.shape
     device = prompt.device
@@ -239,7 +235,6 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
     positions = (prompt_mask.sum(-1, keepdim=True) if prompt_mask is not None
                  else torch.full((B, 1), P, device=device))
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     logits = model(prompt, prompt_mask, cache=cache)[:, -1]
     n = max_new_tokens
@@ -250,7 +245,6 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
         noise = torch.empty_like(probs).exponential_(generator=generator)
         next_token = (probs / noise).argmax(-1)
         tokens[:, t] = torch.where(alive, next_token, pad_id)
-        logprobs[:, t] = logp.gather(-1, next_token[:, None]).squeeze(-1) * alive
         if eos_id is not None:
             alive = alive & (next_token != eos_id)
         if t == max_new_tokens - 1 or (eos_id is not None and t % check_every == check_every - 1
@@ -259,8 +253,8 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
             break
         step_mask = None if mask is None else mask[:, :P + t + 1]
         logits = model(tokens[:, t:t + 1], step_mask, position_ids=positions + t, cache=cache)[:, -1]
-    tokens, logprobs = tokens[:, :n], logprobs[:, :n]
-    return tokens, logprobs, response_mask(tokens, eos_id, pad_id)
+    tokens = tokens[:, :n]
+    return tokens, response_mask(tokens, eos_id, pad_id)
 
 
 def response_mask(tokens, eos_id, pad_id):
@@ -272,168 +266,44 @@ def response_mask(tokens, eos_id, pad_id):
     return (~after_eos).long()
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- log-probabilities
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded: the message names the file and the key."""
-
-
-def write_text(path, text):
-    """A small text file, written under a temporary name and renamed into place."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+def token_logprobs(logits, tokens):
+    """log pi(y_t | x, y_<t) of each given token: logits (B, N, V), tokens (B, N) -> (B, N)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+def sequence_logps(logits, labels, mask):
+    """log pi(y | x): the sum of token log-probs over the response tokens.
 
-
-def save_checkpoint(model, folder, **extra):
-    """model.safetensors + config.json. extra (e.g. a reward offset) goes into config.json."""
-    os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not k.endswith("lm_head.weight")}  # tied to wte: stored once
-    kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
-    atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
-    config = {"kind": kind, "model": asdict(model.config), **extra}
-    write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
-
-
-def read_config_json(path):
-    """A config.json as a dict; a missing file or bad JSON raises CheckpointError naming it."""
-    try:
-        info = read_json(path)
-    except DataError as e:
-        raise CheckpointError(str(e)) from None
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, not {type(info).__name__}")
-    return info
-
-
-def read_checkpoint_config(folder):
-    path = os.path.join(folder, "config.json")
-    info = read_config_json(path)
-    for key, kind in (("kind", str), ("model", dict)):
-        if not isinstance(info.get(key), kind):
-            raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-    return info
-
-
-def check_config(config, path):
-    """Shapes a GPT can be built from, or a CheckpointError naming the config file and the field."""
-    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        value = getattr(config, key)
-        if type(value) is not int or value <= 0:
-            raise CheckpointError(f"{path}: field {key!r} must be a positive integer, not {value!r}")
-    if config.n_embd % config.n_head:
-        raise CheckpointError(f"{path}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
-    return config
-
-
-def load_weights(path, device="cpu"):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return load_file(path, device=str(device))
-    except Exception as e:  # safetensors' own error, on one line
-        raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def load_checkpoint(folder, kind=None, device="cpu"):
-    """Load a folder written by save_checkpoint. kind="scalar" from a "gpt" folder gives a
-    scalar model whose backbone is that GPT (the reward model starts from SFT); kind="gpt" from
-    a "scalar" folder gives its backbone. Weights only ever come through safetensors."""
-    info = read_checkpoint_config(folder)
-    try:
-        config = check_config(GPTConfig(**info["model"]), f"{folder}/config.json")
-    except TypeError as e:
-        raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
-    state = load_weights(os.path.join(folder, "model.safetensors"), device)
-    kind = kind or info["kind"]
-    if info["kind"] == "scalar" and kind == "gpt":
-        state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
-    model = ScalarModel(config) if kind == "scalar" else GPT(config)
-    if info["kind"] == "gpt" and kind == "scalar":
-        state = {"gpt." + k: v for k, v in state.items()}
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a size mismatch: name the first offending tensor, in one line
-        detail = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e))
-        raise CheckpointError(f"{folder}/model.safetensors: shapes do not match config.json: {detail}") from None
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: checkpoint does not match its config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), info
-
-
-# ----------------------------------------------------------------------------- GPT-2 import/export
-
-# Hugging Face GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def load_hf_gpt2(path, device="cpu"):
-    """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2."""
-    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors")}
-    hf = read_config_json(files["config.json"])
-    try:
-        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf["n_ctx"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           bias=True)  # dropout stays at 0.0, this project's default
-    except KeyError as e:
-        raise CheckpointError(f"{files['config.json']}: missing field {e}") from None
-    check_config(config, files["config.json"])
-    # model.py has GPT-2's LayerNorm eps (1e-5) and GELU (tanh approximation, "gelu_new")
-    if (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12
-            or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
-        raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
-                              "activation_function gelu_new are supported")
-    hf_state = load_weights(files["model.safetensors"])
-    model = GPT(config)
-    state = {}
-    for key, ours in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to wte
-        short = key[len("transformer."):]
-        if key not in hf_state and short not in hf_state:
-            raise CheckpointError(f"{files['model.safetensors']}: missing key {key!r}")
-        w = hf_state.get(key, hf_state.get(short))
-        w = w.t() if key.endswith(_CONV1D) else w
-        if w.shape != ours.shape:
-            raise CheckpointError(f"{files['model.safetensors']}: {key!r} has shape {tuple(w.shape)}, "
-                             f"config.json needs {tuple(ours.shape)}")
-        state[key] = w
-    head = hf_state.get("lm_head.weight")
-    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
-        raise CheckpointError(f"{files['model.safetensors']}: lm_head.weight is not tied to wte")
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state)  # buffers such as attn.bias / attn.masked_bias are ignored
-    return model.to(device)
-
-
-def save_hf_gpt2(gpt, path, eos_id=None):
-    """Write a GPT as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained reads.
-
-    eos_id (default vocab_size - 1, GPT-2's <|endoftext|> slot) becomes bos/eos_token_id.
+    logits (B, T, V), labels (B, T), mask (B, T) 1 on response tokens -> (B,).
+    The logits at position t predict the token at t + 1; prompt and padding never count.
     """
-    c = gpt.config
-    if not c.bias:
-        raise ValueError("GPT-2 has biases: a model with bias=False cannot be saved as GPT-2")
-    os.makedirs(path, exist_ok=True)
-    state = {k: (v.t() if k.endswith(_CONV1D) else v).detach().contiguous().cpu()
-             for k, v in gpt.state_dict().items() if k != "lm_head.weight"}  # transformers ties it
-    eos_id = c.vocab_size - 1 if eos_id is None else eos_id
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer,
-              "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None, "layer_norm_epsilon": 1e-5,
-              "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-              "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
-              "bos_token_id": eos_id, "eos_token_id": eos_id}
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    return (token_logprobs(logits[:, :-1], labels[:, 1:]) * mask[:, 1:]).sum(-1)
+
+
+def sft_loss(logits, labels, mask):
+    """Next-token loss on the response tokens, L = -sum_t log pi(y_t | x, y_<t) / #tokens (scalar)."""
+    return -sequence_logps(logits, labels, mask).sum() / mask[:, 1:].sum()
+
+
+def response_logprobs(model, seq, attn, P, temperature=1.0):
+    """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
+    at the sampling temperature: one full forward pass, as the rollout and the update both make."""
+    logits = model(seq, attn)[:, P - 1:-1].float() / temperature
+    return token_logprobs(logits, seq[:, P:]), logits
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token KL(pi || pi_ref) estimate from samples of pi; (B, N), (B, N) -> (B, N).
+
+    k1: log pi - log pi_ref (unbiased, can be negative per token; the InstructGPT penalty).
+    k3: (r - 1) - log r with r = pi_ref / pi (unbiased, never negative; Schulman 2020, TRL's "k3").
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")

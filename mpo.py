@@ -6,24 +6,31 @@
     3. stage 2: PPO on the hard set's prompts, initialised from the DPO
        policy and with the DPO policy as the KL reference              (ppo_stage)
 
-The baselines and ablations of the paper are rows of METHODS; evaluate_policy judges a policy.
-This file adds no loss: those live in reward.py, dpo.py and ppo.py.
+The baselines and ablations of the paper are rows of METHODS; pipeline() runs the stages of
+each method in the paper's order; evaluate_policy judges a policy. This file adds no loss: those
+live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
-import hashlib
-import json
+import dataclasses
 import math
 import os
-import statistics
+import shutil
 from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
 import torch
+from tqdm import tqdm
 
-from data import read_json, write_json
+import data
+from checkpoint import file_sha256, load_checkpoint, load_hf_gpt2, read_config_json, save_checkpoint, save_hf_gpt2
+from data import collate, left_pad, read_json, write_json
 from dpo import train_dpo
-from model import generate, load_checkpoint, save_checkpoint
-from ppo import token_logprobs, train_ppo
-from reward import load_reward_model, score
-from training import autocast
+from model import GPT, GPTConfig, generate, kl_penalty, response_logprobs
+from ppo import train_ppo
+from reward import load_reward_model, score, train_reward_model
+from report import plot_curves, plot_histogram, text_histogram, write_table
+from sft import train_sft
+from task import label_agreement
+from training import Runner, Stop, autocast
 
 
 @dataclass
@@ -36,32 +43,45 @@ class SplitConfig:
     gap: str = field(default="signed", metadata={"help": "signed (mislabelled pairs go to hard) or abs (ablation)"})
 
 
-# The paper's comparison and ablations, each a recipe of the two stages:
-#   name:          (DPO pairs,     PPO prompts,   PPO init and reference)
+class Method(NamedTuple):
+    """A method is a recipe of the two stages. pairs: the pairs DPO trains on, from the SFT policy
+    against SFT (None: no DPO stage). prompts: the prompts PPO trains on, from the policy so far
+    (None: no PPO stage). reference: PPO's KL reference, "policy" (the policy PPO starts from) or
+    "sft". role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations)."""
+    pairs: Optional[str]
+    prompts: Optional[str]
+    reference: Optional[str]
+    role: str
+
+
+# The paper's comparison and ablations. Adding one is adding a row.
 METHODS = {
-    "sft":          (None,          None,          None),
-    "mpo_stage1":   ("easy",        None,          None),
-    "dpo":          ("all",         None,          None),   # baseline: DPO on D, reference SFT
-    "ppo":          (None,          "all",         "sft"),  # baseline: PPO on D, init and reference SFT
-    "mpo":          ("easy",        "hard",        "dpo"),  # the paper
-    "no_selection": ("all",         "all",         "dpo"),  # ablation: no data selection
-    "reversed":     ("hard",        "easy",        "dpo"),  # ablation: reversed selection
-    "random_split": ("random_easy", "random_hard", "dpo"),  # ablation: a random split of the same sizes
-    "mpo_ref_sft":  ("easy",        "hard",        "sft"),  # ablation: stage 2 referenced to SFT
+    "sft":          Method(None,          None,          None,     "method"),
+    "mpo_stage1":   Method("easy",        None,          None,     "method"),    # stage 1 alone
+    "mpo":          Method("easy",        "hard",        "policy", "method"),    # the paper
+    "dpo":          Method("all",         None,          None,     "baseline"),  # DPO on D, reference SFT
+    "ppo":          Method(None,          "all",         "policy", "baseline"),  # PPO on D, init and reference SFT
+    "no_selection": Method("all",         "all",         "policy", "ablation"),  # no data selection
+    "reversed":     Method("hard",        "easy",        "policy", "ablation"),  # reversed selection
+    "random_split": Method("random_easy", "random_hard", "policy", "ablation"),  # a random split, same sizes
+    "mpo_ref_sft":  Method("easy",        "hard",        "sft",    "ablation"),  # stage 2 referenced to SFT
 }
+ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
 
 
 def method_stages(name):
-    """The stages that make a method's policy: [(stage name, kind, settings)], and the final stage."""
-    pairs, prompts, reference = METHODS[name]
+    """The stages that make a method's policy, [(stage name, kind, recipe)], and its final stage.
+
+    A stage's name says what it trains, so two methods that share a stage share its folder."""
+    method = METHODS[name]
     stages, policy = [], "sft"
-    if pairs:
-        policy = "dpo" if pairs == "easy" else f"dpo_{pairs}"
-        stages.append((policy, "dpo", {"pairs": pairs}))
-    if prompts:
+    if method.pairs:
+        policy = "dpo" if method.pairs == "easy" else f"dpo_{method.pairs}"
+        stages.append((policy, "dpo", {"pairs": method.pairs}))
+    if method.prompts:
         ppo_name = {"mpo": "ppo", "ppo": "ppo_baseline"}.get(name, f"ppo_{name}")
-        ref = policy if reference == "dpo" else "sft"
-        stages.append((ppo_name, "ppo", {"prompts": prompts, "init": policy, "reference": ref}))
+        reference = policy if method.reference == "policy" else "sft"
+        stages.append((ppo_name, "ppo", {"prompts": method.prompts, "init": policy, "reference": reference}))
         policy = ppo_name
     return stages, policy
 
@@ -97,65 +117,8 @@ def split_by_gap(gaps, delta):
     return easy, hard
 
 
-def text_histogram(gaps, delta, bins=16, width=40):
-    """The gap histogram as text, with the bin that holds delta marked."""
-    lo, hi = gaps.min().item(), gaps.max().item()
-    counts = torch.histc(gaps.float(), bins, lo, hi).long().tolist()
-    step = (hi - lo) / bins or 1.0
-    lines = [f"reward gaps of {len(gaps)} pairs (delta = {delta:.3g}: easy > delta >= hard)"]
-    for i, c in enumerate(counts):
-        left = lo + i * step
-        mark = " <- delta" if left <= delta < left + step else ""
-        lines.append(f"{left:8.2f} | {'#' * round(width * c / max(counts))} {c}{mark}")
-    return "\n".join(lines)
-
-
-def _pyplot():
-    """matplotlib's pyplot without a display, or None: pictures are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_histogram(gaps, delta, path):
-    """A PNG of the gap histogram with delta marked, when matplotlib is installed."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(gaps.numpy(), bins=40, color="#4c72b0")
-    ax.axvline(delta, color="#c44e52", label=f"delta = {delta:.2f}")
-    ax.set(xlabel="reward gap r(x, y_w) - r(x, y_l)", ylabel="pairs", title="hard | easy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def plot_curves(metrics_path, x, keys, path):
-    """A PNG with one panel per metric of a metrics.jsonl file (PPO score and KL, DPO margin)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    rows = [json.loads(line) for line in open(metrics_path)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(axes, keys):
-        ax.plot([r[x] for r in rows], [r[key] for r in rows], color="#4c72b0")
-        ax.set(xlabel=x, title=key)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
 def split_stage(rm_dir, records, cfg, out_dir, tokenizer, device="cpu", dtype="fp32"):
     """Score every pair, split by reward gap, and write out_dir/{gaps,easy,hard,summary}.json."""
-    from task import label_agreement
     reward_model, offset = load_reward_model(rm_dir, device)
     prompts = [r["prompt"] for r in records]
     chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], offset, device=device, dtype=dtype)
@@ -192,11 +155,6 @@ def select(records, split_dir, which, seed=0):
 
 
 # ----------------------------------------------------------------------------- the two stages
-
-def file_sha256(folder):
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
 
 def load_frozen(folder, kind, device):
     model, _ = load_checkpoint(folder, kind=kind, device=device)
@@ -242,8 +200,7 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
 @torch.no_grad()
 def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=0,
                      device="cpu", dtype="fp32", batch_size=64):
-    """Sample one response per prompt. Returns [(prompt_ids, response_ids, logprobs)] per prompt."""
-    from data import left_pad
+    """Sample one response per prompt. Returns [(prompt_ids, response_ids)] per prompt."""
     policy.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     room = policy.config.block_size - max_new_tokens
@@ -252,11 +209,9 @@ def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0
         ids = [tokenizer.encode(p)[-room:] for p in prompts[i:i + batch_size]]
         prompt, mask = (t.to(device) for t in left_pad(ids, tokenizer.pad_id))
         with autocast(device, dtype):
-            tokens, logprobs, rmask = generate(policy, prompt, mask, max_new_tokens, temperature,
-                                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=g)
-        for p, t, lp, m in zip(ids, tokens.cpu(), logprobs.cpu(), rmask.cpu()):
-            n = int(m.sum())
-            out.append((p, t[:n].tolist(), lp[:n]))
+            tokens, rmask = generate(policy, prompt, mask, max_new_tokens, temperature,
+                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=g)
+        out += [(p, t[:int(m.sum())].tolist()) for p, t, m in zip(ids, tokens.cpu(), rmask.cpu())]
     return out
 
 
@@ -264,21 +219,21 @@ def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0
 def evaluate_policy(policy, sft, reward_model, offset, tokenizer, prompts, max_new_tokens,
                     temperature=1.0, seed=0, gold=None, device="cpu", dtype="fp32"):
     """Per-prompt judgements of one policy's samples: gold reward (when known), reward-model
-    score, KL to SFT (sum over the response of log pi - log pi_sft), length, and the text."""
-    from data import collate
+    score, KL to SFT (sum over the response of log pi - log pi_sft, both from one full forward
+    pass at the sampling temperature, as in the rollout), length, and the text."""
     samples = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, device, dtype)
-    texts = [tokenizer.decode(r) for _, r, _ in samples]
+    texts = [tokenizer.decode(r) for _, r in samples]
     kl = []
     for i in range(0, len(samples), 64):
         chunk = samples[i:i + 64]
-        batch = {k: v.to(device) for k, v in collate([p for p, _, _ in chunk], [r for _, r, _ in chunk], tokenizer.pad_id).items()}
-        P = max(len(p) for p, _, _ in chunk)
+        batch = {k: v.to(device) for k, v in collate(*zip(*chunk), tokenizer.pad_id).items()}
+        P = max(len(p) for p, _ in chunk)
         with autocast(device, dtype):
-            logits = sft(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1].float() / temperature
-        sft_lp = token_logprobs(logits, batch["input_ids"][:, P:]) * batch["response_mask"][:, P:]
-        kl += [(lp.sum() - s.sum()).item() for (_, _, lp), s in zip(chunk, sft_lp.cpu())]
+            logprobs, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], P, temperature)
+            sft_logprobs, _ = response_logprobs(sft, batch["input_ids"], batch["attention_mask"], P, temperature)
+        kl += (kl_penalty(logprobs, sft_logprobs) * batch["response_mask"][:, P:]).sum(-1).tolist()
     rm = score(reward_model, tokenizer, prompts, texts, offset, device=device, dtype=dtype).tolist()
-    return {"text": texts, "rm_score": rm, "kl_vs_sft": kl, "length": [len(r) for _, r, _ in samples],
+    return {"text": texts, "rm_score": rm, "kl_vs_sft": kl, "length": [len(r) for _, r in samples],
             "gold_reward": [gold(p, t) for p, t in zip(prompts, texts)] if gold else None}
 
 
@@ -299,50 +254,135 @@ def summarize(judged, sft_judged):
     return row
 
 
-# ----------------------------------------------------------------------------- the results table
-
-COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("rm_score", "RM score", "{:+.3f}"),
-           ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
-           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
 
 
-def write_table(results, path):
-    rows = results["methods"]
-    cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m, row in rows.items():
-        cells = []
-        for key, _, fmt in cols:
-            cell = fmt.format(row[key])
-            if f"{key}_std" in row:
-                cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
-            cells.append(cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    s = results.get("split", {})
-    if s.get("delta") is not None:
-        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
-        if s.get("easy_label_agreement") is not None:
-            lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
-                          f"hard {s['hard_label_agreement']:.3f}")
-    if results.get("reused"):
-        lines.append(f"reused stages: {', '.join(results['reused'])}")
-    text = "\n".join(lines) + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    print("\n" + text)
+# ----------------------------------------------------------------------------- the recipe
+
+STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
 
 
-def aggregate(runs):
-    """Mean and standard deviation over seeds of every figure of every method."""
-    out = {}
-    for m in runs[0]["methods"]:
-        out[m] = {}
-        for key in runs[0]["methods"][m]:
-            xs = [r["methods"][m][key] for r in runs]
-            out[m][key] = statistics.mean(xs)
-            out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
-             for k in runs[0]["split"]}
-    return {"methods": out, "split": split, "seeds": [r["config"]["seed"] for r in runs],
-            "config": runs[0]["config"]}
+class Init(NamedTuple):
+    """--init, checked before anything is written: its folder, the tokenizer its weights were
+    trained with, its context and the content hash of its weights (part of every fingerprint)."""
+    path: str
+    tokenizer: str
+    block_size: int
+    sha256: str
+
+
+def init_model(path, device):
+    """--init: a Hugging Face GPT-2 folder or a checkpoint folder of this project."""
+    if "kind" in read_config_json(os.path.join(path, "config.json")):
+        return load_checkpoint(path, kind="gpt", device=device)[0]
+    return load_hf_gpt2(path, device=device)
+
+
+def mean_gold(policy, tokenizer, task, run, seed, show=0):
+    """Mean gold reward of one sample per evaluation prompt; prints the first `show` samples."""
+    samples = sample_responses(policy, tokenizer, task["eval"], run.max_new_tokens, run.eval_temperature,
+                               seed, run.device, run.dtype)
+    texts = [tokenizer.decode(r) for _, r in samples]
+    golds = [task["gold"](p, t) for p, t in zip(task["eval"], texts)]
+    for p, t, gr in list(zip(task["eval"], texts, golds))[:show]:
+        tqdm.write(f"  {p.strip()!r}\n    -> {t!r}  gold {gr:+.2f}")
+    return sum(golds) / len(golds)
+
+
+def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
+    """The stages of `methods` (names in METHODS) in the paper's order, into the run folder `out`:
+    tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> eval.
+
+    run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: an
+    Init or None; shared: stage names whose folders live in another run folder (sweeps).
+    Returns the results, or None when --stages ends before eval.
+    """
+    tau = run.label_noise if tau is None else tau
+    task = data.load_task(run, seed, tau, tqdm.write)
+    runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
+    device, dtype, R = run.device, run.dtype, run.max_new_tokens
+    tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
+    task_key = {**task["key"], "init": init.sha256 if init else None}  # the weights' content, not their path
+    model_shape = dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size)
+    try:
+        def tokenizer_stage(folder):
+            if init:
+                shutil.copyfile(init.tokenizer, tok_path + ".tmp")
+                os.replace(tok_path + ".tmp", tok_path)
+                return {"from": init.tokenizer}
+            data.Tokenizer.train([p + r for p, r in task["sft"]] + task["eval"], run.vocab_size).save(tok_path)
+            return {}
+        runner.run("tokenizer", "tokenizer", {**task_key, "vocab": run.vocab_size}, [], tokenizer_stage)
+        tokenizer = data.Tokenizer.load(tok_path)
+        if run.data:
+            data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
+
+        def sft_stage(folder):
+            model = (init_model(init.path, device) if init else
+                     GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **model_shape)).to(device))
+            before = mean_gold(model, tokenizer, task, run, seed) if task["gold"] else None
+            loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
+            save_checkpoint(model, folder)
+            if not task["gold"]:
+                return {"final_loss": loss}
+            after = mean_gold(model, tokenizer, task, run, seed, show=4)
+            tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
+                       f"(untrained model {before:+.3f})")
+            return {"final_loss": loss, "gold_untrained": before, "gold_sft": after}
+        runner.run("sft", "sft", {**task_key, "model": model_shape, "cfg": cfgs["sft"]}, ["tokenizer"], sft_stage)
+
+        def rm_stage(folder):
+            model, _ = load_checkpoint(runner.path("sft"), kind="scalar", device=device)
+            return train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
+                                      cfgs["rm"], folder, R, device, dtype, seed)
+        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage)
+        split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
+            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, device, dtype))
+
+        policies = {"sft": "sft"}
+        for method in methods:
+            stages, policies[method] = method_stages(method)
+            for name, kind, recipe in stages:
+                subset = select(task["pref"], runner.path("split"), recipe.get("pairs") or recipe["prompts"], seed)
+                if kind == "dpo":
+                    fn = lambda folder, subset=subset: dpo_stage(
+                        runner.path("sft"), runner.path("sft"), subset, task["held_out"], cfgs["dpo"], folder,
+                        tokenizer, R, device, dtype, seed)
+                    runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, ["sft", "split"], fn)
+                else:
+                    fn = lambda folder, subset=subset, recipe=recipe: ppo_stage(
+                        runner.path(recipe["init"]), runner.path(recipe["reference"]), runner.path("rm"),
+                        [r["prompt"] for r in subset], cfgs["ppo"], folder, tokenizer, R, device, dtype, seed)
+                    upstream = sorted({recipe["init"], recipe["reference"]}) + ["rm", "split"]
+                    runner.run(name, kind, {"cfg": cfgs["ppo"], **recipe}, upstream, fn)
+
+        def eval_stage(folder):
+            sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
+            reward_model, offset = load_reward_model(runner.path("rm"), device)
+            judged = {}
+            for method, stage in policies.items():
+                policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
+                judged[method] = evaluate_policy(policy, sft, reward_model, offset, tokenizer, task["eval"], R,
+                                                 run.eval_temperature, seed, task["gold"], device, dtype)
+            write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
+                                                               for i, p in enumerate(task["eval"][:50])])
+            return {m: summarize(judged[m], judged["sft"]) for m in judged}
+        table = runner.run("eval", "eval", {"methods": policies, "seed": seed}, sorted(set(policies.values())) + ["rm"],
+                           eval_stage)
+    except Stop:
+        return None
+
+    stage_seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}
+    results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table.items()},
+               "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
+               "seconds": runner.seconds, "reused": runner.reused,
+               "config": {"preset": run.preset, "seed": seed, "label_noise": tau,
+                          **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
+    write_json(os.path.join(out, "results.json"), results)
+    write_table(results, os.path.join(out, "results.md"))
+    if run.export_hf:  # each final policy as a GPT-2 folder that transformers loads
+        for method, stage in policies.items():
+            folder = os.path.join(out, "hf", method)
+            save_hf_gpt2(load_checkpoint(runner.path(stage), kind="gpt")[0], folder, eos_id=tokenizer.eos_id)
+            tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        tqdm.write(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
+    return results

@@ -12,16 +12,13 @@ import torch
 from tqdm import tqdm
 
 from data import append_jsonl, left_pad
-from model import generate
+from model import generate, kl_penalty, response_logprobs
 from training import StepState, autocast, compiled, grad_scaler, optimizer_step, truncate_jsonl
 from reward import rewards_at_last_token
 
 
 @dataclass
 class PPOConfig:
-    init: str = field(default="dpo", metadata={"help": "policy to start from: a stage (sft, dpo) or a checkpoint folder"})
-    reference: str = field(default="dpo", metadata={"help": "KL reference: a stage (sft, dpo) or a checkpoint folder"})
-    prompts: str = field(default="hard", metadata={"help": "which prompts: hard (MPO stage 2), all, easy"})
     iterations: int = field(default=40, metadata={"help": "rollout-and-update rounds"})
     rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration"})
     epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts"})
@@ -35,6 +32,7 @@ class PPOConfig:
     kl_coef: float = field(default=0.05, metadata={"help": "initial beta_kl"})
     kl_target: float = field(default=3.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
     kl_horizon: int = field(default=2000, metadata={"help": "adaptive KL horizon (rollouts)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs"})
     no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
@@ -79,12 +77,12 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
-    """r_t = -beta_kl (log pi_old(y_t) - log pi_ref(y_t)) + [t = T] s.
+def token_rewards(scores, kl, mask, kl_coef):
+    """r_t = -beta_kl KL_t + [t = T] s, with KL_t = model.kl_penalty(log pi_old, log pi_ref).
 
-    scores (B,); logprobs, ref_logprobs, mask (B, N) -> rewards (B, N), zero on padding.
+    scores (B,); kl, mask (B, N) -> rewards (B, N), zero on padding.
     """
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl * mask
     last = (mask.sum(-1) - 1).clamp(min=0).long()
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
@@ -141,15 +139,6 @@ def explained_variance(values, returns, mask):
 
 # ----------------------------------------------------------------------------- rollouts
 
-def response_logits(model, seq, attn, P, temperature):
-    """Logits (B, N, V) predicting the N response tokens of seq = prompt (P tokens) + response."""
-    return model(seq, attn)[:, P - 1:-1].float() / temperature
-
-
-def token_logprobs(logits, tokens):
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 @torch.no_grad()
 def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, max_new_tokens,
             reward_offset, device, dtype, generator):
@@ -158,7 +147,7 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
     policy.eval()
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        tokens, _, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
+        tokens, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
         if tokens.is_cuda:
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
@@ -166,9 +155,8 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
         seq, attn, P = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1), prompt.size(1)
         # log-probs recomputed with a full forward pass, at the sampling temperature, the same
         # computation the update will make: at ratio 1 the first minibatch is exactly on-policy
-        logits = response_logits(policy, seq, attn, P, cfg.temperature)
-        logprobs = token_logprobs(logits, tokens)
-        ref_logprobs = token_logprobs(response_logits(reference, seq, attn, P, cfg.temperature), tokens)
+        logprobs, logits = response_logprobs(policy, seq, attn, P, cfg.temperature)
+        ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
         values = critic(seq, attn)[:, P - 1:-1].float()
         scores = rewards_at_last_token(reward_model(seq, attn).float(), attn) - reward_offset
     mask = mask.float()
@@ -209,7 +197,8 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
         mask = ro["mask"]
         # EOS trick: a response cut at the length limit gets a fixed penalty score
         scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
-        rewards = token_rewards(scores, ro["logprobs"], ro["ref_logprobs"], mask, kl_ctl.value)
+        kl = kl_penalty(ro["logprobs"], ro["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
+        rewards = token_rewards(scores, kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)  # whitened over the valid tokens of the batch
         t_rollout = time.time() - t0
@@ -225,8 +214,7 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
                 mb = mb.to(device)
                 m = mask[mb]
                 with autocast(device, dtype):
-                    logits = response_logits(policy_forward, seq[mb], attn[mb], P, cfg.temperature)
-                logprobs = token_logprobs(logits, ro["tokens"][mb])
+                    logprobs, _ = response_logprobs(policy_forward, seq[mb], attn[mb], P, cfg.temperature)
                 pl, clipfrac, approx_kl = policy_loss(logprobs, ro["logprobs"][mb], advantages[mb], m, cfg.clip)
                 optimizer_step(pl, policy_opt, cfg.grad_clip, policy_scaler, it)
                 with autocast(device, dtype):
@@ -236,7 +224,7 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
                 for k, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy_loss", pl), ("value_loss", vl)):
                     stats[k].append(v.item())
 
-        kl = ((ro["logprobs"] - ro["ref_logprobs"]) * mask).sum(-1).mean().item()
+        kl = kl.sum(-1).mean().item()  # per response, the figure the controller steers
         row = {"iteration": it, "score": ro["scores"].mean().item(), "kl": kl, "kl_coef": kl_ctl.value,
                "entropy": ro["entropy"], "length": mask.sum(-1).mean().item(),
                "eos_fraction": has_eos.float().mean().item(),

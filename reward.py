@@ -3,17 +3,14 @@
 PAPER.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
 initialised from the SFT weights and trained on the preference pairs.
 """
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import append_jsonl, batches, collate, encode_response, pair_batch, tokenize_pairs
-from model import load_checkpoint, save_checkpoint
-from training import (StepState, autocast, compiled, cosine_lr, grad_scaler, optimizer_step, set_lr,
-                      truncate_jsonl)
+from checkpoint import load_checkpoint, save_checkpoint
+from data import collate, encode_response, pair_batch, tokenize_pairs
+from training import autocast, epoch_steps, fit
 
 
 @dataclass
@@ -80,35 +77,16 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
 
     Returns a summary: held-out accuracy against the labels (and against gold when known).
     """
-    os.makedirs(out_dir, exist_ok=True)
-    block = model.config.block_size
-    pairs, _ = tokenize_pairs(tokenizer, train, block, max_response)
-    g = torch.Generator().manual_seed(seed)
-    plan = [b for _ in range(cfg.epochs) for b in batches(len(pairs), cfg.batch_size, g)]
-    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
-    scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, len(plan), {"model": model}, {"opt": opt})
-    start, _ = state.restore()
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    truncate_jsonl(metrics_path, "step", start)
-    model.train()
-    forward = compiled(model)
-    bar = tqdm(plan, desc="rm", dynamic_ncols=True, initial=start)
-    for step, idx in enumerate(plan[start:], start):
-        set_lr(opt, cosine_lr(step, len(plan), cfg.warmup, cfg.lr))
-        batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], tokenizer.pad_id).items()}
-        with autocast(device, dtype):
-            rewards = reward_of(forward, batch)
-        chosen, rejected = rewards.chunk(2)
-        loss = bt_loss(chosen, rejected)
-        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
-        row = {"step": step, "loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-               "chosen": chosen.mean().item(), "rejected": rejected.mean().item()}
-        append_jsonl(metrics_path, row)
-        bar.update()
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-        state.save(step + 1)
-    bar.close()
+    pairs, _ = tokenize_pairs(tokenizer, train, model.config.block_size, max_response)
+
+    def step_loss(forward, batch):
+        chosen, rejected = reward_of(forward, batch).chunk(2)
+        return bt_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item(),
+                                           "chosen": chosen.mean().item(), "rejected": rejected.mean().item()}
+
+    steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
+    fit(model, pairs, lambda rows: pair_batch(rows, tokenizer.pad_id), step_loss, cfg, steps, out_dir, seed,
+        device, dtype, "rm", show=("loss", "accuracy"))
 
     # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020)
     offset = score(model, tokenizer, [p for p, _ in demonstrations], [r for _, r in demonstrations],

@@ -1,13 +1,9 @@
 """SFT, the paper's pi_sft: next-token loss on the response tokens of demonstrations."""
-import os
 from dataclasses import dataclass, field
 
-import torch
-from tqdm import tqdm
-
 import data
-from dpo import sequence_logps
-from training import StepState, autocast, compiled, cosine_lr, grad_scaler, optimizer_step, set_lr, truncate_jsonl
+from model import sft_loss
+from training import fit
 
 
 @dataclass
@@ -22,36 +18,16 @@ class SFTConfig:
 
 
 def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
-    """Next-token loss on the response tokens of the demonstrations; resumes from a step state."""
+    """Next-token loss on the response tokens of the demonstrations; returns the final loss."""
     block = model.config.block_size
     examples = []
     for p, r in demonstrations:
         response = data.encode_response(tokenizer, r)[:max_response]
         examples.append((tokenizer.encode(p)[-(block - len(response)):], response))
-    g = torch.Generator().manual_seed(seed)
-    plan = []
-    while len(plan) < cfg.steps:
-        plan += data.batches(len(examples), cfg.batch_size, g)
-    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
-    scaler = grad_scaler(device, dtype)
-    state = StepState(out_dir, cfg.save_every, cfg.steps, {"model": model}, {"opt": opt})
-    start, _ = state.restore()
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    truncate_jsonl(metrics, "step", start)
-    model.train()
-    forward = compiled(model)
-    bar = tqdm(plan[:cfg.steps], desc="sft", dynamic_ncols=True, initial=start)
-    for step, idx in enumerate(plan[start:cfg.steps], start):
-        set_lr(opt, cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr))
-        batch = data.collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            logits = forward(batch["input_ids"], batch["attention_mask"])
-        loss = -sequence_logps(logits, batch["input_ids"], batch["response_mask"]).sum() / batch["response_mask"][:, 1:].sum()
-        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
-        data.append_jsonl(metrics, {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        state.save(step + 1)
-    bar.close()
-    return loss.item()
+
+    def step_loss(forward, batch):
+        logits = forward(batch["input_ids"], batch["attention_mask"])
+        return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {}
+
+    collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
+    return fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft")["loss"]

@@ -1,15 +1,20 @@
 """Training plumbing shared by every stage: precision, the learning-rate schedule, the guarded
-optimizer step, and step states that let a killed stage resume where it was."""
+optimizer step, step states that let a killed stage resume where it was, the one loop that SFT,
+the reward model and DPO share (fit), and the Runner that runs stages into a run folder."""
 import contextlib
+import hashlib
 import json
 import math
 import os
+import time
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from model import CheckpointError, atomic_write, load_weights, write_text
+import data
+from checkpoint import CheckpointError, atomic_write, load_weights, write_text
 
 
 # ----------------------------------------------------------------------------- precision and steps
@@ -172,3 +177,175 @@ def truncate_jsonl(path, key, below):
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)[key] < below]
     write_text(path, "".join(rows))
+
+
+# ----------------------------------------------------------------------------- one training loop
+
+def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
+        desc="train", show=("loss",)):
+    """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
+    cosine decay, a guarded optimizer step, one metrics.jsonl row per step, a progress bar, and a
+    step state every cfg.save_every steps to resume from.
+
+    collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
+    row of floats), computed under autocast. `steps` counts optimizer steps; epochs repeat the
+    shuffle. cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. Returns the
+    last row. epoch_steps converts epochs to steps.
+    """
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    plan = []
+    while len(plan) < steps:
+        plan += data.batches(len(examples), cfg.batch_size, g)
+    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
+    scaler = grad_scaler(device, dtype)
+    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt})
+    start, _ = state.restore()
+    metrics = os.path.join(folder, "metrics.jsonl")
+    truncate_jsonl(metrics, "step", start)
+    model.train()
+    forward = compiled(model)
+    bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start)
+    row = {}
+    for step in range(start, steps):
+        set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in plan[step]]).items()}
+        with autocast(device, dtype):
+            loss, row = step_loss(forward, batch)
+        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
+        row = {"step": step, "loss": loss.item(), **row, "lr": opt.param_groups[0]["lr"]}
+        data.append_jsonl(metrics, row)
+        bar.update()
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
+        state.save(step + 1)
+    bar.close()
+    return row
+
+
+def epoch_steps(epochs, n, batch_size):
+    """Optimizer steps in `epochs` passes over n examples (the last batch of a pass may be short)."""
+    return epochs * math.ceil(n / batch_size)
+
+
+# ----------------------------------------------------------------------------- stages and run folders
+
+class StageError(Exception):
+    """A stage the command needs but may not run (not in --stages), or a run folder in use."""
+
+
+class Stop(Exception):
+    """Raised by Runner.run for a stage after the last one asked for: the pipeline ends there."""
+
+
+class Runner:
+    """Runs stages into a run folder; reuses a stage whose done.json has the same fingerprint.
+
+    order: every stage kind in pipeline order; stages: the kinds asked for. A stage of a kind
+    after the last one asked for raises Stop; one before it that is not asked for must be
+    complete already.
+    """
+
+    def __init__(self, out, seed, order, stages, force=(), shared=None):
+        self.out, self.seed, self.force, self.shared = out, seed, set(force), shared or {}
+        self.order, self.stages = order, set(stages)
+        self.last = max(order.index(s) for s in stages)
+        self.done, self.reused, self.seconds = {}, [], {}
+
+    def path(self, name):
+        return os.path.join(self.shared.get(name, self.out), name)
+
+    def run(self, name, kind, settings, upstream, fn):
+        """Reuse the stage if complete with this fingerprint; else run fn(folder), resuming from
+        its step state when one was saved under the same fingerprint. Returns its summary."""
+        if self.order.index(kind) > self.last:
+            raise Stop(name)
+        if name in self.done:  # shared by two methods of this run
+            return self.done[name]["summary"]
+        folder = self.path(name)
+        done_path = os.path.join(folder, "done.json")
+        # a stage's fingerprint: its settings and when each of its inputs last finished
+        key = json.dumps({"settings": settings, "upstream": [self.done[u]["finished"] for u in upstream]},
+                         sort_keys=True, default=str)
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        if os.path.exists(done_path) and name not in self.force:
+            done = data.read_json(done_path)
+            if done["fingerprint"] == fingerprint:
+                self.done[name], self.seconds[name] = done, done["seconds"]
+                self.reused.append(name)
+                return done["summary"]
+        if kind not in self.stages:
+            raise StageError(f"stage {name} is needed but not complete in {folder}; add {kind} to --stages")
+        step_state = self.start(name, folder, fingerprint)
+        # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
+        seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
+        torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
+        t0 = time.time()
+        tqdm.write(f"== {name} -> {folder}")
+        try:
+            summary = fn(folder)
+        except NonFiniteError as e:
+            kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
+            raise NonFiniteError(f"stage {name}, {e}{kept}") from None
+        done = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), "summary": summary,
+                "finished": time.time()}
+        data.write_json(done_path, done)  # written last: the stage is complete
+        if os.path.exists(step_state):
+            os.remove(step_state)
+        self.done[name], self.seconds[name] = done, done["seconds"]
+        return summary
+
+    def start(self, name, folder, fingerprint):
+        """Keep the stage's step state only if it was saved under this fingerprint; returns its path."""
+        os.makedirs(folder, exist_ok=True)
+        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
+        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
+            if os.path.exists(step_state):
+                os.remove(step_state)  # saved under other settings or inputs: start over
+            data.write_json(started, {"fingerprint": fingerprint})
+        return step_state
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """Hold folder/lock while a run writes there: a second run stops at once with a StageError;
+    a lock whose process has died (a crash, a kill) is taken over."""
+    created = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    path, tmp = os.path.join(folder, "lock"), os.path.join(folder, f"lock.tmp{os.getpid()}")
+    write_text(tmp, str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(tmp, path)  # atomic: the lock appears with its pid already in it
+                break
+            except FileExistsError:
+                try:
+                    pid = int(open(path).read())
+                except FileNotFoundError:
+                    continue  # released in the meantime
+                except ValueError:
+                    pid = 0  # not a lock of ours: take it over
+                if pid and _alive(pid):
+                    raise StageError(f"{folder} is in use by another run (process {pid}); wait for "
+                                     f"it to finish, or choose another --out") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # left behind by a run that died
+    finally:
+        os.remove(tmp)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)  # a run that stopped before writing anything leaves nothing behind
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

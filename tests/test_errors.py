@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import train
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
@@ -140,7 +141,7 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_a_damaged_step_state_names_its_file(tmp_path):
-    from model import CheckpointError
+    from checkpoint import CheckpointError
     from training import StepState
     (tmp_path / "step_state.safetensors").write_bytes(b"half a file")
     model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16))

@@ -1,10 +1,11 @@
-"""The pure loss functions of reward.py, dpo.py, ppo.py and mpo.py against hand computations."""
+"""The pure loss functions of model.py, reward.py, dpo.py, ppo.py and mpo.py against hand computations."""
 import math
 
 import pytest
 import torch
 
-from dpo import dpo_loss, sequence_logps
+from dpo import dpo_loss
+from model import kl_penalty, sequence_logps, sft_loss
 from mpo import SplitError, delta_for_fraction, reward_gaps, split_by_gap
 from ppo import AdaptiveKL, FixedKL, eos_trick, gae, policy_loss, token_rewards, value_loss, whiten
 from reward import bt_loss, last_token_index, rewards_at_last_token
@@ -235,6 +236,50 @@ def test_sequence_logps_ignores_prompt_labels():
     assert sequence_logps(logits, changed, SEQ_MASK)[0] != base[0]
 
 
+def test_sft_loss_is_the_mean_token_nll():
+    """sft_loss = -(sum of response-token log-probs) / (number of response tokens)."""
+    logits, labels = seq_inputs()
+    n = SEQ_MASK[:, 1:].sum().item()
+    assert sft_loss(logits, labels, SEQ_MASK).item() == pytest.approx(
+        -sum(brute_sequence_logps(logits, labels, SEQ_MASK)) / n, rel=1e-5)
+
+
+def test_kl_penalty_estimators_by_hand():
+    """k1 = log p - log q; k3 = (q/p - 1) - log(q/p), never negative, 0 where p = q."""
+    lp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -2.0, 0.0]])
+    assert kl_penalty(lp, ref)[0].tolist() == pytest.approx([0.5, 0.0, -0.5])
+    k3 = [(math.exp(r - l) - 1) - (r - l) for l, r in zip(lp[0].tolist(), ref[0].tolist())]
+    assert kl_penalty(lp, ref, "k3")[0].tolist() == pytest.approx(k3, rel=1e-6)
+    assert (kl_penalty(lp, ref, "k3") >= 0).all() and kl_penalty(lp, ref, "k3")[0, 1] == 0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(lp, ref, "k2")
+
+
+def test_kl_penalty_estimates_the_true_kl():
+    """Both estimators average to KL(p || q) over samples of p (a 3-way categorical)."""
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    y = torch.multinomial(p, 200000, replacement=True, generator=torch.Generator().manual_seed(0))
+    true = (p * (p / q).log()).sum().item()
+    for estimator in ("k1", "k3"):
+        assert kl_penalty(p.log()[y], q.log()[y], estimator).mean().item() == pytest.approx(true, abs=0.01)
+
+
+def test_response_logprobs_agree_with_sequence_logps():
+    """The PPO/evaluation path (left-padded prompt + response, logits at the temperature) and the
+    DPO/SFT path (sequence_logps over the response mask) give the same log pi(y | x)."""
+    import data
+    from model import GPT, GPTConfig, response_logprobs
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    batch = data.collate([[3, 4, 5], [6]], [[7, 8, 9, 1], [10, 1]], pad_id=0)
+    P = 3
+    with torch.no_grad():
+        token_lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], P)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
+    torch.testing.assert_close(per_row, sequence_logps(logits, batch["input_ids"], batch["response_mask"]))
+
+
 # ----------------------------------------------------------------------------- ppo.py
 
 def prefix_mask(lengths, n):
@@ -403,7 +448,7 @@ def test_token_rewards_layout():
         for t in range(L):
             expected[b, t] = -kl_coef * (lp[b, t].item() - ref[b, t].item())
         expected[b, L - 1] += scores[b].item()
-    got = token_rewards(scores, lp, ref, mask, kl_coef)
+    got = token_rewards(scores, kl_penalty(lp, ref) * mask, mask, kl_coef)
     torch.testing.assert_close(got, expected)
     assert (got[mask == 0] == 0).all()
 

@@ -2,7 +2,8 @@
 import torch
 import pytest
 
-from model import GPT, GPTConfig, ScalarModel, generate, load_checkpoint, response_mask, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, ScalarModel, generate, response_mask
 from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -50,31 +51,28 @@ def test_left_padding_invariance(model):
     assert torch.isfinite(out).all()  # padding rows too: never an all-masked softmax
 
 
-def test_generate_reproducible_and_logprobs(model):
-    """A fixed generator gives the same sample; logprobs match a full pass at the temperature."""
+def test_generate_reproducible(model):
+    """A fixed generator gives the same sample, another generator another one."""
     prompt = torch.randint(0, 97, (4, 5))
     run = lambda: generate(model, prompt, None, 10, temperature=0.7, generator=torch.Generator().manual_seed(3))
-    t1, lp1, m1 = run()
-    t2, lp2, m2 = run()
-    assert torch.equal(t1, t2) and torch.equal(lp1, lp2)
-    logits = model(torch.cat([prompt, t1], 1))[:, 4:-1] / 0.7
-    expected = torch.log_softmax(logits, -1).gather(-1, t1[..., None]).squeeze(-1)
-    assert torch.allclose(lp1, expected, atol=1e-5)
-    t3, _, _ = generate(model, prompt, None, 10, temperature=0.7, generator=torch.Generator().manual_seed(4))
+    t1, m1 = run()
+    t2, m2 = run()
+    assert torch.equal(t1, t2) and torch.equal(m1, m2)
+    t3, _ = generate(model, prompt, None, 10, temperature=0.7, generator=torch.Generator().manual_seed(4))
     assert not torch.equal(t1, t3)
 
 
 def test_generate_stops_at_eos_and_masks(model):
     """The mask is 1 up to and including the first eos; tokens after it are padding."""
     prompt = torch.randint(0, 97, (8, 3))
-    free, _, _ = generate(model, prompt, None, 12, top_k=1)  # greedy, no eos
+    free, _ = generate(model, prompt, None, 12, top_k=1)  # greedy, no eos
     eos = free[0, 3].item()  # row 0 will stop at step 4 (or earlier); other rows elsewhere
-    tokens, lp, mask = generate(model, prompt, None, 12, eos_id=eos, pad_id=0, top_k=1)
+    tokens, mask = generate(model, prompt, None, 12, eos_id=eos, pad_id=0, top_k=1)
     assert (tokens == eos).any()
-    for row, m, l in zip(tokens.tolist(), mask.tolist(), lp.tolist()):
+    for row, m in zip(tokens.tolist(), mask.tolist()):
         n = row.index(eos) + 1 if eos in row else len(row)
         assert m == [1] * n + [0] * (len(row) - n)
-        assert all(t == 0 for t in row[n:]) and all(x == 0 for x in l[n:])
+        assert all(t == 0 for t in row[n:])
     assert torch.equal(response_mask(torch.tensor([[1, 7, 7, 2]]), 7, 0), torch.tensor([[1, 1, 0, 0]]))
 
 
@@ -83,7 +81,7 @@ def test_top_k_top_p_restrict_the_sample(model):
     prompt = torch.randint(0, 97, (3, 4))
     greedy = model(prompt)[:, -1].argmax(-1)
     for kw in ({"top_k": 1}, {"top_p": 1e-6}):
-        tokens, _, _ = generate(model, prompt, None, 1, generator=torch.Generator().manual_seed(0), **kw)
+        tokens, _ = generate(model, prompt, None, 1, generator=torch.Generator().manual_seed(0), **kw)
         assert torch.equal(tokens[:, 0], greedy)
 
 

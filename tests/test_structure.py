@@ -1,0 +1,87 @@
+"""The shape of the code: imports run one way, a method is defined once (METHODS), and a run folder
+has one writer at a time."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+from mpo import ABLATIONS, METHODS, method_stages
+from training import StageError, locked
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# each module may import only modules of lower layers
+LAYERS = [["task"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
+          ["sft", "reward", "dpo"], ["ppo"], ["mpo"], ["train"], ["bench"]]
+
+
+def project_imports(name):
+    tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+    modules = {m for layer in LAYERS for m in layer}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found & modules
+
+
+def test_imports_run_one_way():
+    layer_of = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    assert set(layer_of) == {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}, "a new module needs a layer"
+    for module, layer in layer_of.items():
+        for imported in project_imports(module):
+            assert layer_of[imported] < layer, f"{module} imports {imported}"
+
+
+def test_stage_configs_hold_hyperparameters_only():
+    """What a method trains on, starts from and is referenced to lives in METHODS alone."""
+    recipe_fields = {"pairs", "prompts", "init", "reference"}
+    for cls in train.STAGE_CONFIGS.values():
+        assert not recipe_fields & {f for f in cls.__dataclass_fields__}, cls.__name__
+    with pytest.raises(SystemExit):
+        train.parse_args(["--ppo-reference", "sft"])
+
+
+def test_every_method_row_is_a_recipe():
+    """Each row builds stages; ablations are the rows named so, and a run's methods come from roles."""
+    assert ABLATIONS == [m for m, row in METHODS.items() if row.role == "ablation"]
+    assert set(ABLATIONS) >= {"no_selection", "reversed", "random_split", "mpo_ref_sft"}
+    finals = {}
+    for name, row in METHODS.items():
+        stages, final = method_stages(name)
+        assert [kind for _, kind, _ in stages] == [k for k, v in (("dpo", row.pairs), ("ppo", row.prompts)) if v]
+        finals.setdefault(final, name)
+        assert finals[final] == name or name == "sft", f"{name} and {finals[final]} share a final stage"
+    stages, final = method_stages("mpo")
+    assert stages[1][2] == {"prompts": "hard", "init": "dpo", "reference": "dpo"}
+    assert method_stages("mpo_ref_sft")[0][1][2]["reference"] == "sft"
+    assert train.parse_args(["--compare", "--ablations", "all"]).methods == ["mpo_stage1", "mpo", "dpo", "ppo", *ABLATIONS]
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    with locked(str(out)):
+        with pytest.raises(SystemExit) as info:
+            train.main(["--preset", "micro", "--out", str(out)])
+        assert (out / "lock").read_text() == str(os.getpid())
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{out} is in use by another run" in err
+    assert not out.exists()  # the lock is released, and the folder it made is gone with it
+
+
+def test_a_crashed_runs_lock_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "lock").write_text(str(dead.pid))
+    with locked(str(tmp_path)):
+        assert (tmp_path / "lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "lock").exists()
+    with pytest.raises(StageError):  # a live holder is respected
+        (tmp_path / "lock").write_text(str(os.getppid()))
+        with locked(str(tmp_path)):
+            pass
