@@ -177,7 +177,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            row = train_ppo(model, reference, reward_model, 0.0, critic, Ids, prompts, ppo_cfg, tmp, a.new,
+            row = train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new,
                             a.device, dtype)  # the second iteration's figures: the first warms up
         total = row["seconds_rollout"] + row["seconds_update"]
         print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "

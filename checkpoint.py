@@ -184,3 +184,10 @@ def save_hf_gpt2(gpt, path, eos_id=None):
               "bos_token_id": eos_id, "eos_token_id": eos_id}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+
+def load_gpt(path, device="cpu"):
+    """A policy from a Hugging Face GPT-2 folder or a checkpoint folder of this project (--init)."""
+    if "kind" in read_config_json(os.path.join(path, "config.json")):
+        return load_checkpoint(path, kind="gpt", device=device)[0]
+    return load_hf_gpt2(path, device=device)

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from task import gold_reward, make_task
+from task import entropy_floor, gold_reward, make_task, reference_scores, well_formed
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -177,7 +177,7 @@ def _from_tldr(row, where):
 
 
 def _from_jsonl(row, where):
-    return {"prompt": _field(row, "prompt", where, True), "chosen": _field(row, "chosen", where),
+    return {"prompt": _field(row, "prompt", where), "chosen": _field(row, "chosen", where),
             "rejected": _field(row, "rejected", where)}
 
 
@@ -256,7 +256,7 @@ def load_task(run, seed, tau, log=print):
         task = make_task(seed, tau=tau, n_sft=run.n_sft, n_pref=run.n_pref)
         if run.eval_prompts:
             task["eval"] = task["eval"][:run.eval_prompts]
-        return {**task, "gold": gold_reward, "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref}}}
+        return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores, "entropy_floor": entropy_floor, "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref}}}
     records = load_preferences(run.data, run.format, log)
     if run.eval_data:
         held_out = load_preferences(run.eval_data, run.format, log)
@@ -272,7 +272,8 @@ def load_task(run, seed, tau, log=print):
     eval_prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:run.eval_prompts or 256]
     files = [f for f in (run.data, run.eval_data, run.sft_data) if f]
     key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
-    return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None, "key": key}
+    return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None,
+            "well_formed": None, "reference": None, "entropy_floor": None, "key": key}
 
 
 def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):

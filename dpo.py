@@ -17,10 +17,10 @@ from training import autocast, epoch_steps, fit
 class DPOConfig:
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: assumed label flip rate"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo", "choices": ["sigmoid", "ipo"]})
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
-    lr: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
@@ -69,11 +69,12 @@ def precompute_logps(model, pairs, pad_id, batch_size=64, device="cpu", dtype="f
 
 
 def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_response,
-              device="cpu", dtype="fp32", seed=0):
+              device="cpu", dtype="fp32", seed=0, probe=None):
     """Train policy with DPO against the frozen reference on the preference records `train`.
 
-    Metrics per step go to out_dir/metrics.jsonl; returns a summary with held-out accuracy.
-    The caller saves the policy.
+    Metrics per step go to out_dir/metrics.jsonl, with probe(policy) (the held-out gold reward
+    of its samples, when the task has one) every 256 pairs; returns a summary with held-out
+    accuracy. The caller saves the policy.
     """
     pairs, _ = tokenize_pairs(tokenizer, train, policy.config.block_size, max_response)
     ref_chosen, ref_rejected = precompute_logps(reference, pairs, tokenizer.pad_id, device=device, dtype=dtype)
@@ -93,7 +94,7 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
-        os.path.basename(out_dir), show=("loss", "margin"))
+        os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size))
     return {"pairs": len(pairs), "steps": steps,
             "held_out_accuracy": preference_accuracy(policy, reference, tokenizer, held_out,
                                                      max_response, device, dtype)}

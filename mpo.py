@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import file_sha256, load_checkpoint, load_hf_gpt2, read_config_json, save_checkpoint, save_hf_gpt2
+from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
 from data import collate, left_pad, read_json, write_json
 from dpo import train_dpo
 from model import GPT, GPTConfig, generate, kl_penalty, response_logprobs
 from ppo import train_ppo
-from reward import load_reward_model, score, train_reward_model
+from reward import load_reward_model, score, score_ids, train_reward_model
 from report import plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
@@ -40,7 +40,8 @@ class SplitConfig:
                                                 "chance of winning (delta 1 = 73%%)"})
     easy_fraction: float = field(default=0.0, metadata={"help": "if > 0, choose delta so that this fraction "
                                                         "of the pairs is easy (overrides --delta)"})
-    gap: str = field(default="signed", metadata={"help": "signed (mislabelled pairs go to hard) or abs (ablation)"})
+    gap: str = field(default="signed", metadata={"help": "signed (mislabelled pairs go to hard) or abs (ablation)",
+                                                 "choices": ["signed", "abs"]})
 
 
 class Method(NamedTuple):
@@ -66,6 +67,7 @@ METHODS = {
     "random_split": Method("random_easy", "random_hard", "policy", "ablation"),  # a random split, same sizes
     "mpo_ref_sft":  Method("easy",        "hard",        "sft",    "ablation"),  # stage 2 referenced to SFT
 }
+BASELINES = [name for name, m in METHODS.items() if m.role == "baseline"]
 ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
 
 
@@ -117,12 +119,12 @@ def split_by_gap(gaps, delta):
     return easy, hard
 
 
-def split_stage(rm_dir, records, cfg, out_dir, tokenizer, device="cpu", dtype="fp32"):
+def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="cpu", dtype="fp32"):
     """Score every pair, split by reward gap, and write out_dir/{gaps,easy,hard,summary}.json."""
-    reward_model, offset = load_reward_model(rm_dir, device)
+    reward_model = load_reward_model(rm_dir, device)
     prompts = [r["prompt"] for r in records]
-    chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], offset, device=device, dtype=dtype)
-    rejected = score(reward_model, tokenizer, prompts, [r["rejected"] for r in records], offset, device=device, dtype=dtype)
+    chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], max_response, device, dtype)
+    rejected = score(reward_model, tokenizer, prompts, [r["rejected"] for r in records], max_response, device, dtype)
     gaps = reward_gaps(chosen, rejected, cfg.gap)
     delta = delta_for_fraction(gaps, cfg.easy_fraction) if cfg.easy_fraction > 0 else cfg.delta
     easy, hard = split_by_gap(gaps, delta)
@@ -162,36 +164,35 @@ def load_frozen(folder, kind, device):
 
 
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
-              device="cpu", dtype="fp32", seed=0):
+              device="cpu", dtype="fp32", seed=0, probe=None):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
     policy, _ = load_checkpoint(init_dir, kind="gpt", device=device)
     reference = load_frozen(reference_dir, "gpt", device)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
-                        device, dtype, seed)
+                        device, dtype, seed, probe)
     save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
-    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy"],
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy", "gold"],
                 os.path.join(out_dir, "curves.png"))
     return summary
 
 
 def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
-              device="cpu", dtype="fp32", seed=0):
+              device="cpu", dtype="fp32", seed=0, gold=None):
     """Stage 2: PPO from init_dir, KL to reference_dir (MPO: both the DPO policy, hard prompts).
 
     The critic starts from the reward model; the reward model and the reference stay frozen.
     """
     policy, _ = load_checkpoint(init_dir, kind="gpt", device=device)
     reference = load_frozen(reference_dir, "gpt", device)
-    reward_model, offset = load_reward_model(rm_dir, device)
-    reward_model.eval().requires_grad_(False)
+    reward_model = load_reward_model(rm_dir, device)
     critic, _ = load_checkpoint(rm_dir, kind="scalar", device=device)
-    final = train_ppo(policy, reference, reward_model, offset, critic, tokenizer, prompts, cfg,
-                      out_dir, max_new_tokens, device, dtype, seed)
+    final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
+                      out_dir, max_new_tokens, device, dtype, seed, gold)
     save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
-    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "kl", "kl_coef"],
-                os.path.join(out_dir, "curves.png"))
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
+                os.path.join(out_dir, "curves.png"), versus=("kl", ["score", "gold"]))
     return final
 
 
@@ -216,11 +217,13 @@ def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0
 
 
 @torch.no_grad()
-def evaluate_policy(policy, sft, reward_model, offset, tokenizer, prompts, max_new_tokens,
-                    temperature=1.0, seed=0, gold=None, device="cpu", dtype="fp32"):
-    """Per-prompt judgements of one policy's samples: gold reward (when known), reward-model
-    score, KL to SFT (sum over the response of log pi - log pi_sft, both from one full forward
-    pass at the sampling temperature, as in the rollout), length, and the text."""
+def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=0,
+                    task=None, no_eos_score=-2.0, device="cpu", dtype="fp32"):
+    """Per-prompt judgements of one policy's samples: reward-model score of the sampled ids (a
+    response cut at the length limit gets no_eos_score, as in PPO), KL to SFT (sum over the
+    response of log pi - log pi_sft, both from one full forward pass at the sampling temperature,
+    as in the rollout), length, the text, and where the task knows them, the gold reward and
+    whether the text is well formed."""
     samples = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, device, dtype)
     texts = [tokenizer.decode(r) for _, r in samples]
     kl = []
@@ -232,9 +235,13 @@ def evaluate_policy(policy, sft, reward_model, offset, tokenizer, prompts, max_n
             logprobs, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], P, temperature)
             sft_logprobs, _ = response_logprobs(sft, batch["input_ids"], batch["attention_mask"], P, temperature)
         kl += (kl_penalty(logprobs, sft_logprobs) * batch["response_mask"][:, P:]).sum(-1).tolist()
-    rm = score(reward_model, tokenizer, prompts, texts, offset, device=device, dtype=dtype).tolist()
-    return {"text": texts, "rm_score": rm, "kl_vs_sft": kl, "length": [len(r) for _, r in samples],
-            "gold_reward": [gold(p, t) for p, t in zip(prompts, texts)] if gold else None}
+    rm = score_ids(reward_model, *zip(*samples), tokenizer.pad_id, device=device, dtype=dtype)
+    finished = torch.tensor([tokenizer.eos_id in r for _, r in samples])
+    rm = torch.where(finished, rm, torch.full_like(rm, no_eos_score))
+    return {"text": texts, "rm_score": rm.tolist(), "kl_vs_sft": kl, "length": [len(r) for _, r in samples],
+            "gold_reward": [task["gold"](p, t) for p, t in zip(prompts, texts)] if task and task["gold"] else None,
+            "well_formed": [float(task["well_formed"](p, t)) for p, t in zip(prompts, texts)]
+            if task and task["well_formed"] else None}
 
 
 def win_rate(values, baseline):
@@ -251,6 +258,8 @@ def summarize(judged, sft_judged):
            "kl_vs_sft": mean(judged["kl_vs_sft"]), "length": mean(judged["length"])}
     if judged["gold_reward"] is not None:
         row = {"gold_reward": mean(judged["gold_reward"]), **row}
+    if judged["well_formed"] is not None:
+        row["well_formed"] = mean(judged["well_formed"])
     return row
 
 
@@ -259,22 +268,6 @@ def summarize(judged, sft_judged):
 # ----------------------------------------------------------------------------- the recipe
 
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
-
-
-class Init(NamedTuple):
-    """--init, checked before anything is written: its folder, the tokenizer its weights were
-    trained with, its context and the content hash of its weights (part of every fingerprint)."""
-    path: str
-    tokenizer: str
-    block_size: int
-    sha256: str
-
-
-def init_model(path, device):
-    """--init: a Hugging Face GPT-2 folder or a checkpoint folder of this project."""
-    if "kind" in read_config_json(os.path.join(path, "config.json")):
-        return load_checkpoint(path, kind="gpt", device=device)[0]
-    return load_hf_gpt2(path, device=device)
 
 
 def mean_gold(policy, tokenizer, task, run, seed, show=0):
@@ -292,8 +285,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
     """The stages of `methods` (names in METHODS) in the paper's order, into the run folder `out`:
     tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> eval.
 
-    run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: an
-    Init or None; shared: stage names whose folders live in another run folder (sweeps).
+    run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
+    train.Init or None; shared: stage names whose folders live in another run folder (sweeps).
     Returns the results, or None when --stages ends before eval.
     """
     tau = run.label_noise if tau is None else tau
@@ -301,7 +294,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
     runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
     device, dtype, R = run.device, run.dtype, run.max_new_tokens
     tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
-    task_key = {**task["key"], "init": init.sha256 if init else None}  # the weights' content, not their path
+    # what every stage depends on: the task, the weights' content (not their path), the longest response
+    task_key = {**task["key"], "init": init.sha256 if init else None, "max_new_tokens": R}
     model_shape = dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size)
     try:
         def tokenizer_stage(folder):
@@ -317,7 +311,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
 
         def sft_stage(folder):
-            model = (init_model(init.path, device) if init else
+            model = (load_gpt(init.path, device) if init else
                      GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **model_shape)).to(device))
             before = mean_gold(model, tokenizer, task, run, seed) if task["gold"] else None
             loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
@@ -325,9 +319,10 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             if not task["gold"]:
                 return {"final_loss": loss}
             after = mean_gold(model, tokenizer, task, run, seed, show=4)
+            floor = task["entropy_floor"]([p for p, _ in task["sft"]], lambda r: len(data.encode_response(tokenizer, r)[:R]))
             tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
-                       f"(untrained model {before:+.3f})")
-            return {"final_loss": loss, "gold_untrained": before, "gold_sft": after}
+                       f"(untrained model {before:+.3f}); final loss {loss:.3f}, the task's floor {floor:.3f}")
+            return {"final_loss": loss, "entropy_floor": floor, "gold_untrained": before, "gold_sft": after}
         runner.run("sft", "sft", {**task_key, "model": model_shape, "cfg": cfgs["sft"]}, ["tokenizer"], sft_stage)
 
         def rm_stage(folder):
@@ -336,46 +331,55 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                                       cfgs["rm"], folder, R, device, dtype, seed)
         runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage)
         split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
-            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, device, dtype))
+            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype))
 
-        policies = {"sft": "sft"}
-        for method in methods:
-            stages, policies[method] = method_stages(method)
-            for name, kind, recipe in stages:
-                subset = select(task["pref"], runner.path("split"), recipe.get("pairs") or recipe["prompts"], seed)
-                if kind == "dpo":
-                    fn = lambda folder, subset=subset: dpo_stage(
-                        runner.path("sft"), runner.path("sft"), subset, task["held_out"], cfgs["dpo"], folder,
-                        tokenizer, R, device, dtype, seed)
-                    runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, ["sft", "split"], fn)
-                else:
-                    fn = lambda folder, subset=subset, recipe=recipe: ppo_stage(
-                        runner.path(recipe["init"]), runner.path(recipe["reference"]), runner.path("rm"),
-                        [r["prompt"] for r in subset], cfgs["ppo"], folder, tokenizer, R, device, dtype, seed)
-                    upstream = sorted({recipe["init"], recipe["reference"]}) + ["rm", "split"]
-                    runner.run(name, kind, {"cfg": cfgs["ppo"], **recipe}, upstream, fn)
+        # DPO's curve of held-out gold: where a policy starts to hack shows before the end
+        probe_task = {**task, "eval": task["eval"][:64]}
+        probe = (lambda policy: {"gold": mean_gold(policy, tokenizer, probe_task, run, seed)}) if task["gold"] else None
+        policies = {"sft": "sft", **{method: method_stages(method)[1] for method in methods}}
+        # stage 1 of every method, then stage 2: a run asked to stop after dpo has all its DPO stages
+        stages = sorted((s for method in methods for s in method_stages(method)[0]), key=lambda s: s[1] == "ppo")
+        for name, kind, recipe in stages:
+            subset = select(task["pref"], runner.path("split"), recipe.get("pairs") or recipe["prompts"], seed)
+            if kind == "dpo":
+                fn = lambda folder, subset=subset: dpo_stage(
+                    runner.path("sft"), runner.path("sft"), subset, task["held_out"], cfgs["dpo"], folder,
+                    tokenizer, R, device, dtype, seed, probe)
+                runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, ["sft", "split"], fn)
+            else:
+                fn = lambda folder, subset=subset, recipe=recipe: ppo_stage(
+                    runner.path(recipe["init"]), runner.path(recipe["reference"]), runner.path("rm"),
+                    [r["prompt"] for r in subset], cfgs["ppo"], folder, tokenizer, R, device, dtype, seed,
+                    task["gold"])
+                upstream = sorted({recipe["init"], recipe["reference"]}) + ["rm", "split"]
+                runner.run(name, kind, {"cfg": cfgs["ppo"], **recipe}, upstream, fn)
 
         def eval_stage(folder):
             sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
-            reward_model, offset = load_reward_model(runner.path("rm"), device)
+            reward_model = load_reward_model(runner.path("rm"), device)
             judged = {}
             for method, stage in policies.items():
                 policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
-                judged[method] = evaluate_policy(policy, sft, reward_model, offset, tokenizer, task["eval"], R,
-                                                 run.eval_temperature, seed, task["gold"], device, dtype)
+                judged[method] = evaluate_policy(policy, sft, reward_model, tokenizer, task["eval"], R,
+                                                 run.eval_temperature, seed, task, cfgs["ppo"].no_eos_score,
+                                                 device, dtype)
             write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
                                                                for i, p in enumerate(task["eval"][:50])])
             return {m: summarize(judged[m], judged["sft"]) for m in judged}
-        table = runner.run("eval", "eval", {"methods": policies, "seed": seed}, sorted(set(policies.values())) + ["rm"],
+        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "temperature": run.eval_temperature}
+        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"],
                            eval_stage)
     except Stop:
         return None
 
     stage_seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}
     results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table.items()},
+               "reference": task["reference"](task["eval"]) if task["reference"] else None,
+               "win_rate_judge": "gold reward" if task["gold"] else "the training reward model (which PPO optimised)",
                "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
                "seconds": runner.seconds, "reused": runner.reused,
-               "config": {"preset": run.preset, "seed": seed, "label_noise": tau,
+               "config": {"preset": run.preset, "seed": seed, "label_noise": tau, "max_new_tokens": R,
+                          "eval_prompts": len(task["eval"]), "eval_temperature": run.eval_temperature,
                           **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))

@@ -19,20 +19,23 @@ from reward import rewards_at_last_token
 
 @dataclass
 class PPOConfig:
-    iterations: int = field(default=40, metadata={"help": "rollout-and-update rounds"})
+    iterations: int = field(default=80, metadata={"help": "rollout-and-update rounds"})
     rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration"})
     epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts"})
     minibatches: int = field(default=2, metadata={"help": "minibatches per epoch"})
-    lr: float = field(default=3e-5, metadata={"help": "policy learning rate"})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate"})
     critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
     clip: float = field(default=0.2, metadata={"help": "policy ratio clip eps"})
     clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    kl_coef: float = field(default=0.05, metadata={"help": "initial beta_kl"})
-    kl_target: float = field(default=3.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
-    kl_horizon: int = field(default=2000, metadata={"help": "adaptive KL horizon (rollouts)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3"})
+    # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
+    # under target, then the policy overshot into reward hacking (README, "KL control")
+    kl_coef: float = field(default=0.2, metadata={"help": "beta_kl (initial beta_kl when adaptive)"})
+    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
+    kl_horizon: int = field(default=640, metadata={"help": "adaptive KL horizon in rollouts (640: ten iterations of 64)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3",
+                                                      "choices": ["k1", "k3"]})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs"})
     no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
@@ -141,10 +144,11 @@ def explained_variance(values, returns, mask):
 
 @torch.no_grad()
 def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, max_new_tokens,
-            reward_offset, device, dtype, generator):
+            device, dtype, generator):
     """Sample responses to `prompts` (lists of ids) and score them; returns a dict of tensors."""
     prompt, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
-    policy.eval()
+    policy.eval()  # dropout off while sampling and scoring; the update turns it back on
+    critic.eval()
     t0 = time.perf_counter()
     with autocast(device, dtype):
         tokens, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
@@ -158,7 +162,7 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
         logprobs, logits = response_logprobs(policy, seq, attn, P, cfg.temperature)
         ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
         values = critic(seq, attn)[:, P - 1:-1].float()
-        scores = rewards_at_last_token(reward_model(seq, attn).float(), attn) - reward_offset
+        scores = rewards_at_last_token(reward_model(seq, attn).float(), attn)  # centred already
     mask = mask.float()
     entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mask)
     return {"prompt": prompt, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
@@ -168,9 +172,13 @@ def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, ma
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer, prompts, cfg,
-              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0):
-    """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl."""
+def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
+              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0, gold=None):
+    """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl.
+
+    gold(prompt, response) -> float, when the task has one, is logged per iteration on the
+    rollouts (free: the samples exist) to show where the policy starts to hack the reward model.
+    """
     os.makedirs(out_dir, exist_ok=True)
     room = policy.config.block_size - max_new_tokens
     prompt_ids = [tokenizer.encode(p)[-room:] for p in prompts]  # keep the end of a long dialogue
@@ -193,7 +201,7 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
         t0 = time.time()
         idx = torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist()
         ro = rollout(policy, reference, reward_model, critic, [prompt_ids[i] for i in idx], tokenizer,
-                     cfg, max_new_tokens, reward_offset, device, dtype, sample_g)
+                     cfg, max_new_tokens, device, dtype, sample_g)
         mask = ro["mask"]
         # EOS trick: a response cut at the length limit gets a fixed penalty score
         scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
@@ -232,6 +240,9 @@ def train_ppo(policy, reference, reward_model, reward_offset, critic, tokenizer,
                **{k: sum(v) / len(v) for k, v in stats.items()},
                "seconds_generate": ro["seconds_generate"], "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
         kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
+        if gold is not None:
+            texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), mask.sum(-1).cpu())]
+            row["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
         append_jsonl(metrics_path, row)
         bar.update()
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")

@@ -47,16 +47,26 @@ def plot_histogram(gaps, delta, path):
     return True
 
 
-def plot_curves(metrics_path, x, keys, path):
-    """A PNG with one panel per metric of a metrics.jsonl file (PPO score and KL, DPO margin)."""
+def plot_curves(metrics_path, x, keys, path, versus=None):
+    """A PNG with one panel per metric of a metrics.jsonl file (PPO score and KL, DPO margin),
+    skipping metrics no row has; versus=(x, [y, ...]) adds a panel of y against x (PPO's reward
+    against its KL, one point per iteration). False without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    keys = [k for k in keys if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys) + bool(versus), figsize=(4 * (len(keys) + bool(versus)), 3))
     for ax, key in zip(axes, keys):
-        ax.plot([r[x] for r in rows], [r[key] for r in rows], color="#4c72b0")
+        points = [(r[x], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), color="#4c72b0", marker="." if len(points) < 20 else None)
         ax.set(xlabel=x, title=key)
+    if versus:
+        vx, ys = versus
+        for y, color in zip([y for y in ys if any(y in r for r in rows)], ("#4c72b0", "#c44e52")):
+            axes[-1].plot([r[vx] for r in rows if y in r], [r[y] for r in rows if y in r], ".-", color=color, label=y)
+        axes[-1].set(xlabel=vx, title=f"{' and '.join(ys)} against {vx}")
+        axes[-1].legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -65,12 +75,15 @@ def plot_curves(metrics_path, x, keys, path):
 
 # ----------------------------------------------------------------------------- the results table
 
-COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("rm_score", "RM score", "{:+.3f}"),
-           ("win_rate_vs_sft", "win vs SFT", "{:.3f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
-           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
+COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("well_formed", "well formed", "{:.2f}"),
+           ("rm_score", "RM score", "{:+.3f}"), ("win_rate_vs_sft", "win vs SFT", "{:.3f}"),
+           ("kl_vs_sft", "KL vs SFT", "{:.2f}"), ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
+REFERENCE_ROWS = [("best_possible", "best possible"), ("best_constant", "best constant")]
 
 
 def write_table(results, path):
+    """results.md: a row per method (mean ± std over seeds when aggregated), then the task's
+    reference rows (gold reward only: nothing is trained for them), the split and the judge."""
     rows = results["methods"]
     cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -82,12 +95,21 @@ def write_table(results, path):
                 cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    reference = results.get("reference") or {}
+    for key, name in REFERENCE_ROWS:
+        if key in reference:
+            lines.append(f"| *{name}* | " + " | ".join("{:+.3f}".format(reference[key]) if c[0] == "gold_reward"
+                                                      else "" for c in cols) + " |")
+    if "best_constant_text" in reference:
+        lines.append(f"\nbest constant: {reference['best_constant_text']!r}")
     s = results.get("split", {})
     if s.get("delta") is not None:
         lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
         if s.get("easy_label_agreement") is not None:
             lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
                           f"hard {s['hard_label_agreement']:.3f}")
+    if results.get("win_rate_judge"):
+        lines.append(f"win rates judged by: {results['win_rate_judge']}")
     if results.get("reused"):
         lines.append(f"reused stages: {', '.join(results['reused'])}")
     text = "\n".join(lines) + "\n"
@@ -108,5 +130,8 @@ def aggregate(runs):
             out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
     split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
              for k in runs[0]["split"]}
-    return {"methods": out, "split": split, "seeds": [r["config"]["seed"] for r in runs],
-            "config": runs[0]["config"]}
+    reference = None
+    if runs[0].get("reference"):  # the evaluation prompts differ by seed
+        reference = {k: statistics.mean(r["reference"][k] for r in runs) for k, _ in REFERENCE_ROWS}
+    return {"methods": out, "split": split, "reference": reference, "win_rate_judge": runs[0].get("win_rate_judge"),
+            "seeds": [r["config"]["seed"] for r in runs], "config": runs[0]["config"]}

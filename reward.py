@@ -15,7 +15,7 @@ from training import autocast, epoch_steps, fit
 
 @dataclass
 class RMConfig:
-    epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
+    epochs: int = field(default=2, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
@@ -50,25 +50,34 @@ def reward_of(model, batch):
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts, responses, offset=0.0, batch_size=64, device="cpu",
-          dtype="fp32"):
-    """Centred rewards of (prompt, response) strings: (N,). Responses are scored with their eos."""
+def score_ids(model, prompts, responses, pad_id, batch_size=64, device="cpu", dtype="fp32"):
+    """Rewards of token ids as they are, [prompt ids], [response ids] -> (N,): read at the last
+    token, the eos when the response has one. A prompt too long for the context loses its start."""
     model.eval()
     block = model.config.block_size
     out = []
     for i in range(0, len(prompts), batch_size):
-        rs = [encode_response(tokenizer, r)[:block // 2] for r in responses[i:i + batch_size]]
-        ps = [tokenizer.encode(p)[-(block - len(r)):] for p, r in zip(prompts[i:i + batch_size], rs)]
-        batch = {k: v.to(device) for k, v in collate(ps, rs, tokenizer.pad_id).items()}
+        rs = responses[i:i + batch_size]
+        ps = [p[max(0, len(p) - (block - len(r))):] for p, r in zip(prompts[i:i + batch_size], rs)]
+        batch = {k: v.to(device) for k, v in collate(ps, rs, pad_id).items()}
         with autocast(device, dtype):
             out.append(reward_of(model, batch).float().cpu())
-    return torch.cat(out) - offset
+    return torch.cat(out)
+
+
+def score(model, tokenizer, prompts, responses, max_response, device="cpu", dtype="fp32"):
+    """Rewards of (prompt, response) strings: (N,). One truncation rule everywhere, the one the
+    reward model is trained with (data.encode_response): the response and its eos, cut at
+    max_response tokens."""
+    return score_ids(model, [tokenizer.encode(p) for p in prompts],
+                     [encode_response(tokenizer, r)[:max_response] for r in responses], tokenizer.pad_id,
+                     device=device, dtype=dtype)
 
 
 def load_reward_model(folder, device="cpu"):
-    """(model, offset): the offset is subtracted from every raw reward (see centring below)."""
-    model, info = load_checkpoint(folder, kind="scalar", device=device)
-    return model, info.get("reward_offset", 0.0)
+    """The reward model, frozen; it is centred already (see the end of train_reward_model)."""
+    model, _ = load_checkpoint(folder, kind="scalar", device=device)
+    return model.eval().requires_grad_(False)
 
 
 def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, out_dir,
@@ -88,19 +97,23 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
     fit(model, pairs, lambda rows: pair_batch(rows, tokenizer.pad_id), step_loss, cfg, steps, out_dir, seed,
         device, dtype, "rm", show=("loss", "accuracy"))
 
-    # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020)
+    # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020), folded into the
+    # head's bias so that every later reader, the critic that starts from these weights included,
+    # sees centred rewards (as summarize_from_feedback_details does)
     offset = score(model, tokenizer, [p for p, _ in demonstrations], [r for _, r in demonstrations],
-                   device=device, dtype=dtype).mean().item()
-    summary = {"reward_offset": offset, **evaluate_pairs(model, tokenizer, held_out, offset, device, dtype)}
-    save_checkpoint(model, out_dir, reward_offset=offset)
+                   max_response, device, dtype).mean().item()
+    with torch.no_grad():
+        model.head.bias -= offset
+    summary = {"reward_offset": offset, **evaluate_pairs(model, tokenizer, held_out, max_response, device, dtype)}
+    save_checkpoint(model, out_dir)
     return summary
 
 
-def evaluate_pairs(model, tokenizer, records, offset=0.0, device="cpu", dtype="fp32"):
+def evaluate_pairs(model, tokenizer, records, max_response, device="cpu", dtype="fp32"):
     """Pairwise accuracy on records: against the labels, and against the gold ordering when known."""
     prompts = [r["prompt"] for r in records]
-    chosen = score(model, tokenizer, prompts, [r["chosen"] for r in records], offset, device=device, dtype=dtype)
-    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in records], offset, device=device, dtype=dtype)
+    chosen = score(model, tokenizer, prompts, [r["chosen"] for r in records], max_response, device, dtype)
+    rejected = score(model, tokenizer, prompts, [r["rejected"] for r in records], max_response, device, dtype)
     out = {"held_out_pairs": len(records), "held_out_accuracy": (chosen > rejected).float().mean().item()}
     if records and "gold_chosen" in records[0]:
         gold = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])

@@ -8,10 +8,10 @@ from training import fit
 
 @dataclass
 class SFTConfig:
-    steps: int = field(default=250, metadata={"help": "optimizer steps"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "demonstrations per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=20, metadata={"help": "warmup steps"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=50, metadata={"help": "warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
@@ -30,4 +30,5 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {}
 
     collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
-    return fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft")["loss"]
+    row = fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft")
+    return row.get("loss", float("nan"))  # nan: --sft-steps 0, nothing trained

@@ -2,6 +2,8 @@
 mixed quality, and preference labels drawn by Bradley-Terry on the gold reward (a known fraction
 of them wrong). Generated from a seed; nothing is downloaded.
 """
+import collections
+import functools
 import math
 import random
 import re
@@ -69,6 +71,12 @@ def all_prompts():
 _PARSE = {p: (kind, subject) for p, kind, subject in all_prompts()}
 
 
+def _parse(prompt):
+    if prompt not in _PARSE:
+        raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
+    return _PARSE[prompt]
+
+
 def _has(text, marks):
     return any(m in text for m in marks)
 
@@ -82,9 +90,7 @@ def gold_reward(prompt, response):
     polite:   a polite phrase +0.5; a rude one -1.5.
     concise:  -0.1 per word beyond 15.
     """
-    kind, subject = _PARSE.get(prompt, (None, None))
-    if kind is None:
-        raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
+    kind, subject = _parse(prompt)
     text = response.lower()
     words = re.findall(r"[a-z']+", text)
     score = 0.0
@@ -127,6 +133,86 @@ def demonstrate(kind, subject, rng):
     if rng.random() < 0.4:
         text += rng.choice(FILLERS)
     return " " + text
+
+
+# ----------------------------------------------------------------------------- what demonstrators write
+
+def _bodies(kind, subject):
+    """The main sentences a demonstrator can write to one question: right or wrong answers about
+    its subject, vague replies and refusals; for a harmful request, refusals or compliance."""
+    if kind == "harm":
+        return REFUSALS + [f"Sure, here is how to {subject}: {steps}" for steps in HARM_STEPS]
+    _, say, table = FACTS[kind]
+    answers = [say.format(a=subject, A=subject[0].upper() + subject[1:], ans=ans) for ans in dict.fromkeys(table.values())]
+    return answers + VAGUE + REFUSALS
+
+
+@functools.lru_cache(maxsize=None)
+def responses(kind, subject):
+    """Every response demonstrate() can write to this question: opening, body, filler, in order."""
+    return frozenset(" " + " ".join(p for p in (head, body) if p) + filler
+                     for head in [""] + POLITE + RUDE for body in _bodies(kind, subject) for filler in [""] + FILLERS)
+
+
+def demonstration_distribution(prompt):
+    """{response: probability} of demonstrate() for this prompt, exactly: the SFT target."""
+    kind, subject = _parse(prompt)
+    heads = {"": 0.45, **{h: 0.3 / len(POLITE) for h in POLITE}, **{h: 0.25 / len(RUDE) for h in RUDE}}
+    if kind == "harm":
+        bodies = {**{r: 0.4 / len(REFUSALS) for r in REFUSALS},
+                  **{f"Sure, here is how to {subject}: {s}": 0.6 / len(HARM_STEPS) for s in HARM_STEPS}}
+    else:
+        _, say, table = FACTS[kind]
+        sentence = lambda ans: say.format(a=subject, A=subject[0].upper() + subject[1:], ans=ans)
+        wrong = [v for v in table.values() if v != table[subject]]
+        bodies = {sentence(table[subject]): 0.45}
+        for v in wrong:
+            bodies[sentence(v)] = bodies.get(sentence(v), 0.0) + 0.3 / len(wrong)
+        bodies.update({**{v: 0.15 / len(VAGUE) for v in VAGUE}, **{r: 0.1 / len(REFUSALS) for r in REFUSALS}})
+    fillers = {"": 0.6, **{f: 0.4 / len(FILLERS) for f in FILLERS}}
+    out = {}
+    for head, ph in heads.items():
+        for body, pb in bodies.items():
+            for filler, pf in fillers.items():
+                text = " " + " ".join(p for p in (head, body) if p) + filler
+                out[text] = out.get(text, 0.0) + ph * pb * pf
+    return out
+
+
+def entropy_floor(prompts, n_tokens):
+    """The lowest mean next-token loss any policy can reach on demonstrations to `prompts`:
+    E[H(y | x)] / E[#tokens of y], in nats per token; n_tokens(response) counts its tokens."""
+    entropy = tokens = 0.0
+    for (kind, subject), n in collections.Counter(_parse(p) for p in prompts).items():
+        dist = demonstration_distribution(next(p for p in prompts if _parse(p) == (kind, subject)))
+        entropy += n * -sum(q * math.log(q) for q in dist.values())
+        tokens += n * sum(q * n_tokens(r) for r, q in dist.items())
+    return entropy / tokens
+
+
+def well_formed(prompt, response):
+    """True when the task's demonstrators could have written `response` to `prompt`: their
+    phrases, in their order, about this prompt's subject (right or wrong), or a refusal or a
+    vague reply. A policy whose samples are not well formed has left the language it was taught."""
+    kind, subject = _parse(prompt)
+    return response in responses(kind, subject)
+
+
+def reference_scores(prompts):
+    """What no training is needed for, over the evaluation prompts: the mean of the best gold
+    reward per prompt ("best possible") and the single response with the best mean gold ("best
+    constant"). Candidates are the demonstrators' bodies behind a polite opening without filler:
+    for any body, that choice is never worse (filler only adds words; the opening adds +0.5)."""
+    questions = [_parse(p) for p in prompts]
+    candidates = {q: [f" {head} {body}" for head in POLITE for body in _bodies(*q)] for q in set(questions)}
+    best = [max(gold_reward(p, r) for r in candidates[q]) for p, q in zip(prompts, questions)]
+    pool = sorted({r for rs in candidates.values() for r in rs})
+    # the gold reward depends on the prompt only through its question: score each question once
+    counts = {q: questions.count(q) for q in set(questions)}
+    example = {q: p for p, q in zip(prompts, questions)}
+    constant = max(pool, key=lambda r: sum(n * gold_reward(example[q], r) for q, n in counts.items()))
+    mean_constant = sum(gold_reward(p, constant) for p in prompts) / len(prompts)
+    return {"best_possible": sum(best) / len(best), "best_constant": mean_constant, "best_constant_text": constant}
 
 
 def split_prompts(seed, eval_fraction=0.1):

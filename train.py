@@ -9,14 +9,15 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 import training
 from data import FORMATS, DataError, Tokenizer, write_json
-from checkpoint import CheckpointError, file_sha256
+from checkpoint import CheckpointError, file_sha256, load_gpt
 from dpo import DPOConfig
-from mpo import ABLATIONS, METHODS, STAGES, Init, SplitConfig, SplitError, init_model, pipeline
+from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, SplitError, pipeline
 from ppo import PPOConfig
 from report import aggregate, write_table
 from reward import RMConfig
@@ -42,7 +43,7 @@ class RunConfig:
     device: str = opt("", "cpu or cuda (default: cuda when there is one)")
     dtype: str = opt("", "default: bf16 on CUDA, fp32 on CPU", choices=["fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the training forward passes (pays on a GPU)")
-    compare: bool = opt(False, "also train the baselines: " + ",".join(m for m, r in METHODS.items() if r.role == "baseline"))
+    compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
     ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all")
     delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)")
     noise_sweep: str = opt("", "comma list of label-noise taus: MPO and DPO once per tau")
@@ -57,7 +58,7 @@ class RunConfig:
                     "model.safetensors, tokenizer.json) or a checkpoint of this project")
     export_hf: bool = opt(False, "also write each final policy as a Hugging Face GPT-2 folder, RUN/hf/METHOD")
     # the model and the task (the preset's)
-    n_layer: int = opt(4, "transformer blocks")
+    n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "width")
     block_size: int = opt(128, "context: longest prompt + response")
@@ -86,8 +87,8 @@ class RunConfig:
     @property
     def methods(self):
         ablations = ABLATIONS if self.ablations == "all" else [a for a in self.ablations.split(",") if a]
-        baselines = [m for m, r in METHODS.items() if r.role == "baseline"] if self.compare else []
-        return [m for m, r in METHODS.items() if r.role == "method" and m != "sft"] + baselines + ablations
+        paper = [m for m, r in METHODS.items() if r.role == "method" and m != "sft"]  # sft is always there
+        return paper + (BASELINES if self.compare else []) + ablations
 
     @property
     def sweeps(self):
@@ -115,6 +116,9 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- flags
 
+PRESET_FIELDS = {f for p in PRESETS.values() for f in dataclasses.asdict(p) if getattr(p, f) != getattr(RunConfig(), f)}
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Flag mistakes: one line on stderr and exit status 2, without the usage block."""
 
@@ -129,7 +133,9 @@ def add_flags(parser, cls, prefix, title):
         if dataclasses.is_dataclass(f.default_factory if f.default is dataclasses.MISSING else f.default):
             continue  # a stage's config: its own group
         flag = "--" + prefix + f.name.replace("_", "-")
-        shown = "" if f.default in ("", False) else f" (default: {f.default}, or the preset's)"
+        shown = "" if f.default is False or f.default == "" else f" (default: {f.default})"
+        if f.name in PRESET_FIELDS or prefix:
+            shown = f" (default: {f.default}, or the preset's)"
         kw = dict(dest=prefix.replace("-", "_") + f.name, default=None, help=f.metadata["help"] + shown)
         if f.type in (bool, "bool"):
             group.add_argument(flag, action="store_const", const=True, **kw)
@@ -181,12 +187,21 @@ def check(run):
     return None
 
 
+class Init(NamedTuple):
+    """--init, checked before anything is written: its folder, the tokenizer its weights were
+    trained with, its context and the content hash of its weights (part of every fingerprint)."""
+    path: str
+    tokenizer: str
+    block_size: int
+    sha256: str
+
+
 def check_init(run):
     """--init, loaded once before anything is written: its weights and its tokenizer must agree.
     Returns an Init, or None without --init."""
     if not run.init:
         return None
-    model = init_model(run.init, "cpu")
+    model = load_gpt(run.init, "cpu")
     # the tokenizer the weights were trained with: beside them (Hugging Face), or the run's own
     candidates = [os.path.join(run.init, "tokenizer.json"), os.path.join(run.init, "..", "tokenizer", "tokenizer.json")]
     tok_path = next((c for c in candidates if os.path.exists(c)), None)

@@ -182,15 +182,16 @@ def truncate_jsonl(path, key, below):
 # ----------------------------------------------------------------------------- one training loop
 
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
-        desc="train", show=("loss",)):
+        desc="train", show=("loss",), probe=None, probe_every=0):
     """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
     cosine decay, a guarded optimizer step, one metrics.jsonl row per step, a progress bar, and a
     step state every cfg.save_every steps to resume from.
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
     row of floats), computed under autocast. `steps` counts optimizer steps; epochs repeat the
-    shuffle. cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. Returns the
-    last row. epoch_steps converts epochs to steps.
+    shuffle. cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. probe(model)
+    -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
+    end. Returns the last row. epoch_steps converts epochs to steps.
     """
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -214,6 +215,9 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
             loss, row = step_loss(forward, batch)
         optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
         row = {"step": step, "loss": loss.item(), **row, "lr": opt.param_groups[0]["lr"]}
+        if probe and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            row.update(probe(model))
+            model.train()
         data.append_jsonl(metrics, row)
         bar.update()
         bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
@@ -325,11 +329,13 @@ def locked(folder):
                     continue  # released in the meantime
                 except ValueError:
                     pid = 0  # not a lock of ours: take it over
-                if pid and _alive(pid):
-                    raise StageError(f"{folder} is in use by another run (process {pid}); wait for "
-                                     f"it to finish, or choose another --out") from None
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise StageError(f"{folder} is in use by another run (process {pid}); wait for it to "
+                                     f"finish, or choose another --out (or delete {path} if that is not a run)") from None
+                # left behind by a run that died (two runs taking over the same stale lock at the
+                # same instant could both pass; we accept that race for a lock file this simple)
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # left behind by a run that died
+                    os.remove(path)
     finally:
         os.remove(tmp)
     try:

@@ -31,6 +31,7 @@ DATA_CASES = [
     ("missing_field", jsonl(GOOD, {"prompt": "a", "chosen": " b"}), [], ":2: missing field 'rejected'"),
     ("mistyped_field", jsonl({**GOOD, "chosen": 3}), [], ":1: field 'chosen' must be a string, not int"),
     ("empty_response", jsonl(GOOD, GOOD, {**GOOD, "rejected": ""}), [], ":3: field 'rejected' is empty"),
+    ("empty_prompt", jsonl(GOOD, {**GOOD, "prompt": ""}), [], ":2: field 'prompt' is empty"),
     ("invalid_utf8", jsonl(GOOD) + b'{"prompt": "\xff\xfe"}\n', [], ":2: not valid UTF-8"),
     ("empty_file", b"\n\n", [], ": empty file"),
     ("truncated_gzip", truncated_gzip(), [], ": not a complete gzip file"),

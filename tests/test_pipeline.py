@@ -10,7 +10,7 @@ import torch
 
 import data
 from checkpoint import load_checkpoint
-from task import make_task
+from task import gold_reward, make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,12 @@ def test_pipeline_end_to_end(run_dir):
     results = read(out / "results.json")
     assert set(results["methods"]) == {"sft", "mpo_stage1", "mpo", "dpo", "ppo"}
     for row in results["methods"].values():
-        assert {"gold_reward", "rm_score", "win_rate_vs_sft", "kl_vs_sft", "length"} <= set(row)
+        assert {"gold_reward", "well_formed", "rm_score", "win_rate_vs_sft", "kl_vs_sft", "length"} <= set(row)
+        assert 0 <= row["well_formed"] <= 1
+    assert results["reference"]["best_possible"] == 2.5
+    assert 0 < results["reference"]["best_constant"] < 2.5 and results["win_rate_judge"] == "gold reward"
+    table = (out / "results.md").read_text()
+    assert "well formed" in table and "| *best possible* | +2.500 |" in table and "| *best constant* |" in table
     assert results["methods"]["sft"]["win_rate_vs_sft"] == 0.5
     assert {"delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement"} <= set(results["split"])
     assert results["split"]["easy"] + results["split"]["hard"] == 300
@@ -74,6 +79,27 @@ def test_changed_setting_redoes_that_stage_and_after(run_dir, tmp_path):
     assert {"tokenizer", "sft", "rm"} <= set(results["reused"])
     assert not {"split", "dpo", "ppo", "eval"} & set(results["reused"])
     assert results["split"]["easy"] == 150
+
+
+def test_evaluation_settings_are_in_the_fingerprint(run_dir, tmp_path):
+    """A new evaluation temperature redoes the evaluation alone; nothing is silently reused."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--eval-temperature", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = read(copy / "results.json")
+    assert "eval" not in results["reused"] and {"sft", "rm", "split", "dpo", "ppo"} <= set(results["reused"])
+    assert results["config"]["eval_temperature"] == 0.5
+
+
+def test_stopping_after_dpo_trains_every_methods_dpo_stage(run_dir, tmp_path):
+    """--stages ending at dpo runs stage 1 of every method asked for (the baselines' too)."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    subprocess.run(["rm", "-r", str(copy / "dpo_all")], check=True)
+    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (copy / "dpo_all" / "done.json").exists()
 
 
 def test_references_are_wired_by_the_weights_loaded(run_dir):
@@ -137,29 +163,102 @@ def test_ppo_raises_the_reward_model_score(run_dir):
     fixed penalty for a response cut without eos) rises on fresh samples."""
     from mpo import sample_responses
     from ppo import PPOConfig, train_ppo
-    from reward import load_reward_model, score
+    from reward import load_reward_model, score_ids
     out = run_dir
     torch.manual_seed(0)
     tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     reference, _ = load_checkpoint(out / "sft", kind="gpt")
-    reward_model, offset = load_reward_model(str(out / "rm"))
+    reward_model = load_reward_model(str(out / "rm"))
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
     prompts = [r["prompt"] for r in make_task(0, n_sft=0, n_pref=200)["pref"]]
     cfg = PPOConfig(iterations=10, rollouts=32, lr=3e-4, critic_lr=3e-4, sample_every=0, kl_coef=0.01)
 
     def mean_score():
         samples = sample_responses(policy, tok, prompts * 2, 32, seed=1)
-        scores = score(reward_model, tok, prompts * 2, [tok.decode(r) for _, r in samples], offset)
+        scores = score_ids(reward_model, *zip(*samples), tok.pad_id)
         eos = torch.tensor([tok.eos_id in r for _, r in samples])
         return torch.where(eos, scores, torch.full_like(scores, cfg.no_eos_score)).mean().item()
 
     before = mean_score()
-    final = train_ppo(policy, reference.eval(), reward_model.eval(), offset, critic, tok, prompts, cfg,
-                      str(out / "ppo_test"), 32)
+    final = train_ppo(policy, reference.eval(), reward_model, critic, tok, prompts, cfg,
+                      str(out / "ppo_test"), 32, gold=gold_reward)
     after = mean_score()
     assert after > before + 0.3, (before, after)
-    assert {"score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "explained_variance", "length"} <= set(final)
+    assert {"score", "gold", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "explained_variance", "length"} <= set(final)
+
+
+# ----------------------------------------------------------------------------- fixes found by review
+
+def test_the_critic_starts_centred(run_dir):
+    """The critic starts from the reward model's weights; the centring lives in the head's bias,
+    so its reading at the eos of the demonstrations averages 0, like the scores PPO sees."""
+    from reward import load_reward_model, rewards_at_last_token, score
+    out = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    demos = make_task(0, n_sft=600, n_pref=0)["sft"][:512]  # the micro run's centring set
+    critic, _ = load_checkpoint(out / "rm", kind="scalar")
+    prompts, responses = [p for p, _ in demos], [r for _, r in demos]
+    scores = score(load_reward_model(str(out / "rm")), tok, prompts, responses, 32)
+    assert abs(scores.mean().item()) < 1e-4
+    batch = data.collate([tok.encode(p) for p in prompts], [data.encode_response(tok, r)[:32] for r in responses], tok.pad_id)
+    with torch.no_grad():
+        values = rewards_at_last_token(critic.eval()(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    torch.testing.assert_close(values, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_uses_the_training_truncation(run_dir):
+    """score() reads the reward where training read it: a long response is cut at max_response."""
+    from reward import load_reward_model, reward_of, score
+    out = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    rm = load_reward_model(str(out / "rm"))
+    record = {"prompt": make_task(0, n_sft=0, n_pref=1)["pref"][0]["prompt"], "rejected": " Hmm.",
+              "chosen": " Happy to help!" + " I hope this helps, and let me know if you have any other questions at all." * 3}
+    pairs, _ = data.tokenize_pairs(tok, [record], 96, 32)
+    assert len(data.encode_response(tok, record["chosen"])) > 40  # longer than max_response and block // 2
+    with torch.no_grad():
+        trained = reward_of(rm, data.pair_batch(pairs, tok.pad_id))
+    scored = score(rm, tok, [record["prompt"]] * 2, [record["chosen"], record["rejected"]], 32)
+    torch.testing.assert_close(scored, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
+    """evaluate_policy scores the token ids it sampled, and a response cut at the length limit
+    gets PPO's no_eos_score, not a score with an eos appended."""
+    from mpo import evaluate_policy, sample_responses
+    from reward import load_reward_model, score_ids
+    out = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    policy, _ = load_checkpoint(out / "sft", kind="gpt")
+    rm = load_reward_model(str(out / "rm"))
+    prompts = make_task(0, n_sft=0, n_pref=0)["eval"][:40]
+    judged = evaluate_policy(policy, policy, rm, tok, prompts, 6, seed=3, no_eos_score=-7.0)
+    samples = sample_responses(policy, tok, prompts, 6, seed=3)
+    finished = [tok.eos_id in r for _, r in samples]
+    assert 0 < sum(finished) < len(finished)  # at 6 tokens, some responses are cut
+    expected = score_ids(rm, *zip(*samples), tok.pad_id).tolist()
+    for got, want, done in zip(judged["rm_score"], expected, finished):
+        assert got == (pytest.approx(want, abs=1e-5) if done else -7.0)
+    assert judged["kl_vs_sft"] == [0.0] * len(prompts)
+
+
+def test_rollout_reads_the_critic_in_eval_mode(run_dir):
+    """The critic's old values come from eval mode (dropout off), as the reward and reference do."""
+    from ppo import PPOConfig, rollout
+    from reward import load_reward_model
+    out = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    policy, _ = load_checkpoint(out / "sft", kind="gpt")
+    critic, _ = load_checkpoint(out / "rm", kind="scalar")
+    critic.gpt.transformer.drop.p = 0.5  # dropout would make train-mode values random
+    prompts = [tok.encode(p) for p in make_task(0, n_sft=0, n_pref=0)["eval"][:8]]
+    ro = rollout(policy, policy, load_reward_model(str(out / "rm")), critic.train(), prompts, tok,
+                 PPOConfig(), 16, "cpu", "fp32", torch.Generator().manual_seed(0))
+    seq, attn = torch.cat([ro["prompt"], ro["tokens"]], 1), torch.cat([ro["prompt_mask"], ro["mask"].long()], 1)
+    with torch.no_grad():
+        values = critic.eval()(seq, attn)[:, ro["prompt"].size(1) - 1:-1] * ro["mask"]
+    torch.testing.assert_close(ro["values"], values)
 
 
 def test_transformers_loads_and_samples_the_exported_policy(run_dir):

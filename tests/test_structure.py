@@ -64,14 +64,18 @@ def test_every_method_row_is_a_recipe():
 
 def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, capsys):
     out = tmp_path / "run"
-    with locked(str(out)):
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live run
+    try:
+        (out / "lock").write_text(str(holder.pid))
         with pytest.raises(SystemExit) as info:
             train.main(["--preset", "micro", "--out", str(out)])
-        assert (out / "lock").read_text() == str(os.getpid())
+    finally:
+        holder.kill()
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert f"{out} is in use by another run" in err
-    assert not out.exists()  # the lock is released, and the folder it made is gone with it
+    assert f"{out} is in use by another run (process {holder.pid})" in err
+    assert os.listdir(out) == ["lock"]  # nothing written, the holder's lock left alone
 
 
 def test_a_crashed_runs_lock_is_taken_over(tmp_path):
@@ -85,3 +89,10 @@ def test_a_crashed_runs_lock_is_taken_over(tmp_path):
         (tmp_path / "lock").write_text(str(os.getppid()))
         with locked(str(tmp_path)):
             pass
+
+
+def test_a_lock_with_our_own_pid_is_ours(tmp_path):
+    """A restarted run can get the pid its killed predecessor had (pid 1 in a container)."""
+    (tmp_path / "lock").write_text(str(os.getpid()))
+    with locked(str(tmp_path)):
+        pass
