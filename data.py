@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from task import entropy_floor, gold_reward, make_task, reference_scores, well_formed
+from task import entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -253,10 +253,14 @@ def _json(n, text, path):
 def load_task(run, seed, tau, log=print):
     """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
     if not run.data:
-        task = make_task(seed, tau=tau, n_sft=run.n_sft, n_pref=run.n_pref)
+        task = make_task(seed, run.n_sft, run.n_pref, tau, run.annotator_bias, run.bias_kind)
         if run.eval_prompts:
             task["eval"] = task["eval"][:run.eval_prompts]
-        return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores, "entropy_floor": entropy_floor, "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref}}}
+        return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores,
+                "entropy_floor": entropy_floor, "kind": prompt_kind,
+                "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref,
+                                               **({"bias": run.annotator_bias, "bias_kind": run.bias_kind}
+                                                  if run.annotator_bias else {})}}}
     records = load_preferences(run.data, run.format, log)
     if run.eval_data:
         held_out = load_preferences(run.eval_data, run.format, log)
@@ -273,7 +277,7 @@ def load_task(run, seed, tau, log=print):
     files = [f for f in (run.data, run.eval_data, run.sft_data) if f]
     key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
     return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None,
-            "well_formed": None, "reference": None, "entropy_floor": None, "key": key}
+            "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "key": key}
 
 
 def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):

@@ -213,7 +213,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 @torch.no_grad()
 def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
              top_p=None, eos_id=None, pad_id=0, generator=None, check_every=8):
-    """Sample responses with a KV cache.
+    """Sample responses with a KV cache (temperature 0: greedy).
 
     prompt (B, P) left-padded token ids, prompt_mask (B, P) 1 on real tokens.
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is 1 up to and including
@@ -239,11 +239,14 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
     logits = model(prompt, prompt_mask, cache=cache)[:, -1]
     n = max_new_tokens
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        probs = filter_logits(logp, top_k, top_p).softmax(-1)
-        # exponential race (Gumbel-max): a categorical sample with no host-device sync
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        next_token = (probs / noise).argmax(-1)
+        if temperature == 0:  # greedy
+            next_token = logits.argmax(-1)
+        else:
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+            probs = filter_logits(logp, top_k, top_p).softmax(-1)
+            # exponential race (Gumbel-max): a categorical sample with no host-device sync
+            noise = torch.empty_like(probs).exponential_(generator=generator)
+            next_token = (probs / noise).argmax(-1)
         tokens[:, t] = torch.where(alive, next_token, pad_id)
         if eos_id is not None:
             alive = alive & (next_token != eos_id)

@@ -10,27 +10,29 @@ The baselines and ablations of the paper are rows of METHODS; pipeline() runs th
 each method in the paper's order; evaluate_policy judges a policy. This file adds no loss: those
 live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
+import collections
 import dataclasses
 import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import data
 from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
-from data import collate, left_pad, read_json, write_json
+from data import read_json, write_json
 from dpo import train_dpo
-from model import GPT, GPTConfig, generate, kl_penalty, response_logprobs
+from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
+from model import GPT, GPTConfig
 from ppo import train_ppo
-from reward import load_reward_model, score, score_ids, train_reward_model
+from reward import load_reward_model, score, train_reward_model
 from report import plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
-from training import Runner, Stop, autocast
+from training import Runner, Stop
 
 
 @dataclass
@@ -40,51 +42,69 @@ class SplitConfig:
                                                 "chance of winning (delta 1 = 73%%)"})
     easy_fraction: float = field(default=0.0, metadata={"help": "if > 0, choose delta so that this fraction "
                                                         "of the pairs is easy (overrides --delta)"})
-    gap: str = field(default="signed", metadata={"help": "signed (mislabelled pairs go to hard) or abs (ablation)",
-                                                 "choices": ["signed", "abs"]})
 
 
 class Method(NamedTuple):
-    """A method is a recipe of the two stages. pairs: the pairs DPO trains on, from the SFT policy
-    against SFT (None: no DPO stage). prompts: the prompts PPO trains on, from the policy so far
-    (None: no PPO stage). reference: PPO's KL reference, "policy" (the policy PPO starts from) or
-    "sft". role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations)."""
-    pairs: Optional[str]
-    prompts: Optional[str]
-    reference: Optional[str]
-    role: str
+    """A method is a recipe: steps in order, each "dpo SUBSET" or "ppo SUBSET", each starting from
+    the policy of the step before (the first from SFT). A subset is all, easy, hard, random_easy or
+    random_hard (a random split of the same sizes): DPO trains on its pairs, PPO on their prompts.
+
+    reference: the KL reference of each step, "policy" (the policy the step starts from) or "sft";
+    a first DPO step starts from SFT, so both mean SFT there.
+    split: the gap that splits the pairs, "rm" (the paper: g = r(x, y_w) - r(x, y_l)), "abs" (|g|)
+    or "gold" (the task's gold gap, with the rm split's easy size: an upper bound).
+    budget: a PPO step's iterations, "pool" (--ppo-iterations times the share of all prompts it
+    trains on: every prompt is visited as often, so PPO on the hard set costs less) or "mpo" (as
+    many as MPO's stage 2, whatever the pool).
+    role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations)."""
+    steps: tuple
+    reference: str = "policy"
+    split: str = "rm"
+    budget: str = "pool"
+    role: str = "method"
 
 
 # The paper's comparison and ablations. Adding one is adding a row.
 METHODS = {
-    "sft":          Method(None,          None,          None,     "method"),
-    "mpo_stage1":   Method("easy",        None,          None,     "method"),    # stage 1 alone
-    "mpo":          Method("easy",        "hard",        "policy", "method"),    # the paper
-    "dpo":          Method("all",         None,          None,     "baseline"),  # DPO on D, reference SFT
-    "ppo":          Method(None,          "all",         "policy", "baseline"),  # PPO on D, init and reference SFT
-    "no_selection": Method("all",         "all",         "policy", "ablation"),  # no data selection
-    "reversed":     Method("hard",        "easy",        "policy", "ablation"),  # reversed selection
-    "random_split": Method("random_easy", "random_hard", "policy", "ablation"),  # a random split, same sizes
-    "mpo_ref_sft":  Method("easy",        "hard",        "sft",    "ablation"),  # stage 2 referenced to SFT
+    "sft":               Method(()),
+    "mpo_stage1":        Method(("dpo easy",)),                                         # stage 1 alone
+    "mpo":               Method(("dpo easy", "ppo hard")),                              # the paper
+    "dpo":               Method(("dpo all",), role="baseline"),                         # DPO on D, reference SFT
+    "ppo":               Method(("ppo all",), role="baseline"),                         # PPO on D, from SFT
+    "ppo_matched":       Method(("ppo all",), budget="mpo", role="baseline"),           # ... with MPO's rollouts
+    "no_selection":      Method(("dpo all", "ppo all"), role="ablation"),               # no data selection
+    "reversed":          Method(("dpo hard", "ppo easy"), role="ablation"),             # reversed selection
+    "random_split":      Method(("dpo random_easy", "ppo random_hard"), role="ablation"),  # same sizes
+    "mpo_ref_sft":       Method(("dpo easy", "ppo hard"), reference="sft", role="ablation"),  # stage 2 vs SFT
+    "ppo_hard":          Method(("ppo hard",), role="ablation"),                        # stage 2 alone, from SFT
+    "dpo_then_ppo_all":  Method(("dpo easy", "ppo all"), role="ablation"),              # stage 2 on every prompt
+    "dpo_then_dpo_hard": Method(("dpo easy", "dpo hard"), role="ablation"),             # offline stage 2
+    "abs_gap":           Method(("dpo easy", "ppo hard"), split="abs", role="ablation"),   # split on |g|
+    "gold_split":        Method(("dpo easy", "ppo hard"), split="gold", role="ablation"),  # built-in task only
 }
 BASELINES = [name for name, m in METHODS.items() if m.role == "baseline"]
 ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
+SPLITS = {"rm": "split", "abs": "split_abs", "gold": "split_gold"}  # a split's stage
 
 
 def method_stages(name):
     """The stages that make a method's policy, [(stage name, kind, recipe)], and its final stage.
 
-    A stage's name says what it trains, so two methods that share a stage share its folder."""
+    A stage's name says what it trains, so two methods that share a stage share its folder: the
+    first DPO step is named by its split and pairs ("dpo" is MPO's stage 1), a later step by its
+    method ("ppo" is MPO's stage 2)."""
     method = METHODS[name]
     stages, policy = [], "sft"
-    if method.pairs:
-        policy = "dpo" if method.pairs == "easy" else f"dpo_{method.pairs}"
-        stages.append((policy, "dpo", {"pairs": method.pairs}))
-    if method.prompts:
-        ppo_name = {"mpo": "ppo", "ppo": "ppo_baseline"}.get(name, f"ppo_{name}")
-        reference = policy if method.reference == "policy" else "sft"
-        stages.append((ppo_name, "ppo", {"prompts": method.prompts, "init": policy, "reference": reference}))
-        policy = ppo_name
+    for i, step in enumerate(method.steps):
+        kind, subset = step.split()
+        if i == 0 and kind == "dpo":
+            stage = "_".join(["dpo"] + [method.split] * (method.split != "rm") + [subset] * (subset != "easy"))
+        else:
+            stage = {"mpo": "ppo", "ppo": "ppo_baseline"}.get(name, name if name.startswith(kind + "_") else f"{kind}_{name}")
+        recipe = {"kind": kind, "subset": subset, "init": policy, "reference": policy if method.reference == "policy"
+                  else "sft", "split": SPLITS[method.split], **({"budget": method.budget} if kind == "ppo" else {})}
+        stages.append((stage, kind, recipe))
+        policy = stage
     return stages, policy
 
 
@@ -119,24 +139,43 @@ def split_by_gap(gaps, delta):
     return easy, hard
 
 
-def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="cpu", dtype="fp32"):
-    """Score every pair, split by reward gap, and write out_dir/{gaps,easy,hard,summary}.json."""
-    reward_model = load_reward_model(rm_dir, device)
-    prompts = [r["prompt"] for r in records]
-    chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], max_response, device, dtype)
-    rejected = score(reward_model, tokenizer, prompts, [r["rejected"] for r in records], max_response, device, dtype)
-    gaps = reward_gaps(chosen, rejected, cfg.gap)
-    delta = delta_for_fraction(gaps, cfg.easy_fraction) if cfg.easy_fraction > 0 else cfg.delta
-    easy, hard = split_by_gap(gaps, delta)
+def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="cpu", dtype="fp32",
+                gap="rm", easy_count=None, kind_of=None):
+    """Score every pair, split by gap, and write out_dir/{gaps,easy,hard,summary}.json.
+
+    gap: "rm" (the paper), "abs" (|g|) or "gold" (the built-in task's gold gap). easy_count, if
+    given, fixes the easy set's size: the pairs of the largest gaps, ties broken by position.
+    kind_of(prompt), if given, names a prompt's kind: the summary counts the kinds of each set."""
+    if gap == "gold":
+        gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
+    else:
+        reward_model = load_reward_model(rm_dir, device)
+        prompts = [r["prompt"] for r in records]
+        chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], max_response, device, dtype)
+        rejected = score(reward_model, tokenizer, prompts, [r["rejected"] for r in records], max_response, device, dtype)
+        gaps = reward_gaps(chosen, rejected, "abs" if gap == "abs" else "signed")
+    if easy_count is not None:
+        order = torch.sort(gaps, descending=True, stable=True).indices
+        easy, hard = sorted(order[:easy_count].tolist()), sorted(order[easy_count:].tolist())
+        delta = gaps[order[easy_count]].item()  # the largest hard gap
+    else:
+        delta = delta_for_fraction(gaps, cfg.easy_fraction) if cfg.easy_fraction > 0 else cfg.delta
+        easy, hard = split_by_gap(gaps, delta)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "gaps.json"), gaps.tolist())
     write_json(os.path.join(out_dir, "easy.json"), easy)
     write_json(os.path.join(out_dir, "hard.json"), hard)
-    summary = {"delta": delta, "easy": len(easy), "hard": len(hard), "gap": cfg.gap,
+    summary = {"delta": delta, "easy": len(easy), "hard": len(hard), "gap": gap,
                "win_probability_at_delta": 1 / (1 + math.exp(-delta)),
                "easy_label_agreement": label_agreement([records[i] for i in easy]),
                "hard_label_agreement": label_agreement([records[i] for i in hard]),
                "all_label_agreement": label_agreement(records)}
+    if any(r.get("biased") for r in records):  # the labels of biased annotators, by set
+        summary["biased_share"] = {name: sum(bool(records[i].get("biased")) for i in subset) / len(subset)
+                                   for name, subset in (("easy", easy), ("hard", hard), ("all", range(len(records))))}
+    if kind_of:
+        summary["kinds"] = {name: dict(sorted(collections.Counter(kind_of(records[i]["prompt"]) for i in subset).items()))
+                            for name, subset in (("easy", easy), ("hard", hard))}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     print(text_histogram(gaps, delta))
     plot_histogram(gaps, delta, os.path.join(out_dir, "gaps.png"))
@@ -196,89 +235,9 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     return final
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=0,
-                     device="cpu", dtype="fp32", batch_size=64):
-    """Sample one response per prompt. Returns [(prompt_ids, response_ids)] per prompt."""
-    policy.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    room = policy.config.block_size - max_new_tokens
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [tokenizer.encode(p)[-room:] for p in prompts[i:i + batch_size]]
-        prompt, mask = (t.to(device) for t in left_pad(ids, tokenizer.pad_id))
-        with autocast(device, dtype):
-            tokens, rmask = generate(policy, prompt, mask, max_new_tokens, temperature,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=g)
-        out += [(p, t[:int(m.sum())].tolist()) for p, t, m in zip(ids, tokens.cpu(), rmask.cpu())]
-    return out
-
-
-@torch.no_grad()
-def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=0,
-                    task=None, no_eos_score=-2.0, device="cpu", dtype="fp32"):
-    """Per-prompt judgements of one policy's samples: reward-model score of the sampled ids (a
-    response cut at the length limit gets no_eos_score, as in PPO), KL to SFT (sum over the
-    response of log pi - log pi_sft, both from one full forward pass at the sampling temperature,
-    as in the rollout), length, the text, and where the task knows them, the gold reward and
-    whether the text is well formed."""
-    samples = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, device, dtype)
-    texts = [tokenizer.decode(r) for _, r in samples]
-    kl = []
-    for i in range(0, len(samples), 64):
-        chunk = samples[i:i + 64]
-        batch = {k: v.to(device) for k, v in collate(*zip(*chunk), tokenizer.pad_id).items()}
-        P = max(len(p) for p, _ in chunk)
-        with autocast(device, dtype):
-            logprobs, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], P, temperature)
-            sft_logprobs, _ = response_logprobs(sft, batch["input_ids"], batch["attention_mask"], P, temperature)
-        kl += (kl_penalty(logprobs, sft_logprobs) * batch["response_mask"][:, P:]).sum(-1).tolist()
-    rm = score_ids(reward_model, *zip(*samples), tokenizer.pad_id, device=device, dtype=dtype)
-    finished = torch.tensor([tokenizer.eos_id in r for _, r in samples])
-    rm = torch.where(finished, rm, torch.full_like(rm, no_eos_score))
-    return {"text": texts, "rm_score": rm.tolist(), "kl_vs_sft": kl, "length": [len(r) for _, r in samples],
-            "gold_reward": [task["gold"](p, t) for p, t in zip(prompts, texts)] if task and task["gold"] else None,
-            "well_formed": [float(task["well_formed"](p, t)) for p, t in zip(prompts, texts)]
-            if task and task["well_formed"] else None}
-
-
-def win_rate(values, baseline):
-    """Fraction of prompts where values beats baseline; ties count half."""
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(values, baseline)]
-    return sum(wins) / len(wins)
-
-
-def summarize(judged, sft_judged):
-    """Per-method means, and the win rate against SFT by the gold reward (or the reward model)."""
-    mean = lambda xs: sum(xs) / len(xs)
-    judge = "gold_reward" if judged["gold_reward"] is not None else "rm_score"
-    row = {"rm_score": mean(judged["rm_score"]), "win_rate_vs_sft": win_rate(judged[judge], sft_judged[judge]),
-           "kl_vs_sft": mean(judged["kl_vs_sft"]), "length": mean(judged["length"])}
-    if judged["gold_reward"] is not None:
-        row = {"gold_reward": mean(judged["gold_reward"]), **row}
-    if judged["well_formed"] is not None:
-        row["well_formed"] = mean(judged["well_formed"])
-    return row
-
-
-
-
 # ----------------------------------------------------------------------------- the recipe
 
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
-
-
-def mean_gold(policy, tokenizer, task, run, seed, show=0):
-    """Mean gold reward of one sample per evaluation prompt; prints the first `show` samples."""
-    samples = sample_responses(policy, tokenizer, task["eval"], run.max_new_tokens, run.eval_temperature,
-                               seed, run.device, run.dtype)
-    texts = [tokenizer.decode(r) for _, r in samples]
-    golds = [task["gold"](p, t) for p, t in zip(task["eval"], texts)]
-    for p, t, gr in list(zip(task["eval"], texts, golds))[:show]:
-        tqdm.write(f"  {p.strip()!r}\n    -> {t!r}  gold {gr:+.2f}")
-    return sum(golds) / len(golds)
 
 
 def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
@@ -330,29 +289,41 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             return train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
                                       cfgs["rm"], folder, R, device, dtype, seed)
         runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage)
+        kind_of = task["kind"]
         split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
-            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype))
+            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, kind_of=kind_of))
+        stages = [s for method in methods for s in method_stages(method)[0]]
+        if "split_abs" in {recipe["split"] for _, _, recipe in stages}:
+            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
+                runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, "abs", None, kind_of))
+        if "split_gold" in {recipe["split"] for _, _, recipe in stages}:  # the rm split's easy size
+            runner.run("split_gold", "split", {}, ["split"], lambda folder: split_stage(
+                None, task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, "gold", split["easy"], kind_of))
 
         # DPO's curve of held-out gold: where a policy starts to hack shows before the end
         probe_task = {**task, "eval": task["eval"][:64]}
         probe = (lambda policy: {"gold": mean_gold(policy, tokenizer, probe_task, run, seed)}) if task["gold"] else None
         policies = {"sft": "sft", **{method: method_stages(method)[1] for method in methods}}
-        # stage 1 of every method, then stage 2: a run asked to stop after dpo has all its DPO stages
-        stages = sorted((s for method in methods for s in method_stages(method)[0]), key=lambda s: s[1] == "ppo")
-        for name, kind, recipe in stages:
-            subset = select(task["pref"], runner.path("split"), recipe.get("pairs") or recipe["prompts"], seed)
+        # a PPO step visits each prompt of its pool as often: its iterations scale with the pool
+        share = lambda subset: len(subset) / len(task["pref"])
+        mpo_share = share(select(task["pref"], runner.path("split"), "hard"))
+        # DPO steps of every method, then PPO: a run asked to stop after dpo has all its DPO stages
+        for name, kind, recipe in sorted(stages, key=lambda s: s[1] == "ppo"):
+            subset = select(task["pref"], runner.path(recipe["split"]), recipe["subset"], seed)
+            init, reference = runner.path(recipe["init"]), runner.path(recipe["reference"])
+            upstream = sorted({recipe["init"], recipe["reference"], recipe["split"]})
             if kind == "dpo":
-                fn = lambda folder, subset=subset: dpo_stage(
-                    runner.path("sft"), runner.path("sft"), subset, task["held_out"], cfgs["dpo"], folder,
-                    tokenizer, R, device, dtype, seed, probe)
-                runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, ["sft", "split"], fn)
+                fn = lambda folder, subset=subset, init=init, reference=reference: dpo_stage(
+                    init, reference, subset, task["held_out"], cfgs["dpo"], folder, tokenizer, R, device, dtype,
+                    seed, probe)
+                runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, upstream, fn)
             else:
-                fn = lambda folder, subset=subset, recipe=recipe: ppo_stage(
-                    runner.path(recipe["init"]), runner.path(recipe["reference"]), runner.path("rm"),
-                    [r["prompt"] for r in subset], cfgs["ppo"], folder, tokenizer, R, device, dtype, seed,
-                    task["gold"])
-                upstream = sorted({recipe["init"], recipe["reference"]}) + ["rm", "split"]
-                runner.run(name, kind, {"cfg": cfgs["ppo"], **recipe}, upstream, fn)
+                iterations = max(1, round(cfgs["ppo"].iterations * (mpo_share if recipe["budget"] == "mpo" else share(subset))))
+                cfg = dataclasses.replace(cfgs["ppo"], iterations=iterations)
+                fn = lambda folder, subset=subset, init=init, reference=reference, cfg=cfg: ppo_stage(
+                    init, reference, runner.path("rm"), [r["prompt"] for r in subset], cfg, folder, tokenizer, R,
+                    device, dtype, seed, task["gold"])
+                runner.run(name, kind, {"cfg": cfg, **recipe}, upstream + ["rm"], fn)
 
         def eval_stage(folder):
             sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
@@ -362,24 +333,30 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                 policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
                 judged[method] = evaluate_policy(policy, sft, reward_model, tokenizer, task["eval"], R,
                                                  run.eval_temperature, seed, task, cfgs["ppo"].no_eos_score,
-                                                 device, dtype)
+                                                 run.eval_samples, device, dtype)
+            write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
             write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
                                                                for i, p in enumerate(task["eval"][:50])])
-            return {m: summarize(judged[m], judged["sft"]) for m in judged}
-        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "temperature": run.eval_temperature}
-        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"],
-                           eval_stage)
+            chosen = chosen_values(task, reward_model, tokenizer, R, device, dtype)
+            return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged},
+                    "vs_mpo": against_mpo(judged)}
+        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]),
+                    "temperature": run.eval_temperature, "samples": run.eval_samples}
+        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"], eval_stage)
     except Stop:
         return None
 
     stage_seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}
-    results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table.items()},
+    results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table["methods"].items()},
+               "vs_mpo": table["vs_mpo"], "vs_mpo_over": f"{len(task['eval'])} prompts (one seed: sampling noise only)",
                "reference": task["reference"](task["eval"]) if task["reference"] else None,
                "win_rate_judge": "gold reward" if task["gold"] else "the training reward model (which PPO optimised)",
                "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
                "seconds": runner.seconds, "reused": runner.reused,
-               "config": {"preset": run.preset, "seed": seed, "label_noise": tau, "max_new_tokens": R,
+               "config": {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
+                          "bias_kind": run.bias_kind, "max_new_tokens": R,
                           "eval_prompts": len(task["eval"]), "eval_temperature": run.eval_temperature,
+                          "eval_samples": run.eval_samples,
                           **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))

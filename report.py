@@ -1,6 +1,8 @@
-"""What a run shows a reader: the gap histogram, training curves, the results table and the
-mean and spread over seeds. Pictures need matplotlib, which is optional: without it, text only."""
+"""What a run shows a reader: the gap histogram, training curves, the results table, the mean
+and spread over seeds and paired intervals. Pictures need matplotlib, which is optional: without
+it, text only."""
 import json
+import math
 import os
 import statistics
 
@@ -75,18 +77,22 @@ def plot_curves(metrics_path, x, keys, path, versus=None):
 
 # ----------------------------------------------------------------------------- the results table
 
-COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("well_formed", "well formed", "{:.2f}"),
-           ("rm_score", "RM score", "{:+.3f}"), ("win_rate_vs_sft", "win vs SFT", "{:.3f}"),
-           ("kl_vs_sft", "KL vs SFT", "{:.2f}"), ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
+COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("greedy", "greedy", "{:+.3f}"),
+           ("well_formed", "well formed", "{:.2f}"), ("rm_score", "RM score", "{:+.3f}"),
+           ("win_vs_sft", "win", "{:.2f}"), ("tie_vs_sft", "tie", "{:.2f}"), ("loss_vs_sft", "loss", "{:.2f}"),
+           ("win_vs_chosen", "win vs chosen", "{:.2f}"), ("kl_vs_sft", "KL vs SFT", "{:.2f}"),
+           ("length", "length", "{:.1f}"), ("seconds", "seconds", "{:.0f}")]
 REFERENCE_ROWS = [("best_possible", "best possible"), ("best_constant", "best constant")]
 
 
 def write_table(results, path):
-    """results.md: a row per method (mean ± std over seeds when aggregated), then the task's
-    reference rows (gold reward only: nothing is trained for them), the split and the judge."""
-    rows = results["methods"]
+    """results.md: a row per method (mean ± std over seeds when aggregated) with MPO minus it and
+    its interval, then the task's reference rows (gold reward only: nothing is trained for them),
+    the split and the judge."""
+    rows, vs_mpo = results["methods"], results.get("vs_mpo") or {}
     cols = [c for c in COLUMNS if c[0] in next(iter(rows.values()))]
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    extra = ["MPO − method (95% CI)"] if vs_mpo else []
+    lines = ["| method | " + " | ".join([c[1] for c in cols] + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for m, row in rows.items():
         cells = []
         for key, _, fmt in cols:
@@ -94,12 +100,15 @@ def write_table(results, path):
             if f"{key}_std" in row:
                 cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
             cells.append(cell)
+        if vs_mpo:
+            mean, low, high = vs_mpo.get(m, (None, None, None))
+            cells.append("" if mean is None else f"{mean:+.3f}" if low is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     reference = results.get("reference") or {}
     for key, name in REFERENCE_ROWS:
         if key in reference:
             lines.append(f"| *{name}* | " + " | ".join("{:+.3f}".format(reference[key]) if c[0] == "gold_reward"
-                                                      else "" for c in cols) + " |")
+                                                      else "" for c in cols + extra) + " |")
     if "best_constant_text" in reference:
         lines.append(f"\nbest constant: {reference['best_constant_text']!r}")
     s = results.get("split", {})
@@ -109,7 +118,10 @@ def write_table(results, path):
             lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
                           f"hard {s['hard_label_agreement']:.3f}")
     if results.get("win_rate_judge"):
-        lines.append(f"win rates judged by: {results['win_rate_judge']}")
+        lines.append(f"win, tie and loss against SFT, prompt by prompt, judged by: {results['win_rate_judge']}")
+    if results.get("vs_mpo"):
+        lines.append(f"MPO − method: the judge's mean difference, paired over {results['vs_mpo_over']}, "
+                     "with its 95% t interval")
     if results.get("reused"):
         lines.append(f"reused stages: {', '.join(results['reused'])}")
     text = "\n".join(lines) + "\n"
@@ -120,7 +132,8 @@ def write_table(results, path):
 
 
 def aggregate(runs):
-    """Mean and standard deviation over seeds of every figure of every method."""
+    """Mean and standard deviation over seeds of every figure of every method, each seed's rows,
+    and MPO minus each method paired over seeds (the interval that covers training's randomness)."""
     out = {}
     for m in runs[0]["methods"]:
         out[m] = {}
@@ -133,5 +146,38 @@ def aggregate(runs):
     reference = None
     if runs[0].get("reference"):  # the evaluation prompts differ by seed
         reference = {k: statistics.mean(r["reference"][k] for r in runs) for k, _ in REFERENCE_ROWS}
-    return {"methods": out, "split": split, "reference": reference, "win_rate_judge": runs[0].get("win_rate_judge"),
+    judge = "gold_reward" if "gold_reward" in runs[0]["methods"]["sft"] else "rm_score"
+    vs_mpo = {m: paired_interval([r["methods"]["mpo"][judge] for r in runs], [r["methods"][m][judge] for r in runs])
+              for m in runs[0]["methods"] if m != "mpo"} if "mpo" in runs[0]["methods"] else {}
+    return {"methods": out, "vs_mpo": vs_mpo, "vs_mpo_over": f"{len(runs)} seeds", "split": split,
+            "reference": reference, "win_rate_judge": runs[0].get("win_rate_judge"),
+            "per_seed": {m: [r["methods"][m] for r in runs] for m in runs[0]["methods"]},
             "seeds": [r["config"]["seed"] for r in runs], "config": runs[0]["config"]}
+
+
+# ----------------------------------------------------------------------------- paired intervals
+
+# Student's t, the 97.5% quantile for 1..30 degrees of freedom (a two-sided 95% interval)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def t975(df):
+    """The 97.5% quantile of Student's t: the table, then the Cornish-Fisher expansion around the
+    normal's 1.96 (within 1e-3 of the exact value beyond 30 degrees of freedom)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_interval(a, b):
+    """The mean of a - b over paired units (prompts, or seeds) and its 95% t interval:
+    [mean, low, high], mean -+ t975(n - 1) * sd(a - b) / sqrt(n); no bounds (None) for one unit."""
+    d = [x - y for x, y in zip(a, b)]
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return [m, None, None]
+    half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return [m, m - half, m + half]

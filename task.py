@@ -77,6 +77,11 @@ def _parse(prompt):
     return _PARSE[prompt]
 
 
+def prompt_kind(prompt):
+    """The kind of a prompt's question: color, sound, capital, opposite or harm."""
+    return _parse(prompt)[0]
+
+
 def _has(text, marks):
     return any(m in text for m in marks)
 
@@ -224,26 +229,38 @@ def split_prompts(seed, eval_fraction=0.1):
     return {"sft": rest[: len(rest) // 2], "pref": rest[len(rest) // 2:], "eval": prompts[:n_eval]}
 
 
-def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0):
+def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="longer"):
     """The built-in task, a pure function of its arguments.
 
     sft:      n_sft (prompt, demonstration) pairs of mixed quality.
     pref:     n_pref preference records; the label is drawn by Bradley-Terry on the gold reward,
-              P(a preferred) = sigmoid((r*(a) - r*(b)) / tau), so a larger tau means noisier labels.
-    held_out: preference records on the held-out prompts (reward-model and DPO accuracy).
+              P(a preferred) = sigmoid((r*(a) - r*(b)) / tau), so a larger tau means noisier labels;
+              a share `bias` of them come from biased annotators instead (see preference_pairs).
+    held_out: preference records on the held-out prompts, labelled alike (reward-model and DPO
+              accuracy, and the win rate against the chosen responses).
     eval:     the held-out prompts.
     """
     rng = random.Random(seed + 1)
     pools = split_prompts(seed)
     sft = [(p, demonstrate(kind, s, rng)) for p, kind, s in
            (rng.choice(pools["sft"]) for _ in range(n_sft))]
-    return {"sft": sft, "pref": preference_pairs(pools["pref"], n_pref, tau, rng),
-            "held_out": preference_pairs(pools["eval"], max(32, n_pref // 10), tau, random.Random(seed + 2)),
+    return {"sft": sft, "pref": preference_pairs(pools["pref"], n_pref, tau, rng, bias, bias_kind),
+            "held_out": preference_pairs(pools["eval"], max(32, n_pref // 10), tau, random.Random(seed + 2),
+                                         bias, bias_kind),
             "eval": [p for p, _, _ in pools["eval"]]}
 
 
-def preference_pairs(pool, n, tau, rng):
-    """n records: two demonstrations of one prompt, labelled by Bradley-Terry on the gold reward."""
+BIASES = {  # what a biased annotator prefers, whatever the answer's correctness
+    "longer": lambda text: len(re.findall(r"[a-z']+", text.lower())),
+    "polite": lambda text: _has(text.lower(), POLITE_MARKS) - _has(text.lower(), RUDE_MARKS),
+}
+
+
+def preference_pairs(pool, n, tau, rng, bias=0.0, bias_kind="longer"):
+    """n records: two demonstrations of one prompt and a label. With probability `bias` the
+    annotator is biased: they prefer the response with more of BIASES[bias_kind] (the longer, or
+    the more polite) and toss a coin when both have as much ("biased": True). Otherwise the label
+    is Bradley-Terry on the gold reward at temperature tau."""
     pairs = []
     while len(pairs) < n:
         prompt, kind, subject = rng.choice(pool)
@@ -251,9 +268,16 @@ def preference_pairs(pool, n, tau, rng):
         if a == b:
             continue
         ra, rb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if rng.random() >= 1 / (1 + math.exp(-(ra - rb) / tau)):
+        biased = bias > 0 and rng.random() < bias  # no draw at bias 0: the unbiased task is unchanged
+        if biased:
+            fa, fb = BIASES[bias_kind](a), BIASES[bias_kind](b)
+            prefer_a = fa > fb or (fa == fb and rng.random() < 0.5)
+        else:
+            prefer_a = rng.random() < 1 / (1 + math.exp(-(ra - rb) / tau))
+        if not prefer_a:
             a, b, ra, rb = b, a, rb, ra
-        pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": ra, "gold_rejected": rb})
+        pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": ra, "gold_rejected": rb,
+                      **({"biased": True} if biased else {})})
     return pairs
 
 

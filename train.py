@@ -46,8 +46,12 @@ class RunConfig:
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
     ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all")
     delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)")
-    noise_sweep: str = opt("", "comma list of label-noise taus: MPO and DPO once per tau")
+    noise_sweep: str = opt("", "comma list of label-noise taus: MPO and DPO once per tau, the easy set "
+                           "kept at the main run's size")
     label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)")
+    annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
+                                "the longer (or more polite) response whatever its correctness")
+    bias_kind: str = opt("longer", "what biased annotators prefer", choices=["longer", "polite"])
     data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
                     "a tenth of it is held out")
     format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
@@ -68,6 +72,7 @@ class RunConfig:
     max_new_tokens: int = opt(48, "longest response, in training, sampling and scoring")
     eval_prompts: int = opt(0, "evaluate on at most this many held-out prompts (0: all)")
     eval_temperature: float = opt(1.0, "sampling temperature of the evaluation")
+    eval_samples: int = opt(4, "samples per evaluation prompt (and one greedy answer)")
     # each stage's hyperparameters, flags --sft-*, --rm-*, --dpo-*, --ppo-* and --delta etc. for split
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -107,7 +112,7 @@ PRESETS = {
                        sft=SFTConfig(steps=150, batch_size=16, lr=3e-3, warmup=10),
                        rm=RMConfig(epochs=3, batch_size=16, lr=1e-3, warmup=3),
                        dpo=DPOConfig(epochs=1, batch_size=16, lr=1e-4, warmup=3),
-                       ppo=PPOConfig(iterations=4, rollouts=16, sample_every=0)),
+                       ppo=PPOConfig(iterations=8, rollouts=16, sample_every=0)),
     "gpt2": RunConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, n_sft=20000, n_pref=10000,
                       max_new_tokens=64, sft=SFTConfig(steps=1500, lr=3e-4, warmup=100), rm=RMConfig(lr=1e-5),
                       dpo=DPOConfig(lr=5e-6), ppo=PPOConfig(iterations=200, lr=1e-6, critic_lr=1e-5)),
@@ -178,6 +183,8 @@ def check(run):
             return f"unknown ablation {a!r}: choose from {','.join(ABLATIONS)}"
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
+    if run.data and any(METHODS[m].split == "gold" for m in run.methods):
+        return "gold_split splits on the built-in task's gold reward: not with --data"
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         return f"--out {run.out} is a file, not a folder"
     try:
@@ -236,7 +243,12 @@ def experiment(run, init):
         for v in values:
             sweep_runs = []
             for s in seeds:
-                c = dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v)) if sweep == "delta" else cfgs
+                if sweep == "delta":
+                    c = dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v, easy_fraction=0.0))
+                else:  # the easy set keeps the size of the main run's: only the noise changes
+                    main_split = runs[s - run.seed]["split"]
+                    fraction = main_split["easy"] / (main_split["easy"] + main_split["hard"])
+                    c = dict(cfgs, split=dataclasses.replace(cfgs["split"], easy_fraction=fraction))
                 shared = {n: folder(s) for n in (["tokenizer", "sft", "rm"] if sweep == "delta" else ["tokenizer", "sft"])}
                 methods = ["mpo"] if sweep == "delta" else ["dpo", "mpo"]
                 sweep_runs.append(pipeline(run, c, os.path.join(folder(s), f"{sweep}-{v:g}"), s, methods, init,

@@ -114,6 +114,27 @@ def test_noise_grows_with_tau():
     assert agree[0] > agree[1] > agree[2]
 
 
+@pytest.mark.parametrize("kind", ["longer", "polite"])
+def test_biased_annotators(kind):
+    """A share `bias` of labels come from annotators who always prefer the longer (or politer)
+    response when the two differ in it; the other labels stay Bradley-Terry; bias 0 is today's task."""
+    feature = builtin.BIASES[kind]
+    pairs = builtin.make_task(0, n_sft=0, n_pref=4000, bias=0.3, bias_kind=kind)["pref"]
+    biased = [r for r in pairs if r.get("biased")]
+    assert abs(len(biased) / len(pairs) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(pairs))
+    for r in biased:
+        assert feature(r["chosen"]) >= feature(r["rejected"])
+    unequal = [r for r in biased if feature(r["chosen"]) != feature(r["rejected"])]
+    assert len(unequal) > 0.3 * len(biased)
+    # the unbiased labels keep their Bradley-Terry agreement; the biased ones are far worse
+    honest = builtin.label_agreement([r for r in pairs if not r.get("biased")])
+    assert abs(honest - builtin.label_agreement(builtin.make_task(0, n_sft=0, n_pref=4000)["pref"])) < 0.03
+    assert builtin.label_agreement(biased) < honest - 0.1
+    assert builtin.make_task(0, n_sft=20, n_pref=50, bias=0.0) == builtin.make_task(0, n_sft=20, n_pref=50)
+    assert feature(" Happy to help! A cow says moo.") > feature(" Ugh, fine. A cow says moo.") or kind == "longer"
+    assert builtin.BIASES["longer"](" A cow says moo. That is all.") == 7
+
+
 def test_tokenizer_round_trip(tmp_path):
     task = builtin.make_task(0, n_sft=300, n_pref=10)
     texts = [p + r for p, r in task["sft"]]

@@ -10,7 +10,7 @@ import torch
 
 import data
 from checkpoint import load_checkpoint
-from task import gold_reward, make_task
+from task import FACTS, gold_reward, make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,19 +42,66 @@ def test_pipeline_end_to_end(run_dir):
     """All stages on micro, with --compare; results.json is complete."""
     out = run_dir
     results = read(out / "results.json")
-    assert set(results["methods"]) == {"sft", "mpo_stage1", "mpo", "dpo", "ppo"}
+    assert set(results["methods"]) == {"sft", "mpo_stage1", "mpo", "dpo", "ppo", "ppo_matched"}
     for row in results["methods"].values():
-        assert {"gold_reward", "well_formed", "rm_score", "win_rate_vs_sft", "kl_vs_sft", "length"} <= set(row)
+        assert {"gold_reward", "greedy", "well_formed", "rm_score", "win_vs_sft", "tie_vs_sft", "loss_vs_sft",
+                "win_rate_vs_sft", "win_vs_chosen", "kl_vs_sft", "length"} <= set(row)
         assert 0 <= row["well_formed"] <= 1
     assert results["reference"]["best_possible"] == 2.5
     assert 0 < results["reference"]["best_constant"] < 2.5 and results["win_rate_judge"] == "gold reward"
     table = (out / "results.md").read_text()
     assert "well formed" in table and "| *best possible* | +2.500 |" in table and "| *best constant* |" in table
     assert results["methods"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert set(results["vs_mpo"]) == {"sft", "mpo_stage1", "dpo", "ppo", "ppo_matched"} and "MPO − method (95% CI)" in table
+    mean, low, high = results["vs_mpo"]["sft"]
+    judged = read(out / "eval" / "judged.json")
+    diffs = [a - b for a, b in zip(judged["mpo"]["gold_reward"], judged["sft"]["gold_reward"])]
+    assert low < mean < high and mean == pytest.approx(sum(diffs) / len(diffs))
+    assert results["config"]["eval_samples"] == 4
     assert {"delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement"} <= set(results["split"])
     assert results["split"]["easy"] + results["split"]["hard"] == 300
     assert {"tokenizer", "sft", "rm", "split", "dpo", "ppo", "dpo_all", "ppo_baseline", "eval"} <= set(results["seconds"])
     assert (out / "results.md").read_text().startswith("| method |")
+
+
+def test_ppo_iterations_scale_with_the_prompt_pool(run_dir):
+    """PPO on all prompts runs --ppo-iterations; MPO's stage 2 on the hard set its share of them,
+    and the matched baseline as many as MPO's stage 2, on all prompts."""
+    split = read(run_dir / "split" / "summary.json")
+    iterations = lambda stage: len((run_dir / stage / "metrics.jsonl").read_text().splitlines())
+    mpo = round(8 * split["hard"] / (split["easy"] + split["hard"]))
+    assert iterations("ppo_baseline") == 8 and iterations("ppo") == mpo == iterations("ppo_matched") < 8
+    assert sum(split["kinds"]["easy"].values()) == split["easy"] and set(split["kinds"]["hard"]) <= set(FACTS) | {"harm"}
+
+
+def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
+    """The split ablations run from one table row each; the gold split keeps the easy size of the
+    reward model's; the noise sweep keeps the easy size of the main run while tau changes."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
+    proc = run_cli("--preset", "micro", "--out", str(copy), "--ablations", "gold_split,abs_gap,dpo_then_dpo_hard",
+                   "--noise-sweep", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = read(copy / "results.json")
+    assert {"gold_split", "abs_gap", "dpo_then_dpo_hard"} <= set(results["methods"])
+    split, gold = read(copy / "split" / "summary.json"), read(copy / "split_gold" / "summary.json")
+    assert gold["easy"] == split["easy"] and gold["easy_label_agreement"] > gold["hard_label_agreement"]
+    assert read(copy / "split_abs" / "summary.json")["gap"] == "abs"
+    assert read(copy / "dpo_then_dpo_hard" / "done.json")["summary"]["pairs"] == split["hard"]
+    noisy = read(copy / "noise-4" / "split" / "summary.json")
+    assert noisy["easy"] == split["easy"] and read(copy / "noise-4" / "results.json")["config"]["label_noise"] == 4
+
+
+def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
+    out = tmp_path / "seeds"
+    proc = run_cli("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = read(out / "results.json")
+    assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
+    mpo, sft = ([read(out / f"seed-{s}" / "results.json")["methods"][m]["gold_reward"] for s in (0, 1)] for m in ("mpo", "sft"))
+    mean, low, high = results["vs_mpo"]["sft"]
+    assert mean == pytest.approx((mpo[0] - sft[0] + mpo[1] - sft[1]) / 2) and low < mean < high
+    assert "paired over 2 seeds" in (out / "results.md").read_text()
 
 
 def test_second_run_reuses_every_stage(run_dir):
@@ -161,7 +208,7 @@ def test_dpo_raises_the_margin_on_its_training_pairs(run_dir):
 def test_ppo_raises_the_reward_model_score(run_dir):
     """A few PPO iterations from SFT on micro: the score PPO maximises (the reward-model score, with the
     fixed penalty for a response cut without eos) rises on fresh samples."""
-    from mpo import sample_responses
+    from evaluate import sample_responses
     from ppo import PPOConfig, train_ppo
     from reward import load_reward_model, score_ids
     out = run_dir
@@ -226,7 +273,7 @@ def test_scoring_uses_the_training_truncation(run_dir):
 def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
     """evaluate_policy scores the token ids it sampled, and a response cut at the length limit
     gets PPO's no_eos_score, not a score with an eos appended."""
-    from mpo import evaluate_policy, sample_responses
+    from evaluate import evaluate_policy, sample_responses
     from reward import load_reward_model, score_ids
     out = run_dir
     tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
@@ -241,6 +288,28 @@ def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
     for got, want, done in zip(judged["rm_score"], expected, finished):
         assert got == (pytest.approx(want, abs=1e-5) if done else -7.0)
     assert judged["kl_vs_sft"] == [0.0] * len(prompts)
+
+
+def test_evaluation_averages_k_samples_per_prompt_and_adds_the_greedy_answer(run_dir):
+    """With samples=K, a prompt's figure is the mean over its K samples (sample k of prompt i is
+    draw k * N + i of one sampling pass); the greedy answer does not depend on the seed."""
+    from evaluate import evaluate_policy, sample_responses
+    from reward import load_reward_model
+    from task import well_formed
+    out = run_dir
+    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    policy, _ = load_checkpoint(out / "sft", kind="gpt")
+    rm = load_reward_model(str(out / "rm"))
+    task = {"gold": gold_reward, "well_formed": well_formed}
+    prompts = make_task(0, n_sft=0, n_pref=0)["eval"][:20]
+    judged = evaluate_policy(policy, policy, rm, tok, prompts, 32, seed=5, task=task, samples=3)
+    texts = [tok.decode(r) for _, r in sample_responses(policy, tok, prompts * 3, 32, seed=5)]
+    for i, p in enumerate(prompts):
+        want = sum(gold_reward(p, texts[i + k * 20]) for k in range(3)) / 3
+        assert judged["gold_reward"][i] == pytest.approx(want)
+    assert judged["text"] == texts[:20]
+    other = evaluate_policy(policy, policy, rm, tok, prompts, 32, seed=6, task=task, samples=1)
+    assert other["greedy"] == judged["greedy"] and other["gold_reward"] != judged["gold_reward"]
 
 
 def test_rollout_reads_the_critic_in_eval_mode(run_dir):

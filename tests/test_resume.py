@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_FOLDERS = ["sft", "rm", "dpo", "ppo"]
 # step states every few steps, so that a kill lands between two of them
-FLAGS = ["--preset", "micro", "--sft-save-every", "20", "--ppo-save-every", "1", "--ppo-iterations", "6"]
+FLAGS = ["--preset", "micro", "--sft-save-every", "20", "--ppo-save-every", "1", "--ppo-iterations", "12"]
 
 
 def command(out, *extra):

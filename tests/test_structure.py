@@ -8,13 +8,13 @@ import sys
 import pytest
 
 import train
-from mpo import ABLATIONS, METHODS, method_stages
+from mpo import ABLATIONS, BASELINES, METHODS, method_stages
 from training import StageError, locked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
 LAYERS = [["task"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
-          ["sft", "reward", "dpo"], ["ppo"], ["mpo"], ["train"], ["bench"]]
+          ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["train"], ["bench"]]
 
 
 def project_imports(name):
@@ -38,28 +38,45 @@ def test_imports_run_one_way():
 
 
 def test_stage_configs_hold_hyperparameters_only():
-    """What a method trains on, starts from and is referenced to lives in METHODS alone."""
-    recipe_fields = {"pairs", "prompts", "init", "reference"}
+    """What a method trains on, starts from, is referenced to and splits on lives in METHODS alone."""
+    recipe_fields = {"pairs", "prompts", "init", "reference", "gap", "budget"}
     for cls in train.STAGE_CONFIGS.values():
         assert not recipe_fields & {f for f in cls.__dataclass_fields__}, cls.__name__
-    with pytest.raises(SystemExit):
-        train.parse_args(["--ppo-reference", "sft"])
+    for flag in ("--ppo-reference", "--gap", "--dpo-pairs"):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, "sft"])
 
 
 def test_every_method_row_is_a_recipe():
-    """Each row builds stages; ablations are the rows named so, and a run's methods come from roles."""
+    """Each row builds stages; a stage name means one recipe whichever method builds it; ablations
+    are the rows named so, and a run's methods come from roles."""
     assert ABLATIONS == [m for m, row in METHODS.items() if row.role == "ablation"]
-    assert set(ABLATIONS) >= {"no_selection", "reversed", "random_split", "mpo_ref_sft"}
-    finals = {}
+    assert set(ABLATIONS) >= {"no_selection", "reversed", "random_split", "mpo_ref_sft", "ppo_hard",
+                              "dpo_then_ppo_all", "dpo_then_dpo_hard", "abs_gap", "gold_split"}
+    finals, recipes = {}, {}
     for name, row in METHODS.items():
         stages, final = method_stages(name)
-        assert [kind for _, kind, _ in stages] == [k for k, v in (("dpo", row.pairs), ("ppo", row.prompts)) if v]
+        assert [(kind, recipe["subset"]) for _, kind, recipe in stages] == [tuple(s.split()) for s in row.steps]
+        for stage, kind, recipe in stages:
+            assert recipes.setdefault(stage, (kind, recipe)) == (kind, recipe), f"{stage} means two recipes"
         finals.setdefault(final, name)
         assert finals[final] == name or name == "sft", f"{name} and {finals[final]} share a final stage"
-    stages, final = method_stages("mpo")
-    assert stages[1][2] == {"prompts": "hard", "init": "dpo", "reference": "dpo"}
+    (_, _, dpo), (_, _, ppo) = method_stages("mpo")[0]
+    assert dpo == {"kind": "dpo", "subset": "easy", "init": "sft", "reference": "sft", "split": "split"}
+    assert ppo == {"kind": "ppo", "subset": "hard", "init": "dpo", "reference": "dpo", "split": "split", "budget": "pool"}
     assert method_stages("mpo_ref_sft")[0][1][2]["reference"] == "sft"
-    assert train.parse_args(["--compare", "--ablations", "all"]).methods == ["mpo_stage1", "mpo", "dpo", "ppo", *ABLATIONS]
+    assert method_stages("dpo_then_dpo_hard")[0][1][2] == {**dpo, "subset": "hard", "init": "dpo", "reference": "dpo"}
+    assert method_stages("gold_split")[0][0][0] == "dpo_gold" and method_stages("abs_gap")[0][0][2]["split"] == "split_abs"
+    assert method_stages("ppo_matched")[0][0][2]["budget"] == "mpo"
+    assert train.parse_args(["--compare", "--ablations", "all"]).methods == ["mpo_stage1", "mpo", *BASELINES, *ABLATIONS]
+
+
+def test_gold_split_needs_the_builtin_task(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", str(data), "--ablations", "gold_split"])
+    assert e.value.code == 2 and "gold_split" in capsys.readouterr().err
 
 
 def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, capsys):
