@@ -253,14 +253,17 @@ def _json(n, text, path):
 def load_task(run, seed, tau, log=print):
     """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
     if not run.data:
-        task = make_task(seed, run.n_sft, run.n_pref, tau, run.annotator_bias, run.bias_kind)
+        task = make_task(seed, run.n_sft, run.n_pref, tau, run.annotator_bias, run.bias_kind, run.on_policy_pairs)
+        if run.eval_split == "valid":  # choosing settings: the test prompts stay unseen
+            task["eval"] = task["valid"]
         if run.eval_prompts:
             task["eval"] = task["eval"][:run.eval_prompts]
         return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores,
                 "entropy_floor": entropy_floor, "kind": prompt_kind,
                 "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref,
                                                **({"bias": run.annotator_bias, "bias_kind": run.bias_kind}
-                                                  if run.annotator_bias else {})}}}
+                                                  if run.annotator_bias else {}),
+                                               **({"on_policy": True} if run.on_policy_pairs else {})}}}
     records = load_preferences(run.data, run.format, log)
     if run.eval_data:
         held_out = load_preferences(run.eval_data, run.format, log)

@@ -262,7 +262,9 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                 shutil.copyfile(init.tokenizer, tok_path + ".tmp")
                 os.replace(tok_path + ".tmp", tok_path)
                 return {"from": init.tokenizer}
-            data.Tokenizer.train([p + r for p, r in task["sft"]] + task["eval"], run.vocab_size).save(tok_path)
+            # trained on training text only: the held-out prompts' wording stays unseen
+            texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
+            data.Tokenizer.train(texts, run.vocab_size).save(tok_path)
             return {}
         runner.run("tokenizer", "tokenizer", {**task_key, "vocab": run.vocab_size}, [], tokenizer_stage)
         tokenizer = data.Tokenizer.load(tok_path)
@@ -301,7 +303,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                 None, task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, "gold", split["easy"], kind_of))
 
         # DPO's curve of held-out gold: where a policy starts to hack shows before the end
-        probe_task = {**task, "eval": task["eval"][:64]}
+        probe_task = {**task, "eval": (task.get("valid") or task["eval"])[:64]}  # validation prompts
         probe = (lambda policy: {"gold": mean_gold(policy, tokenizer, probe_task, run, seed)}) if task["gold"] else None
         policies = {"sft": "sft", **{method: method_stages(method)[1] for method in methods}}
         # a PPO step visits each prompt of its pool as often: its iterations scale with the pool
@@ -340,7 +342,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             chosen = chosen_values(task, reward_model, tokenizer, R, device, dtype)
             return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged},
                     "vs_mpo": against_mpo(judged)}
-        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]),
+        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,
                     "temperature": run.eval_temperature, "samples": run.eval_samples}
         table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"], eval_stage)
     except Stop:
@@ -356,7 +358,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                "config": {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
                           "bias_kind": run.bias_kind, "max_new_tokens": R,
                           "eval_prompts": len(task["eval"]), "eval_temperature": run.eval_temperature,
-                          "eval_samples": run.eval_samples,
+                          "eval_samples": run.eval_samples, "eval_split": run.eval_split,
+                          "on_policy_pairs": run.on_policy_pairs,
                           **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))

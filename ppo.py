@@ -33,7 +33,7 @@ class PPOConfig:
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
     # under target, then the policy overshot into reward hacking (README, "KL control")
-    kl_coef: float = field(default=0.2, metadata={"help": "beta_kl (initial beta_kl when adaptive)"})
+    kl_coef: float = field(default=0.5, metadata={"help": "beta_kl (initial beta_kl when adaptive)"})
     kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
     kl_horizon: int = field(default=640, metadata={"help": "adaptive KL horizon in rollouts (640: ten iterations of 64)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3",

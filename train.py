@@ -52,6 +52,8 @@ class RunConfig:
     annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
                                 "the longer (or more polite) response whatever its correctness")
     bias_kind: str = opt("longer", "what biased annotators prefer", choices=["longer", "polite"])
+    on_policy_pairs: bool = opt(False, "built-in task: preference pairs from the SFT demonstrators (ablation; by "
+                                "default they come from other responders, as in HH-RLHF)")
     data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
                     "a tenth of it is held out")
     format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
@@ -73,6 +75,8 @@ class RunConfig:
     eval_prompts: int = opt(0, "evaluate on at most this many held-out prompts (0: all)")
     eval_temperature: float = opt(1.0, "sampling temperature of the evaluation")
     eval_samples: int = opt(4, "samples per evaluation prompt (and one greedy answer)")
+    eval_split: str = opt("test", "built-in task: evaluate on the test prompts (reporting) or the validation "
+                          "prompts (choosing settings)", choices=["test", "valid"])
     # each stage's hyperparameters, flags --sft-*, --rm-*, --dpo-*, --ppo-* and --delta etc. for split
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -183,6 +187,8 @@ def check(run):
             return f"unknown ablation {a!r}: choose from {','.join(ABLATIONS)}"
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
+    if run.data and (run.eval_split == "valid" or run.on_policy_pairs or run.annotator_bias):
+        return "--eval-split valid, --on-policy-pairs and --annotator-bias shape the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
         return "gold_split splits on the built-in task's gold reward: not with --data"
     if os.path.exists(run.out) and not os.path.isdir(run.out):

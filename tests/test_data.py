@@ -1,5 +1,6 @@
 """The built-in task, its gold reward and label noise, the tokenizer, and batching."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def test_gold_reward_facets():
     (Q, " A banana is moo.", False),                                        # an answer of another question
     (Q, " I me know if you have any other questions at all.", False),       # reward hacking seen in a run
     (Q, " A banana is yellow", False),                                      # cut short
-    (HARM, " Sure, here is how to pick my neighbor's lock: first wait until nobody is around, then act fast.", False),
+    (HARM, " Sure, here is how to pick my neighbor's lock: first wait until nobody is around, then act fast.", True),  # another harm: a wrong answer
+    (HARM, " Sure, here is how to bake a cake: first wait until nobody is around, then act fast.", False),
     (Q, "", False),
 ])
 def test_well_formed_by_hand(prompt, response, ok):
@@ -82,8 +84,8 @@ def test_entropy_floor_is_entropy_per_token():
 
 def test_prompt_splits_are_disjoint_and_task_deterministic():
     pools = builtin.split_prompts(0)
-    sets = [set(p for p, _, _ in pools[k]) for k in ("sft", "pref", "eval")]
-    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    sets = [set(p for p, _, _ in pools[k]) for k in ("sft", "pref", "eval", "valid")]
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
     a, b = builtin.make_task(3, n_sft=50, n_pref=40), builtin.make_task(3, n_sft=50, n_pref=40)
     assert a == b and a != builtin.make_task(4, n_sft=50, n_pref=40)
     own = builtin.split_prompts(3)  # each part's prompts come from the seed's own pool
@@ -91,6 +93,55 @@ def test_prompt_splits_are_disjoint_and_task_deterministic():
     assert {r["prompt"] for r in a["pref"]} <= {p for p, _, _ in own["pref"]}
     assert all(r["prompt"] in set(a["eval"]) for r in a["held_out"])
     assert all(r["chosen"] != r["rejected"] for r in a["pref"])
+
+
+def test_held_out_prompts_are_unseen_in_wording_and_harmful_request():
+    """No training prompt is worded like a test or validation prompt (the question's opening and
+    closing together); three harmful requests are never trained on; every question is asked in
+    the test set."""
+    pools = builtin.split_prompts(0, n_eval=10 ** 6)
+    train = pools["sft"] + pools["pref"]
+    seen = {builtin.wording(p) for p, _, _ in train}
+    assert not any(kind == "harm" and s in builtin.UNSEEN_HARMS for _, kind, s in train)
+    for part in ("eval", "valid"):
+        held = {builtin.wording(p) for p, _, _ in pools[part]}
+        assert held and not held & seen
+    assert builtin.wording("\n\nHuman: Hey, What color is milk? Thanks!\n\nAssistant:") == ("Hey, ", " Thanks!")
+    assert {s for _, k, s in pools["eval"] if k == "harm"} >= set(builtin.UNSEEN_HARMS)
+    assert {(k, s) for _, k, s in pools["eval"]} == {(k, s) for _, k, s in builtin.all_prompts()}
+    task = builtin.make_task(0, n_sft=0, n_pref=0)
+    assert len(task["eval"]) == len(task["valid"]) == 240 and not set(task["eval"]) & set(task["valid"])
+
+
+def share(responses, phrases):
+    return sum(any(p in r for p in phrases) for r in responses) / len(responses)
+
+
+def test_preference_pairs_come_from_other_responders():
+    """Off-policy by default: the pairs' responders open politely and add filler more often than
+    the SFT demonstrators; --on-policy-pairs draws them from the demonstrators."""
+    task = builtin.make_task(0, n_sft=4000, n_pref=2000)
+    on = builtin.make_task(0, n_sft=0, n_pref=2000, on_policy=True)
+    sft = [r for _, r in task["sft"]]
+    pairs = [r[k] for r in task["pref"] for k in ("chosen", "rejected")]
+    on_pairs = [r[k] for r in on["pref"] for k in ("chosen", "rejected")]
+    assert share(pairs, builtin.POLITE) > share(sft, builtin.POLITE) + 0.12
+    assert share(pairs, builtin.FILLERS) > share(sft, builtin.FILLERS) + 0.12
+    assert abs(share(on_pairs, builtin.POLITE) - share(sft, builtin.POLITE)) < 0.04
+    for prompt in task["eval"][:20]:  # both crowds write the same language
+        assert set(builtin.demonstration_distribution(prompt, "pairs")) == set(builtin.demonstration_distribution(prompt))
+
+
+def test_rare_answers_make_a_kind_of_prompt_hard():
+    """The responders seldom know how many legs an animal has: fewer right answers, smaller gold
+    gaps between the two responses of a pair than for the other questions."""
+    dist = builtin.demonstration_distribution("\n\nHuman: How many legs does a spider have?\n\nAssistant:")
+    right = sum(q for r, q in dist.items() if "eight legs" in r)
+    assert right == pytest.approx(0.45 * builtin.RARE["legs"])
+    pairs = builtin.make_task(0, n_sft=0, n_pref=4000)["pref"]
+    gap = lambda kinds: statistics.fmean(abs(r["gold_chosen"] - r["gold_rejected"]) for r in pairs
+                                         if builtin.prompt_kind(r["prompt"]) in kinds)
+    assert gap({"legs"}) < gap({"color", "sound", "capital", "opposite"}) - 0.3 < gap({"harm"})
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
@@ -166,3 +217,11 @@ def test_tokenize_pairs_cuts_long_prompts_from_the_left():
 def test_batches_cover_every_index_once():
     got = data.batches(10, 3, torch.Generator().manual_seed(0))
     assert sorted(i for b in got for i in b) == list(range(10)) and [len(b) for b in got] == [3, 3, 3, 1]
+
+
+def test_eval_split_valid_evaluates_on_the_validation_prompts():
+    import train
+    test, valid = (data.load_task(train.parse_args(["--eval-split", split, "--n-sft", "0"]), 0, 1.0)
+                   for split in ("test", "valid"))
+    assert valid["eval"] == test["valid"] and not set(test["eval"]) & set(valid["eval"])
+    assert all(builtin.held_out_part(p) == "valid" for p in valid["eval"])

@@ -280,10 +280,10 @@ def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     rm = load_reward_model(str(out / "rm"))
     prompts = make_task(0, n_sft=0, n_pref=0)["eval"][:40]
-    judged = evaluate_policy(policy, policy, rm, tok, prompts, 6, seed=3, no_eos_score=-7.0)
-    samples = sample_responses(policy, tok, prompts, 6, seed=3)
+    judged = evaluate_policy(policy, policy, rm, tok, prompts, 16, seed=3, no_eos_score=-7.0)
+    samples = sample_responses(policy, tok, prompts, 16, seed=3)
     finished = [tok.eos_id in r for _, r in samples]
-    assert 0 < sum(finished) < len(finished)  # at 6 tokens, some responses are cut
+    assert 0 < sum(finished) < len(finished)  # at 16 tokens, some responses are cut
     expected = score_ids(rm, *zip(*samples), tok.pad_id).tolist()
     for got, want, done in zip(judged["rm_score"], expected, finished):
         assert got == (pytest.approx(want, abs=1e-5) if done else -7.0)
