@@ -7,7 +7,7 @@
        policy and with the DPO policy as the KL reference              (ppo_stage)
 
 The baselines and ablations of the paper are rows of METHODS; pipeline() runs the stages of
-each method in the paper's order; evaluate_policy judges a policy. This file adds no loss: those
+each method in the paper's order; evaluate.py judges the policies. This file adds no loss: those
 live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
 import collections
@@ -97,10 +97,12 @@ def method_stages(name):
     stages, policy = [], "sft"
     for i, step in enumerate(method.steps):
         kind, subset = step.split()
-        if i == 0 and kind == "dpo":
+        if i == 0 and kind == "dpo":  # "dpo", "dpo_all", "dpo_gold", ...: shared by the methods that start so
             stage = "_".join(["dpo"] + [method.split] * (method.split != "rm") + [subset] * (subset != "easy"))
-        else:
-            stage = {"mpo": "ppo", "ppo": "ppo_baseline"}.get(name, name if name.startswith(kind + "_") else f"{kind}_{name}")
+        elif name in ("mpo", "ppo"):
+            stage = {"mpo": "ppo", "ppo": "ppo_baseline"}[name]
+        else:  # "ppo_hard", "ppo_no_selection", "dpo_then_dpo_hard", ...
+            stage = name if name.startswith(kind + "_") else f"{kind}_{name}"
         recipe = {"kind": kind, "subset": subset, "init": policy, "reference": policy if method.reference == "policy"
                   else "sft", "split": SPLITS[method.split], **({"budget": method.budget} if kind == "ppo" else {})}
         stages.append((stage, kind, recipe))
