@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
+import distributed
 from data import DataError, read_json
 from model import GPT, GPTConfig, ScalarModel
 
@@ -28,6 +29,8 @@ def write_text(path, text):
 
 
 def atomic_write(path, write):
+    if not distributed.is_main():  # rank 0 alone writes
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one

@@ -11,6 +11,7 @@ import random
 
 import torch
 
+import distributed
 from task import entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -23,7 +24,10 @@ class DataError(ValueError):
 
 
 def write_json(path, obj):
-    """Write to a temporary name and rename into place: a kill never leaves half a file."""
+    """Write to a temporary name and rename into place: a kill never leaves half a file.
+    Rank 0 alone writes (distributed.py), as in every writer of the project."""
+    if not distributed.is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -44,6 +48,8 @@ def read_json(path):
 
 
 def append_jsonl(path, row):
+    if not distributed.is_main():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -88,6 +94,8 @@ class Tokenizer:
             raise DataError(f"{path}: {e}") from None
 
     def save(self, path):
+        if not distributed.is_main():
+            return
         tmp = f"{path}.tmp{os.getpid()}"
         self.tok.save(tmp)
         os.replace(tmp, path)

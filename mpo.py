@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
+import distributed
+from checkpoint import atomic_write, file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
 from data import read_json, write_json
 from dpo import train_dpo
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
@@ -152,9 +153,10 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
         gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
     else:
         reward_model = load_reward_model(rm_dir, device)
-        prompts = [r["prompt"] for r in records]
-        chosen = score(reward_model, tokenizer, prompts, [r["chosen"] for r in records], max_response, device, dtype)
-        rejected = score(reward_model, tokenizer, prompts, [r["rejected"] for r in records], max_response, device, dtype)
+        mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
+        chosen, rejected = (torch.tensor(distributed.gather(score(
+            reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
+            dtype).tolist())) for side in ("chosen", "rejected"))
         gaps = reward_gaps(chosen, rejected, "abs" if gap == "abs" else "signed")
     if easy_count is not None:
         order = torch.sort(gaps, descending=True, stable=True).indices
@@ -261,8 +263,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
     try:
         def tokenizer_stage(folder):
             if init:
-                shutil.copyfile(init.tokenizer, tok_path + ".tmp")
-                os.replace(tok_path + ".tmp", tok_path)
+                atomic_write(tok_path, lambda tmp: shutil.copyfile(init.tokenizer, tmp))
                 return {"from": init.tokenizer}
             # trained on training text only: the held-out prompts' wording stays unseen
             texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
@@ -332,12 +333,13 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
         def eval_stage(folder):
             sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
             reward_model = load_reward_model(runner.path("rm"), device)
-            judged = {}
+            judged, mine = {}, distributed.shard(task["eval"])  # data parallel: each rank judges its part
             for method, stage in policies.items():
                 policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
-                judged[method] = evaluate_policy(policy, sft, reward_model, tokenizer, task["eval"], R,
-                                                 run.eval_temperature, seed, task, cfgs["ppo"].no_eos_score,
-                                                 run.eval_samples, device, dtype)
+                part = evaluate_policy(policy, sft, reward_model, tokenizer, mine, R, run.eval_temperature,
+                                       seed + distributed.rank(), task, cfgs["ppo"].no_eos_score, run.eval_samples,
+                                       device, dtype)
+                judged[method] = {key: distributed.gather(values) for key, values in part.items()}
             write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
             write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
                                                                for i, p in enumerate(task["eval"][:50])])
@@ -361,7 +363,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
                           "bias_kind": run.bias_kind, "max_new_tokens": R,
                           "eval_prompts": len(task["eval"]), "eval_temperature": run.eval_temperature,
                           "eval_samples": run.eval_samples, "eval_split": run.eval_split,
-                          "on_policy_pairs": run.on_policy_pairs,
+                          "on_policy_pairs": run.on_policy_pairs, "world_size": distributed.world_size(),
+                          "grad_accum": run.grad_accum,
                           **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))

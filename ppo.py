@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import distributed
 from data import append_jsonl, left_pad
 from model import generate, kl_penalty, response_logprobs
 from training import StepState, autocast, compiled, grad_scaler, optimizer_step, truncate_jsonl
@@ -59,9 +60,13 @@ def masked_var(x, mask):
     return masked_mean((x - mean) ** 2, mask)
 
 
-def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the valid tokens of the batch; padding stays 0."""
-    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+def whiten(x, mask, eps=1e-8, total=lambda t: t):
+    """(x - mean) / std over the valid tokens of the batch; padding stays 0. Data parallel, total
+    sums over the ranks (distributed.total): the statistics are the whole batch's."""
+    count = total(mask.sum()).clamp(min=1)
+    mean = total((x * mask).sum()) / count
+    var = total(((x - mean) ** 2 * mask).sum()) / count
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -180,6 +185,10 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
 
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
     rollouts (free: the samples exist) to show where the policy starts to hack the reward model.
+
+    Data parallel (distributed.py), each rank samples rollouts / W of the iteration's prompts with
+    its own generator, whitens the advantages with the whole batch's statistics, and DDP averages
+    the gradients of its minibatches; the logged figures are means over the ranks.
     """
     os.makedirs(out_dir, exist_ok=True)
     room = policy.config.block_size - max_new_tokens
@@ -189,19 +198,21 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     critic_opt = critic.configure_optimizers(cfg.critic_lr, 0.0, device_type=device_type)
     policy_scaler, critic_scaler = grad_scaler(device, dtype), grad_scaler(device, dtype)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKL(cfg.kl_coef)
-    g = torch.Generator().manual_seed(seed)
-    sample_g = torch.Generator(device=device).manual_seed(seed)
+    W = distributed.world_size()
+    g = torch.Generator().manual_seed(seed)  # the prompts and minibatches: the same on every rank
+    sample_g = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
                       {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g])
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "iteration", start)
-    policy_forward, critic_forward = compiled(policy), compiled(critic)
-    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start)
+    policy_forward, critic_forward = distributed.wrap(compiled(policy)), distributed.wrap(compiled(critic))
+    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start,
+               disable=not distributed.is_main())
     for it in range(start, cfg.iterations):
         t0 = time.time()
-        idx = torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist()
+        idx = distributed.shard(torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist())
         ro = rollout(policy, reference, reward_model, critic, [prompt_ids[i] for i in idx], tokenizer,
                      cfg, max_new_tokens, device, dtype, sample_g)
         mask = ro["mask"]
@@ -210,7 +221,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         kl = kl_penalty(ro["logprobs"], ro["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)  # whitened over the valid tokens of the batch
+        advantages = whiten(advantages, mask, total=distributed.total)  # over the valid tokens of the batch
         t_rollout = time.time() - t0
 
         policy.train()
@@ -220,7 +231,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         attn = torch.cat([ro["prompt_mask"], mask.long()], 1)
         P = ro["prompt"].size(1)
         for epoch in range(cfg.epochs):
-            for mb in torch.randperm(cfg.rollouts, generator=g).chunk(cfg.minibatches):
+            for mb in torch.randperm(len(idx), generator=g).chunk(cfg.minibatches):
                 mb = mb.to(device)
                 m = mask[mb]
                 with autocast(device, dtype):
@@ -234,17 +245,18 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                 for k, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy_loss", pl), ("value_loss", vl)):
                     stats[k].append(v.item())
 
-        kl = kl.sum(-1).mean().item()  # per response, the figure the controller steers
-        row = {"iteration": it, "score": ro["scores"].mean().item(), "kl": kl, "kl_coef": kl_ctl.value,
-               "entropy": ro["entropy"], "length": mask.sum(-1).mean().item(),
-               "eos_fraction": has_eos.float().mean().item(),
-               "explained_variance": explained_variance(ro["values"], returns, mask),
-               **{k: sum(v) / len(v) for k, v in stats.items()},
-               "seconds_generate": ro["seconds_generate"], "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
-        kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
+        figures = {"score": ro["scores"].mean().item(), "kl": kl.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
+                   "entropy": ro["entropy"], "length": mask.sum(-1).mean().item(),
+                   "eos_fraction": has_eos.float().mean().item(),
+                   "explained_variance": explained_variance(ro["values"], returns, mask),
+                   **{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
+                   "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
         if gold is not None:
             texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), mask.sum(-1).cpu())]
-            row["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
+            figures["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
+        row = {"iteration": it, **distributed.sum_row({k: v / W for k, v in figures.items()})}  # means over ranks
+        kl = row["kl"]  # per response, the figure the controller steers
+        kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
         append_jsonl(metrics_path, row)
         bar.update()
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")

@@ -8,6 +8,8 @@ import statistics
 
 import torch
 
+import distributed
+
 
 def text_histogram(gaps, delta, bins=16, width=40):
     """The gap histogram as text, with the bin that holds delta marked."""
@@ -23,7 +25,9 @@ def text_histogram(gaps, delta, bins=16, width=40):
 
 
 def _pyplot():
-    """matplotlib's pyplot without a display, or None: pictures are optional."""
+    """matplotlib's pyplot without a display, or None: pictures are optional (and rank 0's)."""
+    if not distributed.is_main():
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -125,6 +129,8 @@ def write_table(results, path):
     if results.get("reused"):
         lines.append(f"reused stages: {', '.join(results['reused'])}")
     text = "\n".join(lines) + "\n"
+    if not distributed.is_main():
+        return
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)

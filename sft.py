@@ -30,5 +30,6 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {}
 
     collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
-    row = fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft")
+    tokens = lambda batch: batch["response_mask"][:, 1:].sum().item()  # what the loss averages over
+    row = fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft", units=tokens)
     return row.get("loss", float("nan"))  # nan: --sft-steps 0, nothing trained

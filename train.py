@@ -1,4 +1,5 @@
-"""The command line: python train.py runs the whole MPO pipeline (mpo.pipeline) on the built-in task.
+"""The command line: python train.py runs the whole MPO pipeline (mpo.pipeline) on the built-in task;
+torchrun --nproc_per_node N train.py runs it data parallel (distributed.py).
 
 Every setting is a field of RunConfig or of a stage's config, and every field is a flag; a preset
 is a RunConfig. Stages: tokenizer, sft, rm, split, dpo, ppo, eval. Each writes a folder of the run
@@ -13,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+import distributed
 import training
 from data import FORMATS, DataError, Tokenizer, write_json
 from checkpoint import CheckpointError, file_sha256, load_gpt
@@ -43,6 +45,8 @@ class RunConfig:
     device: str = opt("", "cpu or cuda (default: cuda when there is one)")
     dtype: str = opt("", "default: bf16 on CUDA, fp32 on CPU", choices=["fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the training forward passes (pays on a GPU)")
+    grad_accum: int = opt(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
+                          "so a batch fits in less memory")
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
     ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all")
     delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)")
@@ -191,6 +195,10 @@ def check(run):
         return "--eval-split valid, --on-policy-pairs and --annotator-bias shape the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
         return "gold_split splits on the built-in task's gold reward: not with --data"
+    if run.grad_accum < 1:
+        return f"--grad-accum {run.grad_accum}: needs 1 or more"
+    if run.ppo.rollouts % distributed.world_size():
+        return f"--ppo-rollouts {run.ppo.rollouts} must split evenly over the {distributed.world_size()} ranks"
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         return f"--out {run.out} is a file, not a folder"
     try:
@@ -265,7 +273,10 @@ def experiment(run, init):
 
 def main(argv=None):
     run = parse_args(argv)
-    training.COMPILE = run.compile
+    run = dataclasses.replace(run, device=distributed.setup(run.device))  # cuda:LOCAL_RANK under torchrun
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints, as it alone writes
+    training.COMPILE, training.GRAD_ACCUM = run.compile, run.grad_accum
     try:
         init = check_init(run)
         with locked(run.out):
@@ -276,6 +287,7 @@ def main(argv=None):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    distributed.teardown()
 
 
 if __name__ == "__main__":

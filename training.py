@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import distributed
 from checkpoint import CheckpointError, atomic_write, load_weights, write_text
 
 
@@ -69,21 +70,26 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
-    """Backward, clip, step, zero. Returns the gradient norm before clipping.
-
-    A non-finite loss, or a non-finite gradient without fp16 loss scaling (where it is an
-    expected overflow and the scaler skips the step), stops training rather than spreading NaN.
-    """
+def backward(loss, scaler=None, step=0):
+    """loss.backward(), scaled with fp16. A non-finite loss stops training rather than spreading NaN."""
     if not torch.isfinite(loss):
         raise NonFiniteError(f"step {step}: the loss is {loss.item()} (learning rate too high?"
                              " with --dtype fp16, an overflow?)")
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
+    """Backward (loss None: the gradients are accumulated already), clip, step, zero. Returns
+    the gradient norm before clipping.
+
+    A non-finite gradient without fp16 loss scaling (where it is an expected overflow and the
+    scaler skips the step) stops training rather than spreading NaN.
+    """
+    if loss is not None:
+        backward(loss, scaler, step)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if scaler is not None:
         scaler.step(optimizer)  # skipped when the gradients overflowed
@@ -133,8 +139,9 @@ class StepState:
                 tensors.update({f"opt.{n}.{pid}.{k}": v.contiguous().cpu() for k, v in st.items()})
             meta["optimizers"][n] = sd["param_groups"]
         tensors["rng.cpu"] = torch.get_rng_state()
-        for i, g in enumerate(self.generators):
-            tensors[f"rng.g{i}"] = g.get_state().cpu()
+        for i, g in enumerate(self.generators):  # each rank samples with its own: keep them all
+            for r, s in enumerate(distributed.gather([g.get_state().cpu()])):
+                tensors[f"rng.g{i}" + (f".rank{r}" if r else "")] = s
         if torch.cuda.is_available():
             tensors.update({f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         atomic_write(self.path, lambda p: save_file(tensors, p, metadata={"json": json.dumps(meta)}))
@@ -163,7 +170,7 @@ class StepState:
             opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][n]})
         torch.set_rng_state(tensors["rng.cpu"])
         for i, g in enumerate(self.generators):
-            g.set_state(tensors[f"rng.g{i}"])
+            g.set_state(tensors.get(f"rng.g{i}.rank{distributed.rank()}", tensors[f"rng.g{i}"]))
         cuda_states = [tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda{i}" in tensors]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
@@ -181,8 +188,15 @@ def truncate_jsonl(path, key, below):
 
 # ----------------------------------------------------------------------------- one training loop
 
+GRAD_ACCUM = 1  # train.py --grad-accum sets it: micro-batches per rank and optimizer step
+
+
+def rows_of(batch):
+    return len(next(iter(batch.values())))
+
+
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
-        desc="train", show=("loss",), probe=None, probe_every=0):
+        desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of):
     """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
     cosine decay, a guarded optimizer step, one metrics.jsonl row per step, a progress bar, and a
     step state every cfg.save_every steps to resume from.
@@ -192,6 +206,11 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     shuffle. cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. probe(model)
     -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
     end. Returns the last row. epoch_steps converts epochs to steps.
+
+    Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
+    batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its
+    share of the whole batch's units(batch) (rows; SFT: response tokens), so the update is the
+    whole batch's, up to floating-point order.
     """
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -204,17 +223,34 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     start, _ = state.restore()
     metrics = os.path.join(folder, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
+    W, accum = distributed.world_size(), GRAD_ACCUM
+    smallest = min((len(b) for b in plan[:steps]), default=W * accum)
+    if smallest < W * accum:
+        raise StageError(f"{desc}: the smallest batch has {smallest} examples, fewer than {W} ranks x {accum} "
+                         "micro-batches; raise the batch size or lower --grad-accum")
     model.train()
-    forward = compiled(model)
-    bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start)
+    forward = distributed.wrap(compiled(model))
+    bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start, disable=not distributed.is_main())
     row = {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in plan[step]]).items()}
-        with autocast(device, dtype):
-            loss, row = step_loss(forward, batch)
-        optimizer_step(loss, opt, cfg.grad_clip, scaler, step)
-        row = {"step": step, "loss": loss.item(), **row, "lr": opt.param_groups[0]["lr"]}
+        mine = distributed.shard(plan[step])  # this rank's part of the batch, in accum micro-batches
+        parts = [mine[j * len(mine) // accum:(j + 1) * len(mine) // accum] for j in range(accum)]
+        batches = [{k: v.to(device) for k, v in collate([examples[i] for i in part]).items()} for part in parts]
+        sizes = [units(b) for b in batches]
+        whole = distributed.total(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
+        figures = {}
+        for j, batch in enumerate(batches):
+            weight = sizes[j] / whole  # 1 with one rank and one micro-batch
+            no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last
+            with (contextlib.nullcontext() if j == accum - 1 else no_sync()):
+                with autocast(device, dtype):
+                    loss, row = step_loss(forward, batch)
+                backward(loss * (weight * W), scaler, step)  # DDP divides the gradient by W
+            for k, v in {"loss": loss.item(), **row}.items():
+                figures[k] = figures.get(k, 0.0) + v * weight
+        optimizer_step(None, opt, cfg.grad_clip, scaler, step)
+        row = {"step": step, **distributed.sum_row(figures), "lr": opt.param_groups[0]["lr"]}
         if probe and ((step + 1) % probe_every == 0 or step + 1 == steps):
             row.update(probe(model))
             model.train()
@@ -280,6 +316,7 @@ class Runner:
         if kind not in self.stages:
             raise StageError(f"stage {name} is needed but not complete in {folder}; add {kind} to --stages")
         step_state = self.start(name, folder, fingerprint)
+        distributed.barrier()  # rank 0 has dropped a stale step state before any rank looks
         # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
         seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
@@ -290,11 +327,12 @@ class Runner:
         except NonFiniteError as e:
             kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
             raise NonFiniteError(f"stage {name}, {e}{kept}") from None
-        done = {"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), "summary": summary,
-                "finished": time.time()}
+        done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2),
+                                      "summary": summary, "finished": time.time()})  # one time: one fingerprint
         data.write_json(done_path, done)  # written last: the stage is complete
-        if os.path.exists(step_state):
+        if os.path.exists(step_state) and distributed.is_main():
             os.remove(step_state)
+        distributed.barrier()  # the stage's files are written before any rank reads them
         self.done[name], self.seconds[name] = done, done["seconds"]
         return summary
 
@@ -303,7 +341,7 @@ class Runner:
         os.makedirs(folder, exist_ok=True)
         started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
         if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
-            if os.path.exists(step_state):
+            if os.path.exists(step_state) and distributed.is_main():
                 os.remove(step_state)  # saved under other settings or inputs: start over
             data.write_json(started, {"fingerprint": fingerprint})
         return step_state
@@ -312,7 +350,10 @@ class Runner:
 @contextlib.contextmanager
 def locked(folder):
     """Hold folder/lock while a run writes there: a second run stops at once with a StageError;
-    a lock whose process has died (a crash, a kill) is taken over."""
+    a lock whose process has died (a crash, a kill) is taken over. Rank 0 holds it for all."""
+    if not distributed.is_main():
+        yield
+        return
     created = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
     path, tmp = os.path.join(folder, "lock"), os.path.join(folder, f"lock.tmp{os.getpid()}")

@@ -13,7 +13,7 @@ from training import StageError, locked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
-LAYERS = [["task"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
+LAYERS = [["task", "distributed"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
           ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["train"], ["bench"]]
 
 
