@@ -117,7 +117,7 @@ def write_table(results, path):
         lines.append(f"\nbest constant: {reference['best_constant_text']!r}")
     s = results.get("split", {})
     if s.get("delta") is not None:
-        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']}, hard {s['hard']}")
+        lines.append(f"\nsplit: delta {s['delta']:.3g}, easy {s['easy']:g}, hard {s['hard']:g}")
         if s.get("easy_label_agreement") is not None:
             lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
                           f"hard {s['hard_label_agreement']:.3f}")
