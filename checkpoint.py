@@ -9,8 +9,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
-import distributed
-from data import DataError, read_json
+from data import DataError, atomic_write, read_json, write_text
 from model import GPT, GPTConfig, ScalarModel
 
 
@@ -18,22 +17,6 @@ from model import GPT, GPTConfig, ScalarModel
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded: the message names the file and the key."""
-
-
-def write_text(path, text):
-    """A small text file, written under a temporary name and renamed into place."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def atomic_write(path, write):
-    if not distributed.is_main():  # rank 0 alone writes
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
 
 
 def save_checkpoint(model, folder, **extra):

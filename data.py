@@ -23,15 +23,25 @@ class DataError(ValueError):
     """A mistake in a user's file: the message names the file, the line and the field."""
 
 
-def write_json(path, obj):
-    """Write to a temporary name and rename into place: a kill never leaves half a file.
-    Rank 0 alone writes (distributed.py), as in every writer of the project."""
+def atomic_write(path, write):
+    """write(tmp) to a temporary name, then rename into place: a kill leaves the old file or the
+    new one, never half of one. Rank 0 alone writes (distributed.py): every writer comes here."""
     if not distributed.is_main():
         return
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def read_json(path):
@@ -94,11 +104,7 @@ class Tokenizer:
             raise DataError(f"{path}: {e}") from None
 
     def save(self, path):
-        if not distributed.is_main():
-            return
-        tmp = f"{path}.tmp{os.getpid()}"
-        self.tok.save(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, self.tok.save)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids

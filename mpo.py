@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import atomic_write, file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
-from data import read_json, write_json
+from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
+from data import atomic_write, read_json, write_json
 from dpo import train_dpo
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig

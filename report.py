@@ -3,12 +3,12 @@ and spread over seeds and paired intervals. Pictures need matplotlib, which is o
 it, text only."""
 import json
 import math
-import os
 import statistics
 
 import torch
 
 import distributed
+from data import write_text
 
 
 def text_histogram(gaps, delta, bins=16, width=40):
@@ -129,11 +129,7 @@ def write_table(results, path):
     if results.get("reused"):
         lines.append(f"reused stages: {', '.join(results['reused'])}")
     text = "\n".join(lines) + "\n"
-    if not distributed.is_main():
-        return
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text(path, text)
     print("\n" + text)
 
 

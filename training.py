@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import CheckpointError, atomic_write, load_weights, write_text
+from checkpoint import CheckpointError, load_weights
+from data import atomic_write, write_text
 
 
 # ----------------------------------------------------------------------------- precision and steps
