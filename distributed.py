@@ -4,7 +4,8 @@ whole, computes on its share of each global batch, and DDP averages the gradient
 (nccl on CUDA, gloo on the CPU). Started without torchrun, every function here is the
 single-process identity, so one code path serves both.
 
-Rank 0 alone writes files: data.atomic_write and data.append_jsonl, which every writer uses, ask is_main().
+Rank 0 alone writes files: data.atomic_write and data.append_jsonl, which every writer uses, and
+report._pyplot (the plots) ask is_main().
 Every rank reads the same files; the Runner puts a barrier after each stage so that they exist.
 """
 import os
