@@ -47,11 +47,15 @@ def is_main():
     return rank() == 0
 
 
+def chunks(items, k):
+    """k near-equal contiguous parts of a list, which concatenated give the list back."""
+    n = len(items)
+    return [items[j * n // k:(j + 1) * n // k] for j in range(k)]
+
+
 def shard(items):
-    """This rank's part of a list: the r-th of W near-equal contiguous chunks, so the parts
-    concatenated in rank order give the list back."""
-    n, W, r = len(items), world_size(), rank()
-    return items[r * n // W:(r + 1) * n // W]
+    """This rank's part of a list: the r-th of W chunks, so the parts in rank order give it back."""
+    return chunks(items, world_size())[rank()]
 
 
 def gather(items):

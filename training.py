@@ -231,19 +231,18 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
                          "micro-batches; raise the batch size or lower --grad-accum")
     model.train()
     forward = distributed.wrap(compiled(model))
+    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start, disable=not distributed.is_main())
     row = {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
-        mine = distributed.shard(plan[step])  # this rank's part of the batch, in accum micro-batches
-        parts = [mine[j * len(mine) // accum:(j + 1) * len(mine) // accum] for j in range(accum)]
+        parts = distributed.chunks(distributed.shard(plan[step]), accum)  # this rank's part, in micro-batches
         batches = [{k: v.to(device) for k, v in collate([examples[i] for i in part]).items()} for part in parts]
         sizes = [units(b) for b in batches]
         whole = distributed.total(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
         figures = {}
         for j, batch in enumerate(batches):
             weight = sizes[j] / whole  # 1 with one rank and one micro-batch
-            no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last
             with (contextlib.nullcontext() if j == accum - 1 else no_sync()):
                 with autocast(device, dtype):
                     loss, row = step_loss(forward, batch)
