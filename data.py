@@ -12,7 +12,7 @@ import random
 import torch
 
 import distributed
-from task import entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
+from task import answer_choices, entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -273,7 +273,7 @@ def load_task(run, seed, tau, log=print):
         if run.eval_prompts:
             task["eval"] = task["eval"][:run.eval_prompts]
         return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores,
-                "entropy_floor": entropy_floor, "kind": prompt_kind,
+                "entropy_floor": entropy_floor, "kind": prompt_kind, "answers": answer_choices,
                 "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref,
                                                **({"bias": run.annotator_bias, "bias_kind": run.bias_kind}
                                                   if run.annotator_bias else {}),
@@ -294,7 +294,8 @@ def load_task(run, seed, tau, log=print):
     files = [f for f in (run.data, run.eval_data, run.sft_data) if f]
     key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
     return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None,
-            "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "key": key}
+            "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
+            "key": key}
 
 
 def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):

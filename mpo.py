@@ -29,7 +29,7 @@ from dpo import train_dpo
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
 from ppo import train_ppo
-from reward import load_reward_model, score, train_reward_model
+from reward import fact_accuracy, load_reward_model, score, train_reward_model
 from report import plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
@@ -291,8 +291,13 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
 
         def rm_stage(folder):
             model, _ = load_checkpoint(runner.path("sft"), kind="scalar", device=device)
-            return train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
-                                      cfgs["rm"], folder, R, device, dtype, seed)
+            summary = train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
+                                         cfgs["rm"], folder, R, device, dtype, seed)
+            if task["answers"]:  # does it know the facts? (README, "With a better reward model")
+                summary |= fact_accuracy(model, tokenizer, task["eval"], task["answers"], R, device, dtype)
+                tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
+                           f"of the factual evaluation questions (chance {summary['fact_chance']:.0%})")
+            return summary
         runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage)
         kind_of = task["kind"]
         split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(

@@ -120,3 +120,18 @@ def evaluate_pairs(model, tokenizer, records, max_response, device="cpu", dtype=
         decided = gold != 0  # pairs whose gold rewards tie have no right answer
         out["held_out_gold_accuracy"] = ((chosen - rejected)[decided].sign() == gold[decided].sign()).float().mean().item()
     return out
+
+
+def fact_accuracy(model, tokenizer, prompts, answers, max_response, device="cpu", dtype="fp32"):
+    """How often the model scores the right answer above every wrong one to the same question,
+    and what a scorer that knows no fact gets by chance. answers(prompt) -> (sentences, index of
+    the right one) or None (task.answer_choices)."""
+    probes = [(p, *a) for p in prompts for a in [answers(p)] if a]
+    flat = [(p, r) for p, rs, _ in probes for r in rs]
+    scores = score(model, tokenizer, [p for p, _ in flat], [r for _, r in flat], max_response, device, dtype)
+    hits, at = [], 0
+    for _, rs, right in probes:
+        s = scores[at:at + len(rs)]
+        hits.append(float(s[right] > torch.cat([s[:right], s[right + 1:]]).max()))
+        at += len(rs)
+    return {"fact_accuracy": sum(hits) / len(hits), "fact_chance": sum(1 / len(rs) for _, rs, _ in probes) / len(probes)}

@@ -238,6 +238,16 @@ def well_formed(prompt, response):
     return response in responses(kind, subject)
 
 
+def answer_choices(prompt):
+    """(the bare answer sentences a factual question admits, the index of the right one), or None
+    for a harmful request: a probe of whether a scorer knows the facts, style held fixed."""
+    kind, subject = _parse(prompt)
+    if kind == "harm":
+        return None
+    answers = list(dict.fromkeys(FACTS[kind][2].values()))
+    return [" " + body for body in _bodies(kind, subject)[:len(answers)]], answers.index(FACTS[kind][2][subject])
+
+
 def reference_scores(prompts):
     """What no training is needed for, over the evaluation prompts: the mean of the best gold
     reward per prompt ("best possible") and the single response with the best mean gold ("best

@@ -74,6 +74,33 @@ def test_reference_scores_by_hand():
     assert harms["best_constant"] == 2.5 and builtin.well_formed(HARM, harms["best_constant_text"])
 
 
+def test_answer_choices_hold_one_right_answer_per_question():
+    probed = 0
+    for prompt, kind, _ in builtin.all_prompts():
+        choices = builtin.answer_choices(prompt)
+        if kind == "harm":
+            assert choices is None
+            continue
+        sentences, right = choices
+        golds = [builtin.gold_reward(prompt, s) for s in sentences]
+        assert golds[right] == 2.0 and sorted(golds)[-2] < 2.0
+        assert all(builtin.well_formed(prompt, s) for s in sentences)
+        probed += 1
+    assert probed > 1000
+
+
+def test_fact_accuracy_counts_the_right_answer_on_top(monkeypatch):
+    """With the gold reward as the scorer every right answer is on top; with its negation none is."""
+    import reward
+    prompts = builtin.make_task(0, n_sft=0, n_pref=0)["eval"]
+    for sign, expected in ((1, 1.0), (-1, 0.0)):
+        monkeypatch.setattr(reward, "score", lambda model, tok, ps, rs, *a: torch.tensor(
+            [sign * builtin.gold_reward(p, r) for p, r in zip(ps, rs)]))
+        out = reward.fact_accuracy(None, None, prompts, builtin.answer_choices, 32)
+        assert out["fact_accuracy"] == expected
+        assert 0.05 < out["fact_chance"] < 0.2  # one right answer among 6 to 16
+
+
 def test_entropy_floor_is_entropy_per_token():
     import math
     dist = builtin.demonstration_distribution(Q)

@@ -184,6 +184,7 @@ def test_reward_model_beats_chance(run_dir):
     out = run_dir
     summary = read(out / "rm" / "done.json")["summary"]
     assert summary["held_out_gold_accuracy"] > 0.6
+    assert 0.0 <= summary["fact_accuracy"] <= 1.0 and 0.05 < summary["fact_chance"] < 0.2
     metrics = [json.loads(l) for l in open(out / "rm" / "metrics.jsonl")]
     assert {"loss", "accuracy", "chosen", "rejected"} <= set(metrics[0])
 
