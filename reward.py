@@ -129,9 +129,6 @@ def fact_accuracy(model, tokenizer, prompts, answers, max_response, device="cpu"
     probes = [(p, *a) for p in prompts for a in [answers(p)] if a]
     flat = [(p, r) for p, rs, _ in probes for r in rs]
     scores = score(model, tokenizer, [p for p, _ in flat], [r for _, r in flat], max_response, device, dtype)
-    hits, at = [], 0
-    for _, rs, right in probes:
-        s = scores[at:at + len(rs)]
-        hits.append(float(s[right] > torch.cat([s[:right], s[right + 1:]]).max()))
-        at += len(rs)
+    hits = [float(s[right] > torch.cat([s[:right], s[right + 1:]]).max())
+            for (_, _, right), s in zip(probes, scores.split([len(rs) for _, rs, _ in probes]))]
     return {"fact_accuracy": sum(hits) / len(hits), "fact_chance": sum(1 / len(rs) for _, rs, _ in probes) / len(probes)}
