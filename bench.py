@@ -5,7 +5,8 @@
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
-the prefix), and, when transformers is installed, its GPT-2 of the same shape for lm and sample.
+the prefix), logp (the error of bf16 log-probs), and, when transformers is installed, its GPT-2
+of the same shape for lm and sample.
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 """
 import argparse
@@ -14,7 +15,7 @@ import time
 import torch
 
 from dpo import pair_logps
-from model import GPT, GPTConfig, ScalarModel, generate
+from model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, token_logprobs
 from ppo import PPOConfig, train_ppo
 from train import PRESETS
 import training
@@ -60,6 +61,19 @@ def lm_step(model, ids, opt, device, dtype, hf=False):
     optimizer_step(loss, opt, 1.0)
 
 
+@torch.no_grad()
+def logp_errors(model, seq, P, device):
+    """|log p under bf16 autocast - log p in float32| per response token: with the vocabulary
+    projection in float32 (model.GPT.output) and, as before it was, under autocast. -> (logits'
+    standard deviation, errors with the float32 projection, errors with the bf16 one)."""
+    attn = torch.ones_like(seq)
+    exact, logits = response_logprobs(model, seq, attn, P)
+    with autocast(device, "bf16"):
+        mixed, _ = response_logprobs(model, seq, attn, P)
+        rounded = model.lm_head(model(seq, attn, hidden=True)[:, P - 1:-1])
+    return logits.std().item(), (mixed - exact).abs(), (token_logprobs(rounded, seq[:, P:]) - exact).abs()
+
+
 def hf_twin(cfg, device):
     """transformers' GPT-2 of the same shape, random weights; None without transformers."""
     try:
@@ -84,7 +98,7 @@ def main():
     p.add_argument("--new", type=int, default=256 if cuda else 48)
     p.add_argument("--rollouts", type=int, default=64, help="PPO rollouts per iteration; sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
-    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache")
+    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     a = p.parse_args()
     dtype = a.dtype or default_dtype(a.device)
@@ -183,6 +197,19 @@ def main():
         print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
               f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
               f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
+    if "logp" in figures:
+        # a random init's logits are small (bf16 rounds them little); a trained model's spread wider:
+        # the final norm's gain 30 gives them a trained model's size (tens)
+        seq = torch.randint(0, cfg.vocab_size, (min(B, 16), T), device=a.device)
+        for gain in (1.0, 30.0):
+            with torch.no_grad():
+                model.transformer.ln_f.weight.fill_(gain)
+            std, ours, rounded = logp_errors(model.eval(), seq, a.prompt, a.device)
+            print(f"bf16 log-probs |error| per token, logits' sd {std:5.2f}: mean {ours.mean():.4f} max "
+                  f"{ours.max():.4f} nat; with bf16 logits (the projection under autocast) mean "
+                  f"{rounded.mean():.4f} max {rounded.max():.4f}")
+        with torch.no_grad():
+            model.transformer.ln_f.weight.fill_(1.0)
     if a.device == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:11.1f} GiB")
 

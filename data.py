@@ -45,9 +45,10 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    """A JSON file; a missing file or bad JSON raises DataError naming the file and the line."""
+    """A JSON file, with or without a byte-order mark; a missing file or bad JSON raises DataError
+    naming the file and the line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
@@ -93,9 +94,9 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         from tokenizers import Tokenizer as HFTokenizer
-        read_json(path)  # a missing file or bad JSON: a clear error
+        text = json.dumps(read_json(path))  # a missing file or bad JSON: a clear error; a BOM: gone
         try:
-            tok = HFTokenizer.from_file(path)
+            tok = HFTokenizer.from_str(text)
         except Exception as e:  # the library's own message, on one line
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
         try:
@@ -117,7 +118,8 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- preference files
 
 def read_lines(path):
-    """(line number, text) of a plain or gzip text file; errors name the file (and the line)."""
+    """(line number, text) of a plain or gzip text file, its lines ending in LF or CRLF, with or without
+    a byte-order mark; errors name the file (and the line)."""
     import gzip
     import zlib
     if not os.path.isfile(path):
@@ -133,7 +135,7 @@ def read_lines(path):
     out = []
     for n, line in enumerate(lines, 1):
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig" if n == 1 else "utf-8").removesuffix("\r")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
         if text.strip():

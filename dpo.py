@@ -9,22 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from data import batches, pair_batch, tokenize_pairs
-from model import sequence_logps
+from model import response_logits, sequence_logps
 from training import autocast, epoch_steps, fit
 
 
 @dataclass
 class DPOConfig:
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO: assumed label flip rate"})
+    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward",
+                                               "range": "(0, inf)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO (sigmoid loss): assumed label "
+                                                          "flip rate", "range": "[0, 0.5)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo", "choices": ["sigmoid", "ipo"]})
-    epochs: int = field(default=2, metadata={"help": "passes over the training pairs"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=10, metadata={"help": "warmup steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
+    epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
+    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
+                                                  "range": "[0, inf)"})
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -50,8 +54,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 def pair_logps(model, batch):
     """One forward pass over the 2B rows of a pair batch -> (chosen (B,), rejected (B,)) log-probs."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return sequence_logps(logits, batch["input_ids"], batch["response_mask"]).chunk(2)
+    return sequence_logps(*response_logits(model, batch)).chunk(2)
 
 
 @torch.no_grad()

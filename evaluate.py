@@ -11,10 +11,10 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from data import collate, left_pad
+from data import collate, encode_response, left_pad
 from model import generate, kl_penalty, response_logprobs
 from report import paired_interval
-from reward import score, score_ids
+from reward import score_ids
 from training import autocast
 
 
@@ -83,18 +83,22 @@ def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_token
     return judged
 
 
-def chosen_values(task, reward_model, tokenizer, max_response, device="cpu", dtype="fp32"):
+def chosen_values(task, reward_model, tokenizer, max_response, no_eos_score=-2.0, device="cpu", dtype="fp32"):
     """[(index of the evaluation prompt, the judge's value of the data's chosen response)] for the
-    held-out records whose prompt is evaluated: the reference of PAPER.md's win rate."""
+    held-out records whose prompt is evaluated: the reference of the win rate against the data.
+    The chosen response is judged as a policy's answer is: cut at max_response tokens, and a cut
+    one (no eos) gets no_eos_score from the reward model, its decoded text from the gold reward."""
     index = {p: i for i, p in enumerate(task["eval"])}
     records = [r for r in task["held_out"] if r["prompt"] in index]
     if not records:
         return []
+    room = reward_model.config.block_size - max_response
+    answers = [(tokenizer.encode(r["prompt"])[-room:], encode_response(tokenizer, r["chosen"])[:max_response])
+               for r in records]
     if task["gold"]:
-        values = [r["gold_chosen"] for r in records]
+        values = [task["gold"](r["prompt"], tokenizer.decode(ids)) for r, (_, ids) in zip(records, answers)]
     else:
-        values = score(reward_model, tokenizer, [r["prompt"] for r in records], [r["chosen"] for r in records],
-                       max_response, device, dtype).tolist()
+        values = scored(answers, reward_model, tokenizer, no_eos_score, device, dtype)
     return [(index[r["prompt"]], v) for r, v in zip(records, values)]
 
 

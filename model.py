@@ -132,8 +132,9 @@ class GPT(nn.Module):
         """Parameters without the position embeddings (the count MFU uses)."""
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False):
-        """idx (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, n_embd) with hidden=True.
+    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0):
+        """idx (B, T) -> float32 logits (B, T - logits_from, vocab) of the positions logits_from on
+        (negative: counted from the end), or the final hidden states (B, T, n_embd) with hidden=True.
 
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
         Without it the batch has no padding and attention takes the fused causal path.
@@ -156,7 +157,16 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        return x if hidden else self.lm_head(x)
+        return x if hidden else self.output(x[:, logits_from:])
+
+    def output(self, x):
+        """The vocabulary projection, in float32 even under autocast (the body may run in bf16):
+        bf16 keeps 8 bits, so a logit of size 16-32 is rounded by up to 1/16, and every log-prob
+        of PPO's ratio, its KL penalty and DPO's margin would carry that error (bench.py --figures
+        logp measures it). Callers project only the positions whose next token they score
+        (logits_from): at a vocabulary of 50k the logits are the largest tensor of a step."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.lm_head.weight.float())
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW; weight decay on the matrices only, not on biases, norms or embeddings."""
@@ -210,6 +220,17 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
+def autocast_dtype(device_type):
+    """The dtype autocast computes in on this device type ("cuda", "cpu"), or None outside autocast."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4; the older calls below are deprecated there
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
 @torch.no_grad()
 def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
              top_p=None, eos_id=None, pad_id=0, generator=None, check_every=8):
@@ -224,9 +245,7 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
     device = prompt.device
     if prompt_mask is not None and bool(prompt_mask.all()):
         prompt_mask = None  # no padding: the fused attention path
-    dtype = next(model.parameters()).dtype
-    if device.type == "cuda" and torch.is_autocast_enabled():
-        dtype = torch.get_autocast_gpu_dtype()
+    dtype = autocast_dtype(device.type) or next(model.parameters()).dtype  # the keys' and values' dtype
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
     mask = None
     if prompt_mask is not None:
@@ -236,7 +255,7 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
                  else torch.full((B, 1), P, device=device))
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits = model(prompt, prompt_mask, cache=cache)[:, -1]
+    logits = model(prompt, prompt_mask, cache=cache, logits_from=-1)[:, -1]
     n = max_new_tokens
     for t in range(max_new_tokens):
         if temperature == 0:  # greedy
@@ -291,10 +310,26 @@ def sft_loss(logits, labels, mask):
     return -sequence_logps(logits, labels, mask).sum() / mask[:, 1:].sum()
 
 
+def response_start(response_mask):
+    """The first column of any response in a collated batch (data.collate left-pads every prompt
+    to it); at least 1, since the first token of a row has no logits before it."""
+    return max(1, int(response_mask.any(0).long().argmax()))
+
+
+def response_logits(model, batch):
+    """The forward pass of SFT and DPO on a collated batch: logits from the column before the first
+    response token on, with the labels and mask cut to match, for sequence_logps and sft_loss.
+    The prompt's positions are never projected to the vocabulary."""
+    P = response_start(batch["response_mask"])
+    logits = model(batch["input_ids"], batch["attention_mask"], logits_from=P - 1)
+    return logits, batch["input_ids"][:, P - 1:], batch["response_mask"][:, P - 1:]
+
+
 def response_logprobs(model, seq, attn, P, temperature=1.0):
     """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
-    at the sampling temperature: one full forward pass, as the rollout and the update both make."""
-    logits = model(seq, attn)[:, P - 1:-1].float() / temperature
+    at the sampling temperature, and their logits (B, N, V): one forward pass, projecting only the
+    positions that predict a response token, the computation of the rollout and of the update."""
+    logits = model(seq, attn, logits_from=P - 1)[:, :-1] / temperature
     return token_logprobs(logits, seq[:, P:]), logits
 
 

@@ -38,11 +38,12 @@ from training import Runner, Stop
 
 @dataclass
 class SplitConfig:
+    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
     delta: float = field(default=1.0, metadata={"help": "easy = gap > delta, in reward units: under Bradley-Terry "
                                                 "the reward model gives the chosen response sigmoid(delta) "
-                                                "chance of winning (delta 1 = 73%%)"})
+                                                "chance of winning (delta 1 = 73%%)", "range": "(-inf, inf)"})
     easy_fraction: float = field(default=0.0, metadata={"help": "if > 0, choose delta so that this fraction "
-                                                        "of the pairs is easy (overrides --delta)"})
+                                                        "of the pairs is easy (overrides --delta)", "range": "[0, 1)"})
 
 
 class Method(NamedTuple):
@@ -348,7 +349,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
             write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
                                                                for i, p in enumerate(task["eval"][:50])])
-            chosen = chosen_values(task, reward_model, tokenizer, R, device, dtype)
+            chosen = chosen_values(task, reward_model, tokenizer, R, cfgs["ppo"].no_eos_score, device, dtype)
             return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged},
                     "vs_mpo": against_mpo(judged)}
         settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,

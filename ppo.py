@@ -20,30 +20,39 @@ from reward import rewards_at_last_token
 
 @dataclass
 class PPOConfig:
+    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
     iterations: int = field(default=145, metadata={"help": "rollout-and-update rounds on all the pairs' prompts; "
                                                    "a step on a subset runs this times its share (MPO's hard "
-                                                   "set, about 55%%: 80)"})
-    rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration"})
-    epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts"})
-    minibatches: int = field(default=2, metadata={"help": "minibatches per epoch"})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate"})
-    critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate"})
-    clip: float = field(default=0.2, metadata={"help": "policy ratio clip eps"})
-    clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v"})
-    gamma: float = field(default=1.0, metadata={"help": "discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+                                                   "set, about 55%%: 80)", "range": "[1, inf)"})
+    rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration", "range": "[1, inf)"})
+    epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts",
+                                               "range": "[1, inf)"})
+    minibatches: int = field(default=2, metadata={"help": "minibatches per epoch", "range": "[1, inf)"})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate", "range": "(0, inf)"})
+    critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate", "range": "(0, inf)"})
+    clip: float = field(default=0.2, metadata={"help": "policy ratio clip eps", "range": "(0, inf)"})
+    clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v", "range": "(0, inf)"})
+    gamma: float = field(default=1.0, metadata={"help": "discount", "range": "[0, 1]"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda", "range": "[0, 1]"})
     # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
     # under target, then the policy overshot into reward hacking (README, "KL control")
-    kl_coef: float = field(default=0.5, metadata={"help": "beta_kl (initial beta_kl when adaptive)"})
-    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl"})
-    kl_horizon: int = field(default=640, metadata={"help": "adaptive KL horizon in rollouts (640: ten iterations of 64)"})
+    kl_coef: float = field(default=0.5, metadata={"help": "beta_kl (initial beta_kl when adaptive)",
+                                                   "range": "[0, inf)"})
+    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl",
+                                                     "range": "[0, inf)"})
+    kl_horizon: int = field(default=640, metadata={"help": "adaptive KL horizon in rollouts (640: ten iterations of 64)",
+                                                    "range": "[1, inf)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3",
                                                       "choices": ["k1", "k3"]})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs"})
-    no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: never)"})
-    sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs",
+                                                       "range": "(0, inf)"})
+    no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)",
+                                                         "range": "(-inf, inf)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
+    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: never)",
+                                                  "range": "[0, inf)"})
+    sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)",
+                                                    "range": "[0, inf)"})
 
 
 # ----------------------------------------------------------------------------- the math, pure functions
@@ -103,24 +112,32 @@ def eos_trick(scores, tokens, mask, eos_id, penalty):
     return torch.where(has_eos, scores, torch.full_like(scores, penalty)), has_eos
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+def token_mean(x, mask, n_tokens=None):
+    """The sum of x over the positions where mask is 1, over n_tokens (default: the mask's count).
+    Data parallel, n_tokens is the whole minibatch's count over all ranks (train_ppo)."""
+    n = mask.sum() if n_tokens is None else n_tokens
+    return (x * mask).sum() / n.clamp(min=1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip, n_tokens=None):
     """Clipped surrogate: mean_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
 
-    All (B, N) -> (loss, clip fraction, approximate KL (k3 estimator, Schulman 2020)).
+    All (B, N) -> (loss, clip fraction, approximate KL (k3 estimator, Schulman 2020)), each a
+    token_mean over n_tokens.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
     with torch.no_grad():
-        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
-        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
-    return masked_mean(losses, mask), clipfrac, approx_kl
+        clipfrac = token_mean(((ratio - 1).abs() > clip).float(), mask, n_tokens)
+        approx_kl = token_mean(ratio - 1 - log_ratio, mask, n_tokens)
+    return token_mean(losses, mask, n_tokens), clipfrac, approx_kl
 
 
-def value_loss(values, old_values, returns, mask, clip_value):
+def value_loss(values, old_values, returns, mask, clip_value, n_tokens=None):
     """0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2); all (B, N) -> scalar."""
     clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * token_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, n_tokens)
 
 
 class FixedKL:
@@ -150,31 +167,73 @@ def explained_variance(values, returns, mask):
 # ----------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
-def rollout(policy, reference, reward_model, critic, prompts, tokenizer, cfg, max_new_tokens,
-            device, dtype, generator):
-    """Sample responses to `prompts` (lists of ids) and score them; returns a dict of tensors."""
+def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, device, dtype, generator):
+    """Sample responses to `prompts` (lists of ids) and score them with the reward model.
+
+    Returns seq (B, P + N) = left-padded prompt + response, attn (B, P + N), P, tokens and mask
+    (B, N), the raw scores (B,) and the sampling time."""
     prompt, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
     policy.eval()  # dropout off while sampling and scoring; the update turns it back on
-    critic.eval()
     t0 = time.perf_counter()
     with autocast(device, dtype):
         tokens, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
-                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
         if tokens.is_cuda:
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
         seconds_generate = time.perf_counter() - t0
-        seq, attn, P = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1), prompt.size(1)
-        # log-probs recomputed with a full forward pass, at the sampling temperature, the same
-        # computation the update will make: at ratio 1 the first minibatch is exactly on-policy
-        logprobs, logits = response_logprobs(policy, seq, attn, P, cfg.temperature)
-        ref_logprobs, _ = response_logprobs(reference, seq, attn, P, cfg.temperature)
-        values = critic(seq, attn)[:, P - 1:-1].float()
+        seq, attn = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1)
         scores = rewards_at_last_token(reward_model(seq, attn).float(), attn)  # centred already
-    mask = mask.float()
-    entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mask)
-    return {"prompt": prompt, "prompt_mask": prompt_mask, "tokens": tokens, "mask": mask,
-            "logprobs": logprobs * mask, "ref_logprobs": ref_logprobs * mask, "values": values * mask,
-            "scores": scores, "entropy": entropy.item(), "seconds_generate": seconds_generate}
+    return {"seq": seq, "attn": attn, "P": prompt.size(1), "tokens": tokens, "mask": mask.float(),
+            "scores": scores, "seconds_generate": seconds_generate}
+
+
+def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device, dtype):
+    """log pi_old, log pi_ref, V_old (B, N) and the policy's entropy per token, for the rollouts.
+
+    log pi_old is the update's own computation: the same module (compiled, DDP-wrapped), the same
+    rows together, the same autocast, train mode and autograd on (a compiled module runs another
+    graph in eval mode or without grad, and another graph may round otherwise), then detached. So
+    the first minibatch's ratio is exactly 1 in any precision. (The model has no dropout; with
+    dropout, train mode would make log pi_old noisy.)
+    """
+    policy.train()
+    critic.eval()  # V_old is read with dropout off, as the reward model reads the rollouts
+    seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
+    out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    for mb in minibatches:
+        mb = mb.to(seq.device)
+        with autocast(device, dtype):
+            logprobs, logits = response_logprobs(policy, seq[mb], attn[mb], P, temperature)
+            with torch.no_grad():
+                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature)
+                values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
+        logprobs, logits = logprobs.detach(), logits.detach()
+        out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs, ref_logprobs, values
+        out["entropy"][mb] = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    return {k: v * mask for k, v in out.items()}
+
+
+# Data parallel, each rank holds some rows of a minibatch. A rank's loss is its token sum over the
+# whole minibatch's token count n (all ranks), times the ranks W, since DDP averages the ranks'
+# gradients: the update is the whole minibatch's token mean, whatever the ranks' response lengths.
+# The figures (the rank's share, times W) average over the ranks to the whole minibatch's.
+
+def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype):
+    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures)."""
+    W, n = distributed.world_size(), distributed.total(mask.sum())
+    with autocast(device, dtype):
+        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature)
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
+    return W * loss, {"policy_loss": W * loss.item(), "clipfrac": W * clipfrac.item(), "approx_kl": W * approx_kl.item()}
+
+
+def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype):
+    """One minibatch's clipped value loss on this rank's rows -> (loss to backward, figures)."""
+    W, n = distributed.world_size(), distributed.total(mask.sum())
+    with autocast(device, dtype):
+        values = critic(seq, attn)[:, P - 1:-1].float()
+    loss = value_loss(values, old_values, returns, mask, cfg.clip_value, n)
+    return W * loss, {"value_loss": W * loss.item()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -202,53 +261,54 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     g = torch.Generator().manual_seed(seed)  # the prompts and minibatches: the same on every rank
     sample_g = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
-                      {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g])
+                      {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g],
+                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler})
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "iteration", start)
+    # DDP(compile(model)) on purpose: see training.fit
     policy_forward, critic_forward = distributed.wrap(compiled(policy)), distributed.wrap(compiled(critic))
     bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start,
                disable=not distributed.is_main())
     for it in range(start, cfg.iterations):
         t0 = time.time()
         idx = distributed.shard(torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist())
-        ro = rollout(policy, reference, reward_model, critic, [prompt_ids[i] for i in idx], tokenizer,
-                     cfg, max_new_tokens, device, dtype, sample_g)
-        mask = ro["mask"]
+        ro = rollout(policy, reward_model, [prompt_ids[i] for i in idx], tokenizer, cfg, max_new_tokens,
+                     device, dtype, sample_g)
+        seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
+        # every epoch's minibatches, drawn now: the old log-probs are computed on the first epoch's
+        epochs = [torch.randperm(len(idx), generator=g).chunk(cfg.minibatches) for _ in range(cfg.epochs)]
+        old = old_logprobs(policy_forward, reference, critic_forward, ro, epochs[0], cfg.temperature, device, dtype)
         # EOS trick: a response cut at the length limit gets a fixed penalty score
         scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
-        kl = kl_penalty(ro["logprobs"], ro["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
+        kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
-        advantages, returns = gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
+        advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask, total=distributed.total)  # over the valid tokens of the batch
         t_rollout = time.time() - t0
 
         policy.train()
         critic.train()
         stats = {"clipfrac": [], "approx_kl": [], "policy_loss": [], "value_loss": []}
-        seq = torch.cat([ro["prompt"], ro["tokens"]], 1)
-        attn = torch.cat([ro["prompt_mask"], mask.long()], 1)
-        P = ro["prompt"].size(1)
-        for epoch in range(cfg.epochs):
-            for mb in torch.randperm(len(idx), generator=g).chunk(cfg.minibatches):
+        for minibatches in epochs:
+            for mb in minibatches:
                 mb = mb.to(device)
-                m = mask[mb]
-                with autocast(device, dtype):
-                    logprobs, _ = response_logprobs(policy_forward, seq[mb], attn[mb], P, cfg.temperature)
-                pl, clipfrac, approx_kl = policy_loss(logprobs, ro["logprobs"][mb], advantages[mb], m, cfg.clip)
-                optimizer_step(pl, policy_opt, cfg.grad_clip, policy_scaler, it)
-                with autocast(device, dtype):
-                    values = critic_forward(seq[mb], attn[mb])[:, P - 1:-1].float()
-                vl = value_loss(values, ro["values"][mb], returns[mb], m, cfg.clip_value)
-                optimizer_step(vl, critic_opt, cfg.grad_clip, critic_scaler, it)
-                for k, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy_loss", pl), ("value_loss", vl)):
-                    stats[k].append(v.item())
+                loss, policy_figures = minibatch_policy_loss(policy_forward, seq[mb], attn[mb], P, mask[mb],
+                                                             old["logprobs"][mb], advantages[mb], cfg, device, dtype)
+                optimizer_step(loss, policy_opt, cfg.grad_clip, policy_scaler, it)
+                loss, value_figures = minibatch_value_loss(critic_forward, seq[mb], attn[mb], P, mask[mb],
+                                                           old["values"][mb], returns[mb], cfg, device, dtype)
+                optimizer_step(loss, critic_opt, cfg.grad_clip, critic_scaler, it)
+                for k, v in {**policy_figures, **value_figures}.items():
+                    stats[k].append(v)
 
-        figures = {"score": ro["scores"].mean().item(), "kl": kl.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
-                   "entropy": ro["entropy"], "length": mask.sum(-1).mean().item(),
+        # score: what PPO maximises (the reward model's score after the EOS trick); rm_score: before it
+        figures = {"score": scores.mean().item(), "rm_score": ro["scores"].mean().item(),
+                   "kl": kl.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
+                   "entropy": masked_mean(old["entropy"], mask).item(), "length": mask.sum(-1).mean().item(),
                    "eos_fraction": has_eos.float().mean().item(),
-                   "explained_variance": explained_variance(ro["values"], returns, mask),
+                   "explained_variance": explained_variance(old["values"], returns, mask),
                    **{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
                    "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
         if gold is not None:
@@ -262,8 +322,8 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
             for i in range(2):
-                tqdm.write(f"  [{it}] {tokenizer.decode(ro['prompt'][i].tolist())!r} -> "
-                           f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {ro['scores'][i]:.2f}")
+                tqdm.write(f"  [{it}] {tokenizer.decode(seq[i, :P].tolist())!r} -> "
+                           f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {scores[i]:.2f}")
         state.save(it + 1, {"kl_coef": kl_ctl.value})
     bar.close()
     return row

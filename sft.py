@@ -2,19 +2,22 @@
 from dataclasses import dataclass, field
 
 import data
-from model import sft_loss
+from model import response_logits, sft_loss
 from training import fit
 
 
 @dataclass
 class SFTConfig:
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "demonstrations per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=50, metadata={"help": "warmup steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)"})
+    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    steps: int = field(default=2000, metadata={"help": "optimizer steps (0: none, the weights as they start)",
+                                               "range": "[0, inf)"})
+    batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "range": "[1, inf)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate", "range": "(0, inf)"})
+    warmup: int = field(default=50, metadata={"help": "warmup steps", "range": "[0, inf)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
+                                                  "range": "[0, inf)"})
 
 
 def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
@@ -26,8 +29,7 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         examples.append((tokenizer.encode(p)[-(block - len(response)):], response))
 
     def step_loss(forward, batch):
-        logits = forward(batch["input_ids"], batch["attention_mask"])
-        return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {}
+        return sft_loss(*response_logits(forward, batch)), {}
 
     collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
     tokens = lambda batch: batch["response_mask"][:, 1:].sum().item()  # what the loss averages over

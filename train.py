@@ -7,6 +7,7 @@ folder and a done.json last; a stage whose done.json matches its settings and in
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -36,49 +37,55 @@ def opt(default, help, **kw):
 @dataclass
 class RunConfig:
     """One run: where it writes, what it runs, the model and task shapes, and each stage's config."""
-    out: str = opt("runs/mpo", "the run folder")
-    preset: str = opt("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU)")
-    stages: str = opt(",".join(STAGES), "comma list of stages to run: " + ",".join(STAGES))
-    force: str = opt("", "comma list of stages to redo even if complete")
-    seed: int = opt(0, "seed of the task, the weights and the sampling")
-    seeds: int = opt(1, "repeat everything with seeds seed..seed+N-1; mean and spread")
-    device: str = opt("", "cpu or cuda (default: cuda when there is one)")
+    out: str = opt("runs/mpo", "the run folder", kind="run folder")
+    preset: str = opt("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU)", kind="preset")
+    stages: str = opt(",".join(STAGES), "comma list of stages to run: " + ",".join(STAGES), kind="stages")
+    force: str = opt("", "comma list of stages to redo even if complete", kind="stages")
+    seed: int = opt(0, "seed of the task, the weights and the sampling", range="[0, inf)")
+    seeds: int = opt(1, "repeat everything with seeds seed..seed+N-1; mean and spread", range="[1, inf)")
+    device: str = opt("", "cpu or cuda (default: cuda when there is one)", kind="device")
     dtype: str = opt("", "default: bf16 on CUDA, fp32 on CPU", choices=["fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the training forward passes (pays on a GPU)")
     grad_accum: int = opt(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
-                          "so a batch fits in less memory")
+                          "so a batch fits in less memory", range="[1, inf)")
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
-    ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all")
-    delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)")
+    ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all", kind="ablations")
+    delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)", kind="numbers",
+                           range="(-inf, inf)")
     noise_sweep: str = opt("", "comma list of label-noise taus: MPO and DPO once per tau, the easy set "
-                           "kept at the main run's size")
-    label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)")
+                           "kept at the main run's size", kind="numbers", range="(0, inf)")
+    label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)",
+                             range="(0, inf)")
     annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
-                                "the longer (or more polite) response whatever its correctness")
+                                "the longer (or more polite) response whatever its correctness", range="[0, 1]")
     bias_kind: str = opt("longer", "what biased annotators prefer", choices=["longer", "polite"])
     on_policy_pairs: bool = opt(False, "built-in task: preference pairs from the SFT demonstrators (ablation; by "
                                 "default they come from other responders, as in HH-RLHF)")
     data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
-                    "a tenth of it is held out")
+                    "a tenth of it is held out", kind="file")
     format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
-    eval_data: str = opt("", "held-out preference file for evaluation (with --data)")
+    eval_data: str = opt("", "held-out preference file for evaluation (with --data)", kind="file")
     sft_data: str = opt("", "demonstrations for SFT: {prompt, response} lines or a preference file's "
-                        "chosen side (default: the chosen side of --data)")
+                        "chosen side (default: the chosen side of --data)", kind="file")
     init: str = opt("", "start SFT from this folder: Hugging Face GPT-2 layout (config.json, "
-                    "model.safetensors, tokenizer.json) or a checkpoint of this project")
+                    "model.safetensors, tokenizer.json) or a checkpoint of this project", kind="folder")
     export_hf: bool = opt(False, "also write each final policy as a Hugging Face GPT-2 folder, RUN/hf/METHOD")
     # the model and the task (the preset's)
-    n_layer: int = opt(2, "transformer blocks")
-    n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(128, "width")
-    block_size: int = opt(128, "context: longest prompt + response")
-    vocab_size: int = opt(1024, "BPE vocabulary trained on the task's text (not with --init)")
-    n_sft: int = opt(4000, "built-in task: SFT demonstrations")
-    n_pref: int = opt(2000, "built-in task: preference pairs")
-    max_new_tokens: int = opt(48, "longest response, in training, sampling and scoring")
-    eval_prompts: int = opt(0, "evaluate on at most this many held-out prompts (0: all)")
-    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation")
-    eval_samples: int = opt(4, "samples per evaluation prompt (and one greedy answer)")
+    n_layer: int = opt(2, "transformer blocks", range="[1, inf)")
+    n_head: int = opt(4, "attention heads", range="[1, inf)")
+    n_embd: int = opt(128, "width", range="[1, inf)")
+    block_size: int = opt(128, "context: longest prompt + response", range="[2, inf)")
+    vocab_size: int = opt(1024, "BPE vocabulary trained on the task's text (not with --init)", range="[258, inf)",
+                          why="the 256 bytes and 2 special tokens come first")
+    n_sft: int = opt(4000, "built-in task: SFT demonstrations", range="[1, inf)",
+                     why="SFT and centring the reward need a demonstration")
+    n_pref: int = opt(2000, "built-in task: preference pairs", range="[2, inf)",
+                      why="the split needs an easy and a hard pair")
+    max_new_tokens: int = opt(48, "longest response, in training, sampling and scoring", range="[1, inf)")
+    eval_prompts: int = opt(0, "evaluate on at most this many held-out prompts (0: all)", range="[0, inf)")
+    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", range="(0, inf)",
+                                  why="temperature 0 is greedy: judged besides, in the greedy column")
+    eval_samples: int = opt(4, "samples per evaluation prompt (and one greedy answer)", range="[1, inf)")
     eval_split: str = opt("test", "built-in task: evaluate on the test prompts (reporting) or the validation "
                           "prompts (choosing settings)", choices=["test", "valid"])
     # each stage's hyperparameters, flags --sft-*, --rm-*, --dpo-*, --ppo-* and --delta etc. for split
@@ -167,44 +174,187 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "tiny")
     if preset not in PRESETS:
-        p.error(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        p.error(f"--preset {preset}: {KINDS['preset'](preset)}")
     base = PRESETS[preset]
     stages = {name: dataclasses.replace(getattr(base, name), **{
         f.name: given.pop(f"{'' if name == 'split' else name + '_'}{f.name}") for f in dataclasses.fields(cls)
         if f"{'' if name == 'split' else name + '_'}{f.name}" in given}) for name, cls in STAGE_CONFIGS.items()}
     run = dataclasses.replace(base, **given, **stages)
     run = dataclasses.replace(run, device=run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = dataclasses.replace(run, dtype=run.dtype or default_dtype(run.device))
+    if not device_problem(run.device):  # else check() names the device
+        run = dataclasses.replace(run, dtype=run.dtype or default_dtype(run.device))
     error = check(run)
     if error:
         p.error(error)
     return run
 
 
+# ----------------------------------------------------------------------------- checks
+# Every setting is checked before any work. A field's metadata says what it may hold: "range", an
+# interval such as "[1, inf)" or "(0, 1]" (for a comma list of numbers, each), with "why" if the
+# bound needs a reason; or "kind", a path or a list of names (KINDS); or "choices". A bool is a
+# switch. tests/test_errors.py fails on a field that declares none. check() adds the settings that
+# contradict each other.
+
+def settings(run):
+    """(flag, value, metadata) of every field of the run and of its stage configs."""
+    for f in dataclasses.fields(run):
+        if f.name not in STAGE_CONFIGS:
+            yield "--" + f.name.replace("_", "-"), getattr(run, f.name), f.metadata
+    for name, cfg in run.stage_configs().items():
+        prefix = "" if name == "split" else name + "-"
+        for f in dataclasses.fields(cfg):
+            yield "--" + prefix + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata
+
+
+def in_range(x, interval):
+    """x in "[lo, hi)", "(0, inf)", ...: a bracket includes its end, a parenthesis does not."""
+    lo, hi = (float(end) for end in interval[1:-1].split(","))
+    return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
+
+
+def needs(interval):
+    """An interval in words: "1 or more", "more than 0", "a number in [0, 1)"."""
+    lo, hi = (end.strip() for end in interval[1:-1].split(","))
+    if hi != "inf":
+        return f"a number in {interval}"
+    return "a finite number" if lo == "-inf" else f"{lo} or more" if interval[0] == "[" else f"more than {lo}"
+
+
+def unknown(value, allowed, what):
+    bad = [x for x in value.split(",") if x and x not in allowed]
+    return f"unknown {what} {bad[0]!r}: choose from {','.join(allowed)}" if bad else None
+
+
+def file_problem(path):
+    if path and not os.path.isfile(path):
+        return "is a folder, not a file" if os.path.isdir(path) else "no such file"
+
+
+def folder_problem(path):
+    if path and not os.path.isdir(path):
+        return "is a file, not a folder" if os.path.exists(path) else "no such folder"
+
+
+def run_folder_problem(path):
+    """A folder, or a path where one can be made: its nearest existing part is a writable folder."""
+    if not path:
+        return "needs a folder"
+    there = os.path.abspath(path)
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return "is a file, not a folder" if there == os.path.abspath(path) else f"{there} is a file, not a folder"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"{there} is not writable"
+
+
+def device_problem(device):
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return "choose cpu, cuda or cuda:N"
+    n = torch.cuda.device_count()
+    if kind == "cuda" and (torch.device(device).index or 0) >= n:
+        return f"only {n} CUDA devices here" if n else "no CUDA device here"
+
+
+KINDS = {  # a kind -> what is wrong with a value of it, or None
+    "preset": lambda v: None if v in PRESETS else f"not a preset: choose from {', '.join(PRESETS)}",
+    "stages": lambda v: unknown(v, STAGES, "stage"),
+    "ablations": lambda v: unknown(v, [*ABLATIONS, "all"], "ablation"),
+    "device": device_problem,
+    "file": file_problem,
+    "folder": folder_problem,
+    "run folder": run_folder_problem,
+}
+
+
+def problem(value, meta):
+    """What is wrong with one setting, by its field's metadata, or None."""
+    if isinstance(value, bool):
+        return None
+    if "choices" in meta:
+        return None if value in meta["choices"] else f"choose from {', '.join(meta['choices'])}"
+    if meta.get("kind") == "numbers":
+        for item in (x for x in value.split(",") if x):
+            try:
+                x = float(item)
+            except ValueError:
+                return f"{item!r} is not a number"
+            if not math.isfinite(x):
+                return f"{item} is not a finite number"
+            if not in_range(x, meta["range"]):
+                return f"each needs {needs(meta['range'])}, not {item}"
+        return None
+    if "kind" in meta:
+        return KINDS[meta["kind"]](value)
+    if not math.isfinite(value):
+        return "not a finite number"
+    if not in_range(value, meta["range"]):
+        return f"needs {needs(meta['range'])}" + (f" ({meta['why']})" if "why" in meta else "")
+    return None
+
+
+BUILTIN_TASK = ["n_sft", "n_pref", "label_noise", "noise_sweep", "annotator_bias", "bias_kind", "on_policy_pairs",
+                "eval_split"]  # settings of the built-in task: meaningless with --data
+MODEL_SHAPE = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]  # --init's config.json has its own
+
+
 def check(run):
-    """What is wrong with the flags, in one line, or None."""
-    unknown = [s for s in run.stage_list if s not in STAGES]
-    if unknown or not run.stage_list:
-        return f"unknown stage {(unknown or [''])[0]!r}: choose from {','.join(STAGES)}"
-    for a in ([] if run.ablations == "all" else run.ablations.split(",")):
-        if a and a not in ABLATIONS:
-            return f"unknown ablation {a!r}: choose from {','.join(ABLATIONS)}"
+    """What is wrong with the flags, in one line, or None: each setting alone, then together."""
+    for flag, value, meta in settings(run):
+        wrong = problem(value, meta)
+        if wrong:
+            return f"{flag} {value if value != '' else repr(value)}: {wrong}"
+    W, preset, ppo = distributed.world_size(), PRESETS[run.preset], run.ppo
+    changed = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(run, n) != getattr(preset, n)]
+    if not run.stage_list:
+        return "--stages: name at least one stage"
+    if "all" in run.ablations.split(",") and run.ablations != "all":
+        return f"--ablations {run.ablations}: all stands alone"
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
-    if run.data and (run.eval_split == "valid" or run.on_policy_pairs or run.annotator_bias):
-        return "--eval-split valid, --on-policy-pairs and --annotator-bias shape the built-in task: not with --data"
+    if run.format != "auto" and not run.data:
+        return f"--format {run.format} is the format of --data: give --data"
+    if run.data and changed(BUILTIN_TASK):
+        return f"{changed(BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
         return "gold_split splits on the built-in task's gold reward: not with --data"
-    if run.grad_accum < 1:
-        return f"--grad-accum {run.grad_accum}: needs 1 or more"
-    if run.ppo.rollouts % distributed.world_size():
-        return f"--ppo-rollouts {run.ppo.rollouts} must split evenly over the {distributed.world_size()} ranks"
-    if os.path.exists(run.out) and not os.path.isdir(run.out):
-        return f"--out {run.out} is a file, not a folder"
-    try:
-        run.sweeps
-    except ValueError as e:
-        return f"--delta-sweep and --noise-sweep take comma lists of numbers ({e})"
+    if run.init and changed(MODEL_SHAPE):
+        return f"{changed(MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
+    if run.bias_kind != preset.bias_kind and not run.annotator_bias:
+        return f"--bias-kind {run.bias_kind} says what biased annotators prefer: it needs --annotator-bias above 0"
+    if not run.init and run.n_embd % run.n_head:
+        return f"--n-embd {run.n_embd} is not a multiple of --n-head {run.n_head}"
+    if not run.init and run.max_new_tokens >= run.block_size:
+        return f"--max-new-tokens {run.max_new_tokens} leaves no room for the prompt in --block-size {run.block_size}"
+    easy = round(run.split.easy_fraction * run.n_pref)
+    if not run.data and run.split.easy_fraction > 0 and not 0 < easy < run.n_pref:
+        return (f"--easy-fraction {run.split.easy_fraction} of --n-pref {run.n_pref} pairs leaves the "
+                f"{'easy' if easy == 0 else 'hard'} set empty")
+    for name in ("sft", "rm", "dpo"):
+        if getattr(run, name).batch_size < W * run.grad_accum:
+            return (f"--{name}-batch-size {getattr(run, name).batch_size} is smaller than {W} ranks x --grad-accum "
+                    f"{run.grad_accum}: each micro-batch needs a row")
+    if ppo.rollouts % W:
+        return f"--ppo-rollouts {ppo.rollouts} must split evenly over the {W} ranks"
+    if ppo.rollouts // W < ppo.minibatches:
+        return (f"--ppo-minibatches {ppo.minibatches} is more than the {ppo.rollouts // W} rollouts of each of "
+                f"the {W} ranks (--ppo-rollouts {ppo.rollouts}): a minibatch would be empty")
+    if ppo.kl_target and not ppo.kl_coef:
+        return "--ppo-kl-target scales --ppo-kl-coef up and down: it needs --ppo-kl-coef above 0"
+    if ppo.kl_target and 5 * ppo.kl_horizon <= ppo.rollouts:
+        return (f"--ppo-kl-horizon {ppo.kl_horizon}: with --ppo-kl-target, needs more than --ppo-rollouts / 5 = "
+                f"{ppo.rollouts / 5:g}, or one update can make the KL coefficient 0 or negative")
+    if run.dpo.loss_type == "ipo" and run.dpo.label_smoothing:
+        return "--dpo-label-smoothing is for --dpo-loss-type sigmoid: ipo has none"
+    for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
+                        ("--noise-sweep", run.noise_sweep)):
+        if given and "eval" not in run.stage_list:
+            return f"{flag} runs after the eval stage: add eval to --stages"
     return None
 
 

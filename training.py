@@ -54,9 +54,10 @@ def grad_scaler(device, dtype):
     """fp16 needs loss scaling; it skips a step whose gradients overflowed. None otherwise."""
     if dtype != "fp16":
         return None
-    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler(torch.device(device).type)
-    return torch.cuda.amp.GradScaler()
+    device_type = torch.device(device).type
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3, CUDA and the CPU
+        return torch.amp.GradScaler(device_type)
+    return torch.cuda.amp.GradScaler() if device_type == "cuda" else None  # torch 2.2: no CPU scaler
 
 
 def cosine_lr(step, steps, warmup, lr, final=0.1):
@@ -113,9 +114,10 @@ def set_lr(optimizer, lr):
 
 class StepState:
     """Resume inside a stage. Every `every` steps: the weights, the optimizer states, the RNG
-    states, the step and `extra` (JSON), in one safetensors file renamed into place, no pickle.
+    states, the fp16 loss scalers' states, the step and `extra` (JSON), in one safetensors file
+    renamed into place, no pickle.
 
-        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator])
+        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator], {"scaler": scaler})
         start, extra = state.restore()          # 0, {} on a fresh start
         for step in range(start, steps):
             ...
@@ -123,10 +125,11 @@ class StepState:
     The run folder's Runner deletes the file once the stage is complete.
     """
 
-    def __init__(self, folder, every, steps, modules, optimizers, generators=()):
+    def __init__(self, folder, every, steps, modules, optimizers, generators=(), scalers=None):
         self.path = os.path.join(folder, "step_state.safetensors")
         self.every, self.steps = every, steps
         self.modules, self.optimizers, self.generators = modules, optimizers, generators
+        self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
 
     def save(self, step, extra=None):
         if not self.every or step % self.every or step >= self.steps:
@@ -139,6 +142,7 @@ class StepState:
             for pid, st in sd["state"].items():
                 tensors.update({f"opt.{n}.{pid}.{k}": v.contiguous().cpu() for k, v in st.items()})
             meta["optimizers"][n] = sd["param_groups"]
+        meta["scalers"] = {n: s.state_dict() for n, s in self.scalers.items()}  # the loss scale, its growth tracker
         tensors["rng.cpu"] = torch.get_rng_state()
         for i, g in enumerate(self.generators):  # each rank samples with its own: keep them all
             for r, s in enumerate(distributed.gather([g.get_state().cpu()])):
@@ -169,6 +173,9 @@ class StepState:
                     pid, key = k[len(f"opt.{n}."):].split(".", 1)
                     state.setdefault(int(pid), {})[key] = v
             opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][n]})
+        for n, scaler in self.scalers.items():
+            if meta.get("scalers", {}).get(n):  # {} from a disabled scaler
+                scaler.load_state_dict(meta["scalers"][n])
         torch.set_rng_state(tensors["rng.cpu"])
         for i, g in enumerate(self.generators):
             g.set_state(tensors.get(f"rng.g{i}.rank{distributed.rank()}", tensors[f"rng.g{i}"]))
@@ -203,8 +210,8 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     step state every cfg.save_every steps to resume from.
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
-    row of floats), computed under autocast. `steps` counts optimizer steps; epochs repeat the
-    shuffle. cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. probe(model)
+    row of floats), computed under autocast. `steps` counts optimizer steps, each on exactly
+    cfg.batch_size examples (batch_plan). cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. probe(model)
     -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
     end. Returns the last row. epoch_steps converts epochs to steps.
 
@@ -214,22 +221,21 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     whole batch's, up to floating-point order.
     """
     os.makedirs(folder, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    plan = []
-    while len(plan) < steps:
-        plan += data.batches(len(examples), cfg.batch_size, g)
+    if steps and not examples:
+        raise StageError(f"{desc}: no examples to train on")
+    plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
-    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt})
+    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt}, scalers={"scaler": scaler})
     start, _ = state.restore()
     metrics = os.path.join(folder, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
     W, accum = distributed.world_size(), GRAD_ACCUM
-    smallest = min((len(b) for b in plan[:steps]), default=W * accum)
-    if smallest < W * accum:
-        raise StageError(f"{desc}: the smallest batch has {smallest} examples, fewer than {W} ranks x {accum} "
+    if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
+        raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
                          "micro-batches; raise the batch size or lower --grad-accum")
     model.train()
+    # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
     forward = distributed.wrap(compiled(model))
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start, disable=not distributed.is_main())
@@ -262,9 +268,19 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     return row
 
 
+def batch_plan(n, batch_size, steps, generator):
+    """`steps` batches of exactly batch_size indices into range(n): shuffled passes over the data,
+    one after the other as one stream, cut into batches. No batch is short, so one rule serves any
+    data size, any number of ranks and micro-batches; a pass's remainder opens the next batch."""
+    stream = []
+    while len(stream) < steps * batch_size:
+        stream += torch.randperm(n, generator=generator).tolist()
+    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
 def epoch_steps(epochs, n, batch_size):
-    """Optimizer steps in `epochs` passes over n examples (the last batch of a pass may be short)."""
-    return epochs * math.ceil(n / batch_size)
+    """Optimizer steps in `epochs` passes over n examples, whole batches only (at least one)."""
+    return max(1, epochs * n // batch_size)
 
 
 # ----------------------------------------------------------------------------- stages and run folders

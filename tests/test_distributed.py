@@ -133,11 +133,10 @@ def test_batches_that_cannot_be_split_are_one_line_errors(tmp_path, monkeypatch,
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit):
         train.parse_args(["--grad-accum", "0"])
-    try:  # the micro preset's SFT batch is 16 demonstrations: not 32 micro-batches
-        with pytest.raises(SystemExit) as e:
-            train.main(["--preset", "micro", "--stages", "tokenizer,sft", "--grad-accum", "32", "--out", str(tmp_path)])
-    finally:
-        training.GRAD_ACCUM = 1
+    # the micro preset's SFT batch is 16 demonstrations: not 32 micro-batches, found before any work
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "micro", "--stages", "tokenizer,sft", "--grad-accum", "32", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1] == ("error: sft: the smallest batch has 8 examples, fewer than 1 ranks x 32 "
-                                             "micro-batches; raise the batch size or lower --grad-accum")
+    assert e.value.code == 2 and err[-1].endswith("error: --sft-batch-size 16 is smaller than 1 ranks x --grad-accum 32: "
+                                                  "each micro-batch needs a row")
+    assert not (tmp_path / "run").exists()

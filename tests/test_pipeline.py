@@ -313,9 +313,9 @@ def test_evaluation_averages_k_samples_per_prompt_and_adds_the_greedy_answer(run
     assert other["greedy"] == judged["greedy"] and other["gold_reward"] != judged["gold_reward"]
 
 
-def test_rollout_reads_the_critic_in_eval_mode(run_dir):
+def test_old_values_read_the_critic_in_eval_mode(run_dir):
     """The critic's old values come from eval mode (dropout off), as the reward and reference do."""
-    from ppo import PPOConfig, rollout
+    from ppo import PPOConfig, old_logprobs, rollout
     from reward import load_reward_model
     out = run_dir
     tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
@@ -323,12 +323,12 @@ def test_rollout_reads_the_critic_in_eval_mode(run_dir):
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
     critic.gpt.transformer.drop.p = 0.5  # dropout would make train-mode values random
     prompts = [tok.encode(p) for p in make_task(0, n_sft=0, n_pref=0)["eval"][:8]]
-    ro = rollout(policy, policy, load_reward_model(str(out / "rm")), critic.train(), prompts, tok,
-                 PPOConfig(), 16, "cpu", "fp32", torch.Generator().manual_seed(0))
-    seq, attn = torch.cat([ro["prompt"], ro["tokens"]], 1), torch.cat([ro["prompt_mask"], ro["mask"].long()], 1)
+    ro = rollout(policy, load_reward_model(str(out / "rm")), prompts, tok, PPOConfig(), 16, "cpu", "fp32",
+                 torch.Generator().manual_seed(0))
+    old = old_logprobs(policy, policy, critic.train(), ro, torch.arange(8).chunk(2), 1.0, "cpu", "fp32")
     with torch.no_grad():
-        values = critic.eval()(seq, attn)[:, ro["prompt"].size(1) - 1:-1] * ro["mask"]
-    torch.testing.assert_close(ro["values"], values)
+        values = critic.eval()(ro["seq"], ro["attn"])[:, ro["P"] - 1:-1] * ro["mask"]
+    torch.testing.assert_close(old["values"], values)
 
 
 def test_transformers_loads_and_samples_the_exported_policy(run_dir):

@@ -1,14 +1,27 @@
-"""Sampling paths agree token for token; mixed-precision training on CUDA (skips without a GPU)."""
+"""Sampling paths agree token for token; mixed precision and torch.compile, on the CPU (the micro
+pipeline end to end) and on CUDA (skips without a GPU)."""
+import json
+import math
+import warnings
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import model as model_module
+import train
 import training
-from model import GPT, GPTConfig, generate
+from model import GPT, GPTConfig, autocast_dtype, generate
 from training import autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CPU_FP16 = hasattr(torch.amp, "GradScaler")  # fp16 on the CPU needs torch.amp.GradScaler (torch >= 2.3)
+# the fewest steps that still run every stage of the micro pipeline
+MICRO = ["--preset", "micro", "--device", "cpu", "--n-sft", "64", "--n-pref", "64", "--sft-steps", "2",
+         "--rm-epochs", "1", "--ppo-iterations", "2", "--ppo-rollouts", "4", "--max-new-tokens", "8",
+         "--eval-prompts", "4", "--eval-samples", "1"]
 
 
 @torch.no_grad()
@@ -32,17 +45,19 @@ def test_kv_cache_sampling_gives_the_plain_paths_tokens(device):
     assert torch.equal(fast, plain)
 
 
-@cuda_only
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_mixed_precision_training_lowers_the_loss_on_cuda(dtype):
+def test_mixed_precision_training_lowers_the_loss(device, dtype):
+    if device == "cpu" and dtype == "fp16" and not CPU_FP16:
+        pytest.skip("fp16 on the CPU needs torch.amp.GradScaler (torch >= 2.3)")
     torch.manual_seed(0)
-    model = GPT(CFG).cuda()
-    opt = model.configure_optimizers(3e-3, device_type="cuda")
-    scaler = grad_scaler("cuda", dtype)
-    ids = torch.randint(0, CFG.vocab_size, (16, 32), device="cuda")
+    model = GPT(CFG).to(device)
+    opt = model.configure_optimizers(3e-3, device_type=device)
+    scaler = grad_scaler(device, dtype)
+    ids = torch.randint(0, CFG.vocab_size, (16, 32), device=device)
     losses = []
     for step in range(30):
-        with autocast("cuda", dtype):
+        with autocast(device, dtype):
             logits = model(ids)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         optimizer_step(loss, opt, 1.0, scaler, step)
@@ -62,3 +77,75 @@ def test_compiled_training_forward_matches_eager_on_cuda():
         assert (compiled(ids) - model(ids)).abs().max() < 1e-4
     finally:
         training.COMPILE = False
+
+
+def test_autocast_dtype_without_deprecated_calls_and_the_kv_cache_follows_it(monkeypatch):
+    """generate() keeps its KV cache in the dtype autocast computes in, on the CPU as on CUDA."""
+    dtypes = []
+
+    class RecordingCache(model_module.KVCache):
+        def __init__(self, config, batch_size, max_len, device, dtype):
+            dtypes.append(dtype)
+            super().__init__(config, batch_size, max_len, device, dtype)
+    monkeypatch.setattr(model_module, "KVCache", RecordingCache)
+    model = GPT(CFG).eval()
+    prompt = torch.randint(0, CFG.vocab_size, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # torch >= 2.4 deprecates get_autocast_gpu_dtype and kin
+        assert autocast_dtype("cpu") is None and autocast_dtype("cuda") is None
+        generate(model, prompt, None, 3)
+        for dtype in (torch.bfloat16, torch.float16) if CPU_FP16 else (torch.bfloat16,):
+            with torch.autocast("cpu", dtype=dtype):
+                assert autocast_dtype("cpu") == dtype and autocast_dtype("cuda") is None
+                generate(model, prompt, None, 3)
+    assert dtypes == [torch.float32, torch.bfloat16, torch.float16][:3 if CPU_FP16 else 2]
+
+
+def assert_finite_run(out):
+    """results.json written, every logged figure finite, every saved model float32."""
+    results = json.loads((out / "results.json").read_text())
+    assert {"sft", "mpo_stage1", "mpo"} <= set(results["methods"])
+    figures = [v for row in results["methods"].values() for v in row.values()]
+    for path in out.glob("*/metrics.jsonl"):
+        figures += [v for line in path.read_text().splitlines() for v in json.loads(line).values()]
+    assert figures and all(math.isfinite(v) for v in figures if isinstance(v, float))
+    for path in out.glob("*/model.safetensors"):
+        assert {v.dtype for v in load_file(path).values()} == {torch.float32}, path  # master weights stay float32
+
+
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
+    not CPU_FP16, reason="fp16 on the CPU needs torch.amp.GradScaler (torch >= 2.3)"))])
+@pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
+def test_micro_pipeline_in_mixed_precision_on_the_cpu(dtype, tmp_path):
+    train.main([*MICRO, "--dtype", dtype, "--out", str(tmp_path)])
+    assert_finite_run(tmp_path)
+    assert all((tmp_path / stage / "metrics.jsonl").exists() for stage in ("sft", "rm", "dpo", "ppo"))
+
+
+def inductor_error():
+    """None where torch.compile's default backend works here (inductor: on the CPU it needs a C++
+    compiler), else why not, in one line."""
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))
+    except Exception as e:  # no compiler, an unsupported platform, ...
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_compiled_sft_matches_eager_on_the_cpu(tmp_path):
+    """--compile on the micro preset, SFT only: a cold inductor compile of its forward and backward
+    takes most of this test's time (the whole pipeline with --compile runs too, but costs minutes)."""
+    reason = inductor_error()
+    if reason:
+        pytest.skip(f"torch.compile (inductor) does not work here: {reason}")
+    flags = [*MICRO, "--stages", "tokenizer,sft"]
+    try:
+        train.main([*flags, "--out", str(tmp_path / "eager")])
+        train.main([*flags, "--compile", "--out", str(tmp_path / "compiled")])
+    finally:
+        training.COMPILE = False  # main sets it for the process
+        torch._dynamo.reset()
+    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "sft" / "metrics.jsonl").open()]
+              for run in ("eager", "compiled")}
+    assert len(losses["eager"]) == 2 and losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)

@@ -1,4 +1,5 @@
 """Reproducible runs, resuming after a kill, and the non-finite guard, on the micro preset."""
+import itertools
 import json
 import math
 import os
@@ -6,10 +7,15 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+
+import training
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_FOLDERS = ["sft", "rm", "dpo", "ppo"]
@@ -96,3 +102,43 @@ def test_weights_are_only_loaded_through_safetensors():
     for name in sources:
         text = open(os.path.join(ROOT, name)).read()
         assert "torch.load(" not in text and "import pickle" not in text, name
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="fp16 on the CPU needs torch.amp.GradScaler (torch >= 2.3)")
+def test_fp16_resumes_with_the_loss_scale_it_was_killed_with(tmp_path, monkeypatch):
+    """The step state keeps the GradScaler's state: a run killed after its loss scale backed off
+    resumes with that scale (a fresh 2**16 would skip the next steps again) and ends bit for bit
+    where an uninterrupted run ends."""
+    scalers = []
+    make_scaler = training.grad_scaler
+    monkeypatch.setattr(training, "grad_scaler", lambda *a: scalers.append(make_scaler(*a)) or scalers[-1])
+    torch.manual_seed(0)
+    examples = [torch.randint(0, 97, (32,)) for _ in range(16)]
+    cfg = types.SimpleNamespace(lr=1e-3, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=4, save_every=2)
+
+    def train(folder, kill_at=None):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32))
+        calls = itertools.count()
+
+        def step_loss(forward, batch):
+            if next(calls) == kill_at:
+                raise Killed  # as a SIGKILL would, after the step state of step 2
+            logits = forward(batch["ids"])
+            # 16 x the mean: large enough that steps 0 and 1 overflow fp16 at the first scale, 2**16
+            return 16 * F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["ids"][:, 1:].flatten()), {}
+        training.fit(model, examples, lambda ex: {"ids": torch.stack(ex)}, step_loss, cfg, 5, str(folder), seed=0,
+                     dtype="fp16")
+        return model.state_dict()
+
+    reference = train(tmp_path / "ref")
+    assert scalers[0].get_scale() < 2.0 ** 16  # the premise: the scale backed off before the kill
+    with pytest.raises(Killed):
+        train(tmp_path / "run", kill_at=3)
+    resumed = train(tmp_path / "run")
+    assert max((resumed[k] - v).abs().max().item() for k, v in reference.items()) == 0.0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()

@@ -1,0 +1,55 @@
+"""training.fit's batches: every optimizer step takes exactly batch_size examples, whatever the data
+size, so one rule serves one process and N ranks, with or without gradient accumulation."""
+from types import SimpleNamespace
+
+import torch
+
+import data
+import training
+from model import GPT, GPTConfig, response_logits, sft_loss
+from training import batch_plan, epoch_steps, fit
+
+
+def test_every_batch_is_full_and_every_pass_visits_each_example_once():
+    n, size = 37, 8  # 37 does not divide into batches of 8
+    steps = epoch_steps(2, n, size)
+    assert steps == 9  # floor(2 x 37 / 8): whole batches only
+    plan = batch_plan(n, size, steps, torch.Generator().manual_seed(0))
+    assert [len(b) for b in plan] == [size] * steps
+    stream = [i for b in plan for i in b]
+    assert sorted(stream[:n]) == list(range(n))  # the first pass, then the second goes on
+    assert len(set(stream[n:2 * n])) == len(stream[n:2 * n])
+    assert epoch_steps(3, 5, 8) == 1  # less than a batch of data: one batch, examples repeated
+
+
+def test_the_stream_of_a_dividing_size_is_the_old_epoch_shuffle():
+    """When the batch divides the data, each pass is one shuffle cut in order (as before the rule)."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    plan = batch_plan(32, 8, 8, g1)
+    old = data.batches(32, 8, g2) + data.batches(32, 8, g2)
+    assert plan == old
+
+
+def fit_once(tmp_path, accum, n=37):
+    """SFT-like fit of a tiny GPT on n demonstrations in batches of 8, accum micro-batches each."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=1, n_head=2, n_embd=16))
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.randint(2, 50, (int(torch.randint(1, 6, (), generator=g)),), generator=g).tolist(),
+                 torch.randint(2, 50, (int(torch.randint(1, 8, (), generator=g)),), generator=g).tolist() + [1])
+                for _ in range(n)]
+    cfg = SimpleNamespace(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
+    tokens = lambda batch: batch["response_mask"].sum().item()
+    training.GRAD_ACCUM = accum
+    try:
+        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(*response_logits(f, b)), {}),
+            cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens)
+    finally:
+        training.GRAD_ACCUM = 1
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_accumulating_one_row_per_micro_batch_gives_the_full_batch_update(tmp_path):
+    """8 micro-batches of one row each, on a data size that batches of 8 do not divide: the weights
+    of whole-batch steps, up to float order (before the rule, the short last batch stopped it)."""
+    torch.testing.assert_close(fit_once(tmp_path, 8), fit_once(tmp_path, 1), rtol=0, atol=1e-4)
