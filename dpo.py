@@ -1,6 +1,6 @@
 """DPO (Rafailov et al. 2023): the loss as a pure function, and the DPO training stage.
 
-PAPER.md, "Stage 1": MPO runs DPO on the easy pairs with the SFT model as the reference.
+docs/method.md, "Stage 1": MPO runs DPO on the easy pairs with the SFT model as the reference.
 """
 import os
 from dataclasses import dataclass, field

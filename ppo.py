@@ -1,6 +1,6 @@
 """PPO for language models: GAE, clipped policy and value losses, KL penalty, rollouts and the loop.
 
-PAPER.md, "Stage 2". In MPO the policy starts from the DPO model, the KL reference is the DPO
+docs/method.md, "Stage 2". In MPO the policy starts from the DPO model, the KL reference is the DPO
 model, and the prompts are those of the hard set; the critic starts from the reward model.
 Shapes: B rollouts, N response tokens; `mask` (B, N) is 1 on response tokens (a prefix of each row).
 """

@@ -1,6 +1,6 @@
 """The reward model r_phi(x, y): Bradley-Terry loss, training, centring, and batched scoring.
 
-PAPER.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
+docs/method.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
 initialised from the SFT weights and trained on the preference pairs.
 """
 from dataclasses import dataclass, field
