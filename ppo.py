@@ -14,7 +14,7 @@ from tqdm import tqdm
 import distributed
 from data import append_jsonl, left_pad
 from model import generate, kl_penalty, response_logprobs
-from training import StepState, autocast, compiled, grad_scaler, optimizer_step, truncate_jsonl
+from training import StepState, autocast, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
 
 
@@ -269,8 +269,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     truncate_jsonl(metrics_path, "iteration", start)
     # DDP(compile(model)) on purpose: see training.fit
     policy_forward, critic_forward = distributed.wrap(compiled(policy)), distributed.wrap(compiled(critic))
-    bar = tqdm(range(cfg.iterations), desc=os.path.basename(out_dir), dynamic_ncols=True, initial=start,
-               disable=not distributed.is_main())
+    bar = progress(cfg.iterations, os.path.basename(out_dir), start)
     for it in range(start, cfg.iterations):
         t0 = time.time()
         idx = distributed.shard(torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist())

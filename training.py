@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -103,6 +104,43 @@ def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
+
+
+class Lines:
+    """Progress for a log file: a plain line every `every` seconds and at the end, where tqdm would
+    redraw its bar with a carriage return on every update. Same calls as a tqdm bar."""
+
+    def __init__(self, total, desc, initial=0, every=15.0):
+        self.total, self.desc, self.n, self.every = total, desc, initial, every
+        self.start = self.last = time.time()
+        self.postfix, self.shown = {}, initial
+
+    def update(self, n=1):
+        self.n += n
+        if time.time() - self.last >= self.every or self.n == self.total:
+            self.show()
+
+    def set_postfix(self, figures=None, **more):
+        self.postfix = {**(figures or {}), **more}
+
+    def show(self):
+        self.last, self.shown = time.time(), self.n
+        figures = "".join(f" {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.n}/{self.total} in {self.last - self.start:.0f} s{figures}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.shown != self.n:
+            self.show()
+
+
+def progress(total, desc, initial=0):
+    """A tqdm bar on a terminal; plain lines (Lines) when stderr goes to a file; nothing on ranks
+    other than 0."""
+    if not distributed.is_main():
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, initial=initial)
+    return Lines(total, desc, initial)
 
 
 def set_lr(optimizer, lr):
@@ -238,7 +276,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
     forward = distributed.wrap(compiled(model))
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
-    bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, initial=start, disable=not distributed.is_main())
+    bar = progress(steps, desc, start)
     row = {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))

@@ -53,3 +53,20 @@ def test_accumulating_one_row_per_micro_batch_gives_the_full_batch_update(tmp_pa
     """8 micro-batches of one row each, on a data size that batches of 8 do not divide: the weights
     of whole-batch steps, up to float order (before the rule, the short last batch stopped it)."""
     torch.testing.assert_close(fit_once(tmp_path, 8), fit_once(tmp_path, 1), rtol=0, atol=1e-4)
+
+
+def test_progress_in_a_log_file_is_plain_lines(capsys, monkeypatch):
+    """Redirected (stderr not a terminal), progress is a plain line every few seconds and one at the
+    end, never tqdm's carriage-return redraws, which made a log of the default run 360 KB."""
+    clock = iter(range(0, 1000, 1))
+    monkeypatch.setattr(training.time, "time", lambda: float(next(clock)))
+    bar = training.progress(100, "sft")
+    assert isinstance(bar, training.Lines)
+    for step in range(100):
+        bar.update()
+        bar.set_postfix({"loss": f"{1 / (step + 1):.3f}"})
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert 5 <= len(lines) <= 8 and lines[-1].startswith("sft: 100/100 in ")
