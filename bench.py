@@ -6,10 +6,14 @@
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
 the prefix), logp (the error of bf16 log-probs), and, when transformers is installed, its GPT-2
-of the same shape for lm and sample.
+of the same shape for lm and sample, and, when `python3 bench_anchors.py --install` has put them in
+.anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 """
 import argparse
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -21,6 +25,7 @@ from train import PRESETS
 import training
 from training import autocast, compiled, default_dtype, optimizer_step
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
@@ -86,6 +91,23 @@ def hf_twin(cfg, device):
     return GPT2LMHeadModel(hf_cfg).to(device)
 
 
+def trl_anchor(figure, cfg, a, dtype):
+    """TRL's figure of the same shape from bench_anchors.py, run in its own process: (version, value),
+    or None when the anchors are not installed or the run failed (one line says so)."""
+    if not os.path.isdir(os.path.join(HERE, ".anchors")):
+        print("  TRL          not installed: python3 bench_anchors.py --install")
+        return None
+    shape = dict(vocab=cfg.vocab_size, layers=cfg.n_layer, width=cfg.n_embd, heads=cfg.n_head, positions=cfg.block_size,
+                 device=a.device, dtype=dtype, batch=a.batch, prompt=a.prompt, new=a.new, rollouts=a.rollouts)
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench_anchors.py"), figure,
+                          *(f"--{k}={v}" for k, v in shape.items())], capture_output=True, text=True)
+    if run.returncode:
+        print(f"  TRL          failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+        return None
+    _, version, value, _ = run.stdout.split()[-4:]  # its last line: "TRL 1.16.0 86.7 pairs/s"
+    return version, float(value)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -148,6 +170,9 @@ def main():
         s = timed(dpo_step, a.device)
         print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
               f"{mfu(2 * B * T / s, n_params(model))}")
+        trl = trl_anchor("dpo", cfg, a, dtype)
+        if trl:
+            print(f"  TRL {trl[0]:<8} {trl[1]:12,.1f} pairs/s   ours / theirs {B / s / trl[1]:.2f}x")
 
     if "sample" in figures:
         prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
@@ -197,6 +222,9 @@ def main():
         print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
               f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
               f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
+        trl = trl_anchor("ppo", cfg, a, dtype)
+        if trl:
+            print(f"  TRL {trl[0]:<8} {trl[1]:12.2f} s  ours / theirs {trl[1] / total:.2f}x")
     if "logp" in figures:
         # a random init's logits are small (bf16 rounds them little); a trained model's spread wider:
         # the final norm's gain 30 gives them a trained model's size (tens)

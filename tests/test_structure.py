@@ -14,19 +14,23 @@ from training import StageError, locked
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
 LAYERS = [["task", "distributed"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
-          ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["train"], ["bench"]]
+          ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["train"], ["bench", "bench_anchors"]]
+ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench_anchors.py's alone, from .anchors/
 
 
-def project_imports(name):
+def imports(name):
     tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
-    modules = {m for layer in LAYERS for m in layer}
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
-    return found & modules
+    return found
+
+
+def project_imports(name):
+    return imports(name) & {m for layer in LAYERS for m in layer}
 
 
 def test_imports_run_one_way():
@@ -35,6 +39,15 @@ def test_imports_run_one_way():
     for module, layer in layer_of.items():
         for imported in project_imports(module):
             assert layer_of[imported] < layer, f"{module} imports {imported}"
+
+
+def test_trl_is_imported_by_bench_anchors_alone():
+    """TRL, accelerate and datasets are optional anchors of the benchmark: bench_anchors.py imports
+    them in a process of its own (bench.py runs it), and imports no module of the project."""
+    for module in {m for layer in LAYERS for m in layer} - {"bench_anchors"}:
+        roots = {name.split(".")[0] for name in imports(module)}
+        assert not roots & ANCHOR_PACKAGES, f"{module} imports {roots & ANCHOR_PACKAGES}"
+    assert not project_imports("bench_anchors")
 
 
 def test_stage_configs_hold_hyperparameters_only():
