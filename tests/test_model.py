@@ -216,3 +216,12 @@ def test_logits_only_where_scored_equal_the_full_projection(model):
     torch.testing.assert_close(sequence_logps(*cut), sequence_logps(full, ids, mask), rtol=0, atol=1e-5)
     torch.testing.assert_close(sft_loss(*cut), sft_loss(full, ids, mask), rtol=0, atol=1e-6)
     torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), sequence_logps(full, ids, mask), rtol=0, atol=1e-5)
+
+
+def test_categorical_samples_by_the_probabilities():
+    """The exponential race with E = -log U draws each index with its probability."""
+    from model import categorical
+    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]]).expand(200000, 4)
+    drawn = categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert torch.allclose(freq, probs[0], atol=0.005) and freq[3] == 0

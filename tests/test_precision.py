@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import model as model_module
 import train
 import training
-from model import GPT, GPTConfig, autocast_dtype, generate
+from model import GPT, GPTConfig, autocast_dtype, categorical, generate
 from training import autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -26,12 +26,11 @@ MICRO = ["--preset", "micro", "--device", "cpu", "--n-sft", "64", "--n-pref", "6
 
 @torch.no_grad()
 def sample_by_recomputing(model, prompt, n, generator):
-    """The plain path: a full forward over the whole prefix per token, the same exponential race."""
+    """The plain path: a full forward over the whole prefix per token, the same sampler."""
     seq = prompt
     for _ in range(n):
-        probs = torch.log_softmax(model(seq)[:, -1].float(), -1).softmax(-1)
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        seq = torch.cat([seq, (probs / noise).argmax(-1, keepdim=True)], 1)
+        probs = model(seq)[:, -1].softmax(-1)
+        seq = torch.cat([seq, categorical(probs, generator)[:, None]], 1)
     return seq[:, prompt.size(1):]
 
 
