@@ -33,7 +33,7 @@ from reward import fact_accuracy, load_reward_model, score, train_reward_model
 from report import plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
-from training import Runner, Stop
+from runs import Runner, Stop
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import checks
 import train
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
@@ -204,8 +205,8 @@ FIELD_FLAGS = [flag for flag, _ in all_fields()]
 
 
 def test_every_setting_declares_what_it_may_hold():
-    """A new field needs a range, a kind or choices (train.py, "checks"); the validator walks them all."""
-    assert [flag for flag, _, _ in train.settings(train.RunConfig())] == FIELD_FLAGS
+    """A new field needs a range, a kind or choices (checks.py); the validator walks them all."""
+    assert [flag for flag, _, _ in checks.settings(train.RunConfig())] == FIELD_FLAGS
     assert set(KIND_BAD) == set(train.KINDS)
     for flag, f in all_fields():
         meta = f.metadata
@@ -216,7 +217,7 @@ def test_every_setting_declares_what_it_may_hold():
         if f.type in (int, float) or meta.get("kind") == "numbers":
             assert "range" in meta, f"{flag}: a number needs a range"
         if "range" in meta:
-            train.in_range(0, meta["range"])  # parses
+            checks.in_range(0, meta["range"])  # parses
         assert bad_values(f, pathlib.Path("d")), flag
 
 
@@ -224,7 +225,7 @@ def test_every_setting_declares_what_it_may_hold():
 def test_the_presets_pass_their_checks(preset):
     run = train.parse_args(["--preset", preset])
     assert train.check(run) is None
-    assert all(train.problem(f.default, f.metadata) is None for _, f in all_fields()
+    assert all(checks.problem(f.default, f.metadata, train.KINDS) is None for _, f in all_fields()
                if f.default is not dataclasses.MISSING and f.name not in ("device", "dtype"))
 
 

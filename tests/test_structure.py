@@ -9,12 +9,13 @@ import pytest
 
 import train
 from mpo import ABLATIONS, BASELINES, METHODS, method_stages
-from training import StageError, locked
+from runs import locked
+from training import StageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
-LAYERS = [["task", "distributed"], ["data"], ["model"], ["checkpoint"], ["training", "report"],
-          ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["train"], ["bench", "bench_anchors"]]
+LAYERS = [["task", "distributed"], ["data"], ["model"], ["checkpoint"], ["training", "report"], ["runs"],
+          ["sft", "reward", "dpo"], ["ppo", "evaluate"], ["mpo"], ["checks"], ["train"], ["bench", "bench_anchors"]]
 ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench_anchors.py's alone, from .anchors/
 
 

@@ -1,0 +1,141 @@
+"""Run folders: the Runner that runs each stage into its folder, reuses a complete one whose
+settings and inputs have not changed, and resumes a killed one from its step state; and the lock
+that keeps a second run out of a folder in use."""
+import contextlib
+import hashlib
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import distributed
+from data import write_text
+from training import NonFiniteError, StageError
+
+
+class Stop(Exception):
+    """Raised by Runner.run for a stage after the last one asked for: the pipeline ends there."""
+
+
+class Runner:
+    """Runs stages into a run folder; reuses a stage whose done.json has the same fingerprint.
+
+    order: every stage kind in pipeline order; stages: the kinds asked for. A stage of a kind
+    after the last one asked for raises Stop; one before it that is not asked for must be
+    complete already.
+    """
+
+    def __init__(self, out, seed, order, stages, force=(), shared=None):
+        self.out, self.seed, self.force, self.shared = out, seed, set(force), shared or {}
+        self.order, self.stages = order, set(stages)
+        self.last = max(order.index(s) for s in stages)
+        self.done, self.reused, self.seconds = {}, [], {}
+
+    def path(self, name):
+        return os.path.join(self.shared.get(name, self.out), name)
+
+    def run(self, name, kind, settings, upstream, fn):
+        """Reuse the stage if complete with this fingerprint; else run fn(folder), resuming from
+        its step state when one was saved under the same fingerprint. Returns its summary."""
+        if self.order.index(kind) > self.last:
+            raise Stop(name)
+        if name in self.done:  # shared by two methods of this run
+            return self.done[name]["summary"]
+        folder = self.path(name)
+        done_path = os.path.join(folder, "done.json")
+        # a stage's fingerprint: its settings and when each of its inputs last finished
+        key = json.dumps({"settings": settings, "upstream": [self.done[u]["finished"] for u in upstream]},
+                         sort_keys=True, default=str)
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        if os.path.exists(done_path) and name not in self.force:
+            done = data.read_json(done_path)
+            if done["fingerprint"] == fingerprint:
+                self.done[name], self.seconds[name] = done, done["seconds"]
+                self.reused.append(name)
+                return done["summary"]
+        if kind not in self.stages:
+            raise StageError(f"stage {name} is needed but not complete in {folder}; add {kind} to --stages")
+        step_state = self.start(name, folder, fingerprint)
+        distributed.barrier()  # rank 0 has dropped a stale step state before any rank looks
+        # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
+        seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
+        torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
+        t0 = time.time()
+        tqdm.write(f"== {name} -> {folder}")
+        try:
+            summary = fn(folder)
+        except NonFiniteError as e:
+            kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
+            raise NonFiniteError(f"stage {name}, {e}{kept}") from None
+        done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2),
+                                      "summary": summary, "finished": time.time()})  # one time: one fingerprint
+        data.write_json(done_path, done)  # written last: the stage is complete
+        if os.path.exists(step_state) and distributed.is_main():
+            os.remove(step_state)
+        distributed.barrier()  # the stage's files are written before any rank reads them
+        self.done[name], self.seconds[name] = done, done["seconds"]
+        return summary
+
+    def start(self, name, folder, fingerprint):
+        """Keep the stage's step state only if it was saved under this fingerprint; returns its path."""
+        os.makedirs(folder, exist_ok=True)
+        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
+        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
+            if os.path.exists(step_state) and distributed.is_main():
+                os.remove(step_state)  # saved under other settings or inputs: start over
+            data.write_json(started, {"fingerprint": fingerprint})
+        return step_state
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """Hold folder/lock while a run writes there: a second run stops at once with a StageError;
+    a lock whose process has died (a crash, a kill) is taken over. Rank 0 holds it for all."""
+    if not distributed.is_main():
+        yield
+        return
+    created = not os.path.exists(folder)
+    os.makedirs(folder, exist_ok=True)
+    path, tmp = os.path.join(folder, "lock"), os.path.join(folder, f"lock.tmp{os.getpid()}")
+    write_text(tmp, str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(tmp, path)  # atomic: the lock appears with its pid already in it
+                break
+            except FileExistsError:
+                try:
+                    pid = int(open(path).read())
+                except FileNotFoundError:
+                    continue  # released in the meantime
+                except ValueError:
+                    pid = 0  # not a lock of ours: take it over
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise StageError(f"{folder} is in use by another run (process {pid}); wait for it to "
+                                     f"finish, or choose another --out (or delete {path} if that is not a run)") from None
+                # left behind by a run that died (two runs taking over the same stale lock at the
+                # same instant could both pass; we accept that race for a lock file this simple)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+    finally:
+        os.remove(tmp)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)  # a run that stopped before writing anything leaves nothing behind
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
