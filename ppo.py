@@ -224,7 +224,8 @@ def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, 
     with autocast(device, dtype):
         logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature)
     loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
-    return W * loss, {"policy_loss": W * loss.item(), "clipfrac": W * clipfrac.item(), "approx_kl": W * approx_kl.item()}
+    figures = {"policy_loss": loss, "clipfrac": clipfrac, "approx_kl": approx_kl}
+    return W * loss, {k: W * v.item() for k, v in figures.items()}
 
 
 def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype):

@@ -154,7 +154,8 @@ class StepState:
     states, the fp16 loss scalers' states, the step and `extra` (JSON), in one safetensors file
     renamed into place, no pickle.
 
-        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator], {"scaler": scaler})
+        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator],
+                          {"scaler": scaler})
         start, extra = state.restore()          # 0, {} on a fresh start
         for step in range(start, steps):
             ...
@@ -248,9 +249,9 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
     row of floats), computed under autocast. `steps` counts optimizer steps, each on exactly
-    cfg.batch_size examples (batch_plan). cfg needs lr, weight_decay, warmup, grad_clip, batch_size, save_every. probe(model)
-    -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
-    end. Returns the last row. epoch_steps converts epochs to steps.
+    cfg.batch_size examples (batch_plan). cfg needs lr, weight_decay, warmup, grad_clip,
+    batch_size, save_every. probe(model) -> a row of figures (held-out gold, say) joins the metrics
+    every probe_every steps and at the end. Returns the last row. epoch_steps converts epochs to steps.
 
     Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
     batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its
