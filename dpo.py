@@ -15,7 +15,7 @@ from training import autocast, epoch_steps, fit
 
 @dataclass
 class DPOConfig:
-    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward",
                                                "range": "(0, inf)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO (sigmoid loss): assumed label "

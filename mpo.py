@@ -38,7 +38,7 @@ from runs import Runner, Stop
 
 @dataclass
 class SplitConfig:
-    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
     delta: float = field(default=1.0, metadata={"help": "easy = gap > delta, in reward units: under Bradley-Terry "
                                                 "the reward model gives the chosen response sigmoid(delta) "
                                                 "chance of winning (delta 1 = 73%%)", "range": "(-inf, inf)"})

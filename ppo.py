@@ -20,7 +20,7 @@ from reward import rewards_at_last_token
 
 @dataclass
 class PPOConfig:
-    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
     iterations: int = field(default=145, metadata={"help": "rollout-and-update rounds on all the pairs' prompts; "
                                                    "a step on a subset runs this times its share (MPO's hard "
                                                    "set, about 55%%: 80)", "range": "[1, inf)"})

@@ -15,7 +15,7 @@ from training import autocast, epoch_steps, fit
 
 @dataclass
 class RMConfig:
-    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})

@@ -8,7 +8,7 @@ from training import fit
 
 @dataclass
 class SFTConfig:
-    """Each field's "range" is what train.check accepts (an interval: [ and ] include the end)."""
+    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
     steps: int = field(default=2000, metadata={"help": "optimizer steps (0: none, the weights as they start)",
                                                "range": "[0, inf)"})
     batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "range": "[1, inf)"})
