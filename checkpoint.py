@@ -9,13 +9,13 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
-from data import DataError, atomic_write, read_json, write_text
+from data import DataError, UserError, atomic_write, read_json, write_text
 from model import GPT, GPTConfig, ScalarModel
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded: the message names the file and the key."""
 
 

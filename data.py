@@ -19,7 +19,12 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # ----------------------------------------------------------------------------- files
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A user's mistake (a file, a folder, a setting, a run folder in use): train.py prints the
+    message on one line and exits with status 2. Every such error of the project derives from it."""
+
+
+class DataError(UserError):
     """A mistake in a user's file: the message names the file, the line and the field."""
 
 

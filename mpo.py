@@ -114,7 +114,7 @@ def method_stages(name):
 
 # ----------------------------------------------------------------------------- the split
 
-class SplitError(ValueError):
+class SplitError(data.UserError):
     pass
 
 

@@ -17,17 +17,17 @@ import torch
 import checks
 import distributed
 import training
-from data import FORMATS, DataError, Tokenizer, write_json
-from checkpoint import CheckpointError, file_sha256, load_gpt
+from data import FORMATS, DataError, Tokenizer, UserError, write_json
+from checkpoint import file_sha256, load_gpt
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
-from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, SplitError, pipeline
+from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
 from ppo import PPOConfig
 from report import aggregate, write_table
 from reward import RMConfig
 from sft import SFTConfig
 from runs import locked
-from training import NonFiniteError, StageError, default_dtype
+from training import NonFiniteError, default_dtype
 
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
@@ -329,7 +329,7 @@ def main(argv=None):
         init = check_init(run)
         with locked(run.out):
             experiment(run, init)
-    except (SplitError, StageError, DataError, CheckpointError) as e:
+    except UserError as e:  # a file, a folder, a setting: one line, status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:

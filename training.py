@@ -321,5 +321,5 @@ def epoch_steps(epochs, n, batch_size):
     return max(1, epochs * n // batch_size)
 
 
-class StageError(Exception):
+class StageError(data.UserError):
     """A stage the command needs but may not run (not in --stages), or a run folder in use."""

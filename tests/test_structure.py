@@ -127,3 +127,13 @@ def test_a_lock_with_our_own_pid_is_ours(tmp_path):
     (tmp_path / "lock").write_text(str(os.getpid()))
     with locked(str(tmp_path)):
         pass
+
+
+def test_every_user_error_derives_from_one_base():
+    """train.py catches one class, data.UserError, for a one-line error and status 2."""
+    from checkpoint import CheckpointError
+    from data import DataError, UserError
+    from mpo import SplitError
+    from training import NonFiniteError
+    assert all(issubclass(e, UserError) for e in (DataError, CheckpointError, SplitError, StageError))
+    assert not issubclass(NonFiniteError, UserError)  # training diverged: status 3, not the user's input
