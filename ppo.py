@@ -57,11 +57,11 @@ class PPOConfig:
 
 # ----------------------------------------------------------------------------- the math, pure functions
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over the positions where mask is 1."""
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def masked_mean(x, mask, count=None):
+    """Mean of x over the positions where mask is 1: their sum over their count, or over `count`
+    (data parallel: the whole minibatch's token count over all ranks, train_ppo)."""
+    n = mask.sum() if count is None else count
+    return (x * mask).sum() / n.clamp(min=1)
 
 
 def masked_var(x, mask):
@@ -112,32 +112,25 @@ def eos_trick(scores, tokens, mask, eos_id, penalty):
     return torch.where(has_eos, scores, torch.full_like(scores, penalty)), has_eos
 
 
-def token_mean(x, mask, n_tokens=None):
-    """The sum of x over the positions where mask is 1, over n_tokens (default: the mask's count).
-    Data parallel, n_tokens is the whole minibatch's count over all ranks (train_ppo)."""
-    n = mask.sum() if n_tokens is None else n_tokens
-    return (x * mask).sum() / n.clamp(min=1)
-
-
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip, n_tokens=None):
     """Clipped surrogate: mean_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)).
 
     All (B, N) -> (loss, clip fraction, approximate KL (k3 estimator, Schulman 2020)), each a
-    token_mean over n_tokens.
+    masked_mean over n_tokens.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
     with torch.no_grad():
-        clipfrac = token_mean(((ratio - 1).abs() > clip).float(), mask, n_tokens)
-        approx_kl = token_mean(ratio - 1 - log_ratio, mask, n_tokens)
-    return token_mean(losses, mask, n_tokens), clipfrac, approx_kl
+        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask, n_tokens)
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask, n_tokens)
+    return masked_mean(losses, mask, n_tokens), clipfrac, approx_kl
 
 
 def value_loss(values, old_values, returns, mask, clip_value, n_tokens=None):
     """0.5 mean_t max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2); all (B, N) -> scalar."""
     clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
-    return 0.5 * token_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, n_tokens)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, n_tokens)
 
 
 class FixedKL:
