@@ -1,9 +1,12 @@
-"""The GPT: KV cache, left padding, sampling, heads, optimizer groups, checkpoints, precision."""
-import torch
+"""The GPT: KV cache, left padding, sampling, heads, optimizer groups, checkpoints, precision; the
+sequence log-probs, SFT loss and KL estimators against hand computations."""
+import math
+
 import pytest
+import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, ScalarModel, generate, response_mask
+from model import GPT, GPTConfig, ScalarModel, generate, kl_penalty, response_mask, sequence_logps, sft_loss
 from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -225,3 +228,96 @@ def test_categorical_samples_by_the_probabilities():
     drawn = categorical(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
     assert torch.allclose(freq, probs[0], atol=0.005) and freq[3] == 0
+
+
+# ----------------------------------------------------------------------------- log-probs, SFT loss and KL by hand
+
+
+# rows: left pad + prompt + response + right pad; the mask is 1 on response tokens only
+SEQ_MASK = torch.tensor([
+    [0, 0, 0, 0, 1, 1, 1, 0],  # pad pad p p r r r pad
+    [0, 0, 1, 1, 0, 0, 0, 0],  # pad p r r pad pad pad pad
+    [0, 0, 0, 1, 1, 1, 1, 1],  # p p p r r r r r (no padding)
+])
+
+
+def brute_sequence_logps(logits, labels, mask):
+    """Sum over t with mask[t] = 1 of log_softmax(logits[t - 1])[labels[t]], with python math."""
+    out = []
+    for b in range(logits.size(0)):
+        total = 0.0
+        for t in range(1, logits.size(1)):
+            if mask[b, t]:
+                row = logits[b, t - 1].tolist()
+                total += row[labels[b, t]] - math.log(sum(math.exp(v) for v in row))
+        out.append(total)
+    return out
+
+
+def seq_inputs():
+    torch.manual_seed(2)
+    return torch.randn(3, 8, 5), torch.randint(0, 5, (3, 8))
+
+
+def test_sequence_logps_matches_brute_force():
+    """sequence_logps sums the next-token log-probs of the response tokens only."""
+    logits, labels = seq_inputs()
+    got = sequence_logps(logits, labels, SEQ_MASK)
+    assert got.tolist() == pytest.approx(brute_sequence_logps(logits, labels, SEQ_MASK), rel=1e-5)
+
+
+def test_sequence_logps_ignores_prompt_labels():
+    """Changing a prompt or pad token's id leaves the result unchanged; a response token's does not."""
+    logits, labels = seq_inputs()
+    base = sequence_logps(logits, labels, SEQ_MASK)
+    changed = labels.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % 5  # prompt token of row 0
+    changed[1, 1] = (changed[1, 1] + 1) % 5  # prompt token of row 1
+    changed[0, 7] = (changed[0, 7] + 1) % 5  # right pad of row 0
+    assert torch.equal(sequence_logps(logits, changed, SEQ_MASK), base)
+    changed[0, 5] = (changed[0, 5] + 1) % 5  # a response token of row 0
+    assert sequence_logps(logits, changed, SEQ_MASK)[0] != base[0]
+
+
+def test_sft_loss_is_the_mean_token_nll():
+    """sft_loss = -(sum of response-token log-probs) / (number of response tokens)."""
+    logits, labels = seq_inputs()
+    n = SEQ_MASK[:, 1:].sum().item()
+    assert sft_loss(logits, labels, SEQ_MASK).item() == pytest.approx(
+        -sum(brute_sequence_logps(logits, labels, SEQ_MASK)) / n, rel=1e-5)
+
+
+def test_kl_penalty_estimators_by_hand():
+    """k1 = log p - log q; k3 = (q/p - 1) - log(q/p), never negative, 0 where p = q."""
+    lp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -2.0, 0.0]])
+    assert kl_penalty(lp, ref)[0].tolist() == pytest.approx([0.5, 0.0, -0.5])
+    k3 = [(math.exp(r - l) - 1) - (r - l) for l, r in zip(lp[0].tolist(), ref[0].tolist())]
+    assert kl_penalty(lp, ref, "k3")[0].tolist() == pytest.approx(k3, rel=1e-6)
+    assert (kl_penalty(lp, ref, "k3") >= 0).all() and kl_penalty(lp, ref, "k3")[0, 1] == 0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(lp, ref, "k2")
+
+
+def test_kl_penalty_estimates_the_true_kl():
+    """Both estimators average to KL(p || q) over samples of p (a 3-way categorical)."""
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    y = torch.multinomial(p, 200000, replacement=True, generator=torch.Generator().manual_seed(0))
+    true = (p * (p / q).log()).sum().item()
+    for estimator in ("k1", "k3"):
+        assert kl_penalty(p.log()[y], q.log()[y], estimator).mean().item() == pytest.approx(true, abs=0.01)
+
+
+def test_response_logprobs_agree_with_sequence_logps():
+    """The PPO/evaluation path (left-padded prompt + response, logits at the temperature) and the
+    DPO/SFT path (sequence_logps over the response mask) give the same log pi(y | x)."""
+    import data
+    from model import GPT, GPTConfig, response_logprobs
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    batch = data.collate([[3, 4, 5], [6]], [[7, 8, 9, 1], [10, 1]], pad_id=0)
+    P = 3
+    with torch.no_grad():
+        token_lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], P)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
+    torch.testing.assert_close(per_row, sequence_logps(logits, batch["input_ids"], batch["response_mask"]))

@@ -1,7 +1,9 @@
 """PPO's loop as a whole: the old log-probs come from the update's own computation, data-parallel
 losses weigh every token of a minibatch alike, and the logged score is the one PPO maximises.
-(The loss math, GAE and whitening by hand: tests/test_losses.py.)"""
+Then the pure functions by hand: GAE, the clipped policy and value losses, token rewards, the EOS
+trick, whitening and the KL controllers."""
 import copy
+import math
 import os
 import socket
 
@@ -11,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
-from model import GPT, GPTConfig, ScalarModel, response_logprobs
-from ppo import PPOConfig, minibatch_policy_loss, minibatch_value_loss, train_ppo
+from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_logprobs
+from ppo import (AdaptiveKL, FixedKL, PPOConfig, eos_trick, gae, minibatch_policy_loss, minibatch_value_loss,
+                 policy_loss, token_rewards, train_ppo, value_loss, whiten)
 
 CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
 
@@ -147,3 +150,226 @@ def test_two_ranks_weigh_every_token_of_the_minibatch_alike(tokenizer, tmp_path)
     # the test can tell: the mean of the two ranks' own token means is another gradient
     per_rank = [losses_and_gradients(tokenizer, rows) for rows in ([0, 1], [2, 3])]
     assert not torch.allclose((per_rank[0][0] + per_rank[1][0]) / 2, one[0], rtol=1e-3, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GAE, losses and KL control by hand
+
+def prefix_mask(lengths, n):
+    return torch.tensor([[1.0] * L + [0.0] * (n - L) for L in lengths], dtype=torch.float64)
+
+
+def brute_gae(rewards, values, lengths, gamma, lam):
+    """A_t = sum_k (gamma lam)^k delta_{t+k} over valid tokens, V = 0 after the last; R = A + V."""
+    B, N = rewards.shape
+    adv, ret = torch.zeros(B, N, dtype=torch.float64), torch.zeros(B, N, dtype=torch.float64)
+    for b, L in enumerate(lengths):
+        v = values[b, :L].tolist() + [0.0]
+        deltas = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(L)]
+        for t in range(L):
+            adv[b, t] = sum((gamma * lam) ** k * deltas[t + k] for k in range(L - t))
+            ret[b, t] = adv[b, t] + v[t]
+    return adv, ret
+
+
+GAE_LENGTHS = [6, 3, 1, 4]
+
+
+def gae_inputs():
+    torch.manual_seed(3)  # padding positions hold garbage on purpose: they must be ignored
+    return torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+
+
+def test_gae_matches_brute_force():
+    """gae equals the explicit discounted sum of TD errors, for rows of different lengths."""
+    rewards, values = gae_inputs()
+    mask = prefix_mask(GAE_LENGTHS, 6)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    exp_adv, exp_ret = brute_gae(rewards, values, GAE_LENGTHS, 0.9, 0.8)
+    torch.testing.assert_close(adv, exp_adv)
+    torch.testing.assert_close(ret, exp_ret)
+
+
+def test_gae_padding_is_zero():
+    """Padding positions get advantage 0 and return 0."""
+    rewards, values = gae_inputs()
+    mask = prefix_mask(GAE_LENGTHS, 6)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    pad = mask == 0
+    assert (adv[pad] == 0).all() and (ret[pad] == 0).all()
+
+
+def test_gae_undiscounted_returns_are_reward_to_go():
+    """With gamma = lam = 1 the returns are suffix sums of the rewards over valid tokens."""
+    rewards, values = gae_inputs()
+    mask = prefix_mask(GAE_LENGTHS, 6)
+    _, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    for b, L in enumerate(GAE_LENGTHS):
+        for t in range(L):
+            assert ret[b, t].item() == pytest.approx(sum(rewards[b, t:L].tolist()), rel=1e-9, abs=1e-12)
+
+
+def test_policy_loss_on_policy_is_mean_negative_advantage():
+    """At ratio 1 the loss is the masked mean of -A; clip fraction and KL are 0."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -4.0, -1.0]])
+    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 100.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, clipfrac, kl = policy_loss(lp, lp.clone(), adv, mask, clip=0.2)
+    assert loss.item() == pytest.approx(-(1.0 - 2.0 + 0.5 + 3.0) / 4)
+    assert clipfrac.item() == 0.0 and kl.item() == pytest.approx(0.0, abs=1e-7)
+
+
+# ratio, advantage, does clipping bind (clip = 0.2)
+CLIP_CASES = [
+    (1.5, 1.0, True),    # above 1 + eps with A > 0: binds
+    (0.5, -1.0, True),   # below 1 - eps with A < 0: binds
+    (1.5, -1.0, False),  # above 1 + eps with A < 0: the unclipped term is the max
+    (0.5, 1.0, False),   # below 1 - eps with A > 0: the unclipped term is the max
+    (1.1, 1.0, False),   # inside the clip range
+    (0.9, -2.0, False),  # inside the clip range
+]
+
+
+def test_policy_loss_gradient_zero_exactly_where_clipping_binds():
+    """d loss / d logprob is 0 where the clip binds and -A ratio / n elsewhere."""
+    ratios = torch.tensor([[c[0] for c in CLIP_CASES]], dtype=torch.float64)
+    adv = torch.tensor([[c[1] for c in CLIP_CASES]], dtype=torch.float64)
+    old = torch.full_like(ratios, -1.0)
+    lp = (old + ratios.log()).requires_grad_(True)
+    loss, _, _ = policy_loss(lp, old, adv, torch.ones_like(adv), clip=0.2)
+    loss.backward()
+    n = len(CLIP_CASES)
+    for i, (ratio, a, binds) in enumerate(CLIP_CASES):
+        expected = 0.0 if binds else -a * ratio / n
+        assert lp.grad[0, i].item() == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        assert (lp.grad[0, i].item() == 0.0) == binds
+
+
+def test_policy_loss_clipfrac_and_approx_kl_hand_values():
+    """clip fraction = share of valid tokens with |ratio - 1| > eps; KL = mean(ratio - 1 - log ratio)."""
+    ratios = [1.5, 0.5, 1.1, 0.9, 1.25]
+    lp = torch.tensor([[math.log(r) for r in ratios] + [3.0]], dtype=torch.float64)
+    old = torch.zeros_like(lp)
+    mask = torch.tensor([[1.0] * 5 + [0.0]], dtype=torch.float64)  # the last token is padding
+    loss, clipfrac, kl = policy_loss(lp, old, torch.ones_like(lp), mask, clip=0.2)
+    assert clipfrac.item() == pytest.approx(3 / 5)
+    assert kl.item() == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 5, rel=1e-9)
+    # loss with A = 1: mean of max(-r, -clip(r)) = mean of -min(r, clip(r))
+    assert loss.item() == pytest.approx(-sum(min(r, min(max(r, 0.8), 1.2)) for r in ratios) / 5)
+
+
+def test_policy_loss_masked_positions_contribute_nothing():
+    """Garbage at masked positions changes neither the loss nor the stats, and gets no gradient."""
+    torch.manual_seed(4)
+    lp, adv = torch.randn(2, 5), torch.randn(2, 5)
+    old = lp + 0.05 * torch.randn(2, 5)  # valid ratios stay inside the clip range
+    mask = prefix_mask([5, 2], 5).float()
+    lp2, old2, adv2 = lp.clone(), old.clone(), adv.clone()
+    lp2[1, 2:], old2[1, 2:], adv2[1, 2:] = 7.0, -3.0, 50.0
+    lp2.requires_grad_(True)
+    a, b = policy_loss(lp, old, adv, mask, 0.2), policy_loss(lp2, old2, adv2, mask, 0.2)
+    for x, y in zip(a, b):
+        assert x.item() == pytest.approx(y.item(), rel=1e-6)
+    b[0].backward()
+    assert (lp2.grad[1, 2:] == 0).all() and (lp2.grad[0] != 0).all()
+
+
+# value, old value, return, does the clipped term bind (clip_value = 0.2)
+VALUE_CASES = [
+    (1.1, 1.0, 2.0, False),  # inside the range: both terms equal
+    (1.5, 1.0, 2.0, True),   # past the range towards R: the clipped term (1.2 - 2)^2 is the max
+    (0.5, 1.0, 0.0, True),   # below the range towards R: the clipped term (0.8 - 0)^2 is the max
+    (1.5, 1.0, 0.0, False),  # past the range away from R: the unclipped term is the max
+]
+
+
+def test_value_loss_hand_value_and_gradient():
+    """value_loss = 0.5 mean max((V-R)^2, (clip(V)-R)^2); no gradient where the clipped term binds."""
+    v = torch.tensor([[c[0] for c in VALUE_CASES]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[c[1] for c in VALUE_CASES]], dtype=torch.float64)
+    ret = torch.tensor([[c[2] for c in VALUE_CASES]], dtype=torch.float64)
+    loss = value_loss(v, old, ret, torch.ones_like(old), clip_value=0.2)
+    terms = []
+    for value, o, r, _ in VALUE_CASES:
+        clipped = min(max(value, o - 0.2), o + 0.2)
+        terms.append(max((value - r) ** 2, (clipped - r) ** 2))
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / 4, rel=1e-9)
+    loss.backward()
+    n = len(VALUE_CASES)
+    for i, (value, _, r, binds) in enumerate(VALUE_CASES):
+        expected = 0.0 if binds else (value - r) / n
+        assert v.grad[0, i].item() == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_value_loss_ignores_masked_positions():
+    """A masked position with a huge error adds nothing to the value loss."""
+    v = torch.tensor([[1.0, 100.0]])
+    loss = value_loss(v, torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, -100.0]]),
+                      torch.tensor([[1.0, 0.0]]), clip_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.0)
+
+
+def test_token_rewards_layout():
+    """Score at the last valid token, -kl_coef (logp - ref) on every response token, 0 on padding."""
+    torch.manual_seed(5)
+    lengths, kl_coef = [5, 2, 3], 0.1
+    mask = prefix_mask(lengths, 5)
+    lp, ref = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    scores = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    expected = torch.zeros(3, 5, dtype=torch.float64)
+    for b, L in enumerate(lengths):
+        for t in range(L):
+            expected[b, t] = -kl_coef * (lp[b, t].item() - ref[b, t].item())
+        expected[b, L - 1] += scores[b].item()
+    got = token_rewards(scores, kl_penalty(lp, ref) * mask, mask, kl_coef)
+    torch.testing.assert_close(got, expected)
+    assert (got[mask == 0] == 0).all()
+
+
+def test_eos_trick():
+    """Rows without eos among their valid tokens get the penalty; the others keep their score."""
+    eos = 2
+    tokens = torch.tensor([[5, 2, 0, 0],    # eos inside the response
+                           [5, 6, 7, 8],    # cut at the length limit
+                           [5, 6, 2, 2],    # eos only on padding: does not count
+                           [2, 9, 9, 9]])   # eos first
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    scores, has_eos = eos_trick(torch.tensor([1.0, 2.0, 3.0, 4.0]), tokens, mask, eos, penalty=-2.0)
+    assert scores.tolist() == [1.0, -2.0, -2.0, 4.0]
+    assert has_eos.tolist() == [True, False, False, True]
+
+
+def test_whiten_valid_tokens():
+    """Over valid tokens: mean 0, (population) variance 1, equal to (x - m) / s; padding is 0."""
+    torch.manual_seed(6)
+    x = torch.randn(3, 6, dtype=torch.float64) * 3 + 2
+    mask = prefix_mask([6, 2, 4], 6)
+    w = whiten(x, mask)
+    valid = x[mask.bool()].tolist()
+    m = sum(valid) / len(valid)
+    s = math.sqrt(sum((v - m) ** 2 for v in valid) / len(valid))
+    torch.testing.assert_close(w[mask.bool()], torch.tensor([(v - m) / s for v in valid], dtype=torch.float64))
+    assert w[mask.bool()].mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert w[mask.bool()].var(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
+    assert (w[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("kl, expected_factor", [
+    (3.3, 1 + 0.1 * 10 / 100),   # KL above target: up, by error * n / horizon
+    (2.7, 1 - 0.1 * 10 / 100),   # KL below target: down
+    (300.0, 1 + 0.2 * 10 / 100),  # error capped at +20%
+    (0.0, 1 - 0.2 * 10 / 100),    # error capped at -20%
+])
+def test_adaptive_kl_update(kl, expected_factor):
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
+    ctl = AdaptiveKL(0.1, target=3.0, horizon=100)
+    ctl.update(kl, n=10)
+    assert ctl.value == pytest.approx(0.1 * expected_factor, rel=1e-12)
+    assert (ctl.value > 0.1) == (kl > 3.0)
+
+
+def test_fixed_kl_never_changes():
+    """FixedKL keeps its coefficient whatever KL it sees."""
+    ctl = FixedKL(0.05)
+    for kl in (0.0, 3.0, 1e6):
+        ctl.update(kl, n=64)
+    assert ctl.value == 0.05
