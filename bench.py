@@ -21,12 +21,16 @@ import torch
 from dpo import pair_logps
 from model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, token_logprobs
 from ppo import PPOConfig, train_ppo
-from train import PRESETS
 import training
 from training import autocast, compiled, default_dtype, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py keeps them equal)
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=1024),
+    "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=1024),
+}
 
 
 def timed(fn, device, repeat=3):
@@ -111,7 +115,7 @@ def trl_anchor(figure, cfg, a, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    p.add_argument("--preset", default="gpt2" if cuda else "tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="gpt2" if cuda else "tiny", choices=list(SHAPES))
     p.add_argument("--vocab", type=int, default=50257 if cuda else None, help="default: the preset's")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -124,9 +128,9 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     a = p.parse_args()
     dtype = a.dtype or default_dtype(a.device)
-    preset = PRESETS[a.preset]
-    cfg = GPTConfig(vocab_size=a.vocab or preset.vocab_size, n_layer=preset.n_layer, n_head=preset.n_head,
-                    n_embd=preset.n_embd, block_size=max(preset.block_size, a.prompt + a.new))
+    shape = SHAPES[a.preset]
+    cfg = GPTConfig(vocab_size=a.vocab or shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
+                    n_embd=shape["n_embd"], block_size=max(shape["block_size"], a.prompt + a.new))
     figures = a.figures.split(",")
     peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
                              if a.device == "cuda" else None)

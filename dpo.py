@@ -10,25 +10,20 @@ import torch.nn.functional as F
 
 from data import batches, pair_batch, tokenize_pairs
 from model import response_logits, sequence_logps
-from training import autocast, epoch_steps, fit
+from training import FitConfig, autocast, epoch_steps, fit, fit_field
 
 
 @dataclass
-class DPOConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
+class DPOConfig(FitConfig):
+    """fit()'s settings are FitConfig's, with DPO's own learning rate. Each field's "range" is what
+    checks.py accepts (an interval: [ and ] include the end)."""
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward",
                                                "range": "(0, inf)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO (sigmoid loss): assumed label "
                                                           "flip rate", "range": "[0, 0.5)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo", "choices": ["sigmoid", "ipo"]})
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
-    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
-                                                  "range": "[0, inf)"})
+    lr: float = fit_field("lr", 1e-4)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

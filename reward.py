@@ -10,20 +10,14 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import collate, encode_response, pair_batch, tokenize_pairs
-from training import autocast, epoch_steps, fit
+from training import FitConfig, autocast, epoch_steps, fit
 
 
 @dataclass
-class RMConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
+class RMConfig(FitConfig):
+    """fit()'s settings and their defaults are FitConfig's. Each field's "range" is what checks.py
+    accepts (an interval: [ and ] include the end)."""
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
-    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
-                                                  "range": "[0, inf)"})
 
 
 def bt_loss(chosen_rewards, rejected_rewards):

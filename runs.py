@@ -2,6 +2,7 @@
 settings and inputs have not changed, and resumes a killed one from its step state; and the lock
 that keeps a second run out of a folder in use."""
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,6 +19,12 @@ from training import NonFiniteError, StageError
 
 class Stop(Exception):
     """Raised by Runner.run for a stage after the last one asked for: the pipeline ends there."""
+
+
+def plain(value):
+    """A stage config as the dict of its fields (their order does not matter: keys are sorted);
+    anything else JSON cannot hold as its str."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 class Runner:
@@ -48,7 +55,7 @@ class Runner:
         done_path = os.path.join(folder, "done.json")
         # a stage's fingerprint: its settings and when each of its inputs last finished
         key = json.dumps({"settings": settings, "upstream": [self.done[u]["finished"] for u in upstream]},
-                         sort_keys=True, default=str)
+                         sort_keys=True, default=plain)
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         if os.path.exists(done_path) and name not in self.force:
             done = data.read_json(done_path)
@@ -61,7 +68,7 @@ class Runner:
         step_state = self.start(name, folder, fingerprint)
         distributed.barrier()  # rank 0 has dropped a stale step state before any rank looks
         # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
-        seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=str)
+        seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=plain)
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
         t0 = time.time()
         tqdm.write(f"== {name} -> {folder}")

@@ -3,21 +3,19 @@ from dataclasses import dataclass, field
 
 import data
 from model import response_logits, sft_loss
-from training import fit
+from training import FitConfig, fit, fit_field
 
 
 @dataclass
-class SFTConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
+class SFTConfig(FitConfig):
+    """fit()'s settings are FitConfig's, with SFT's own defaults. Each field's "range" is what
+    checks.py accepts (an interval: [ and ] include the end)."""
     steps: int = field(default=2000, metadata={"help": "optimizer steps (0: none, the weights as they start)",
                                                "range": "[0, inf)"})
-    batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "range": "[1, inf)"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate", "range": "(0, inf)"})
-    warmup: int = field(default=50, metadata={"help": "warmup steps", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
-                                                  "range": "[0, inf)"})
+    batch_size: int = fit_field("batch_size", 32, help="demonstrations per step")
+    lr: float = fit_field("lr", 3e-3)
+    warmup: int = fit_field("warmup", 50)
+    weight_decay: float = fit_field("weight_decay", 0.1)
 
 
 def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):

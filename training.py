@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -241,6 +242,26 @@ def rows_of(batch):
     return len(next(iter(batch.values())))
 
 
+@dataclass
+class FitConfig:
+    """What fit() reads: the optimizer settings of SFT, the reward model and DPO. Each stage's config
+    subclasses it, adds its own fields (steps or epochs, beta, ...) and redeclares with fit_field()
+    the defaults that differ; these are the reward model's (two of the three stages train on pairs). Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
+    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
+    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
+                                                  "range": "[0, inf)"})
+
+
+def fit_field(name, default, **metadata):
+    """FitConfig's field `name` with a stage's own default (and help, if given); its range stays
+    FitConfig's. In a subclass: lr: float = fit_field("lr", 3e-3)."""
+    return field(default=default, metadata={**FitConfig.__dataclass_fields__[name].metadata, **metadata})
+
+
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
         desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of):
     """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
@@ -249,9 +270,9 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
     row of floats), computed under autocast. `steps` counts optimizer steps, each on exactly
-    cfg.batch_size examples (batch_plan). cfg needs lr, weight_decay, warmup, grad_clip,
-    batch_size, save_every. probe(model) -> a row of figures (held-out gold, say) joins the metrics
-    every probe_every steps and at the end. Returns the last row. epoch_steps converts epochs to steps.
+    cfg.batch_size examples (batch_plan). cfg: a FitConfig (or anything with its fields). probe(model)
+    -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
+    end. Returns the last row. epoch_steps converts epochs to steps.
 
     Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
     batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its

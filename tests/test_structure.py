@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import bench
 import train
 from mpo import ABLATIONS, BASELINES, METHODS, method_stages
 from runs import locked
@@ -49,6 +50,16 @@ def test_trl_is_imported_by_bench_anchors_alone():
         roots = {name.split(".")[0] for name in imports(module)}
         assert not roots & ANCHOR_PACKAGES, f"{module} imports {roots & ANCHOR_PACKAGES}"
     assert not project_imports("bench_anchors")
+
+
+def test_bench_shapes_are_the_presets():
+    """bench.py keeps its own table of the presets' model shapes rather than import train.py, the
+    command line; the table must not drift from train.PRESETS."""
+    assert "train" not in project_imports("bench")
+    for name, shape in bench.SHAPES.items():
+        preset = train.PRESETS[name]
+        assert shape == {k: getattr(preset, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                         "vocab_size")}, name
 
 
 def test_stage_configs_hold_hyperparameters_only():

@@ -1,13 +1,17 @@
 """training.fit's batches: every optimizer step takes exactly batch_size examples, whatever the data
-size, so one rule serves one process and N ranks, with or without gradient accumulation."""
-from types import SimpleNamespace
+size, so one rule serves one process and N ranks, with or without gradient accumulation; and
+FitConfig, the settings it reads, shared by the stages that run it."""
+import dataclasses
 
 import torch
 
 import data
 import training
+from dpo import DPOConfig
 from model import GPT, GPTConfig, response_logits, sft_loss
-from training import batch_plan, epoch_steps, fit
+from reward import RMConfig
+from sft import SFTConfig
+from training import FitConfig, batch_plan, epoch_steps, fit
 
 
 def test_every_batch_is_full_and_every_pass_visits_each_example_once():
@@ -38,7 +42,7 @@ def fit_once(tmp_path, accum, n=37):
     examples = [(torch.randint(2, 50, (int(torch.randint(1, 6, (), generator=g)),), generator=g).tolist(),
                  torch.randint(2, 50, (int(torch.randint(1, 8, (), generator=g)),), generator=g).tolist() + [1])
                 for _ in range(n)]
-    cfg = SimpleNamespace(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
+    cfg = FitConfig(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
     tokens = lambda batch: batch["response_mask"].sum().item()
     training.GRAD_ACCUM = accum
     try:
@@ -47,6 +51,22 @@ def fit_once(tmp_path, accum, n=37):
     finally:
         training.GRAD_ACCUM = 1
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_the_fit_stage_configs_share_fitconfigs_fields():
+    """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, with
+    FitConfig's ranges (checks.py reads them), and add their own fields."""
+    shared = [f.name for f in dataclasses.fields(FitConfig)]
+    for cls, own in ((SFTConfig, ["steps"]), (RMConfig, ["epochs"]),
+                     (DPOConfig, ["beta", "label_smoothing", "loss_type", "epochs"])):
+        assert issubclass(cls, FitConfig) and [f.name for f in dataclasses.fields(cls)] == shared + own
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"] and ("range" in f.metadata or "choices" in f.metadata), (cls, f.name)
+            if f.name in shared:
+                assert f.metadata["range"] == FitConfig.__dataclass_fields__[f.name].metadata["range"]
+    assert SFTConfig.__dataclass_fields__["batch_size"].metadata["help"] == "demonstrations per step"
+    assert (SFTConfig().lr, RMConfig().lr, DPOConfig().lr) == (3e-3, 3e-4, 1e-4)
+    assert dataclasses.replace(DPOConfig(), lr=1e-3, beta=0.5) == DPOConfig(beta=0.5, lr=1e-3)
 
 
 def test_accumulating_one_row_per_micro_batch_gives_the_full_batch_update(tmp_path):
@@ -70,3 +90,13 @@ def test_progress_in_a_log_file_is_plain_lines(capsys, monkeypatch):
     assert "\r" not in err
     lines = err.splitlines()
     assert 5 <= len(lines) <= 8 and lines[-1].startswith("sft: 100/100 in ")
+
+
+def test_a_stages_fingerprint_and_seed_do_not_depend_on_its_configs_field_order():
+    """The run folder hashes a config as the dict of its fields, keys sorted, not as its repr."""
+    from runs import plain
+    import json
+    a, b = SFTConfig(lr=1e-3, steps=5), SFTConfig(steps=5, lr=1e-3)
+    assert json.dumps(plain(a), sort_keys=True) == json.dumps({**dataclasses.asdict(a)}, sort_keys=True)
+    reordered = dict(reversed(list(dataclasses.asdict(b).items())))
+    assert json.dumps({"cfg": a}, sort_keys=True, default=plain) == json.dumps({"cfg": reordered}, sort_keys=True)
