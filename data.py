@@ -271,36 +271,39 @@ def _json(n, text, path):
 
 # ----------------------------------------------------------------------------- the task of a run
 
-def load_task(run, seed, tau, log=print):
-    """The built-in task, or the records of --data with a held-out part (or --eval-data)."""
-    if not run.data:
-        task = make_task(seed, run.n_sft, run.n_pref, tau, run.annotator_bias, run.bias_kind, run.on_policy_pairs)
-        if run.eval_split == "valid":  # choosing settings: the test prompts stay unseen
+def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft_data="", eval_prompts=0,
+              eval_split="test", n_sft=4000, n_pref=2000, annotator_bias=0.0, bias_kind="longer", on_policy_pairs=False):
+    """The built-in task (its settings: n_sft to on_policy_pairs, tau the label noise), or the
+    records of the preference file `data` with a held-out part (or the file eval_data). Each
+    setting is the flag of the same name (train.py)."""
+    if not data:
+        task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs)
+        if eval_split == "valid":  # choosing settings: the test prompts stay unseen
             task["eval"] = task["valid"]
-        if run.eval_prompts:
-            task["eval"] = task["eval"][:run.eval_prompts]
+        if eval_prompts:
+            task["eval"] = task["eval"][:eval_prompts]
         return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores,
                 "entropy_floor": entropy_floor, "kind": prompt_kind, "answers": answer_choices,
-                "key": {"seed": seed, "task": {"n_sft": run.n_sft, "n_pref": run.n_pref,
-                                               **({"bias": run.annotator_bias, "bias_kind": run.bias_kind}
-                                                  if run.annotator_bias else {}),
-                                               **({"on_policy": True} if run.on_policy_pairs else {})}}}
-    records = load_preferences(run.data, run.format, log)
-    if run.eval_data:
-        held_out = load_preferences(run.eval_data, run.format, log)
+                "key": {"seed": seed, "task": {"n_sft": n_sft, "n_pref": n_pref,
+                                               **({"bias": annotator_bias, "bias_kind": bias_kind}
+                                                  if annotator_bias else {}),
+                                               **({"on_policy": True} if on_policy_pairs else {})}}}
+    records = load_preferences(data, format, log)
+    if eval_data:
+        held_out = load_preferences(eval_data, format, log)
     else:  # a seeded tenth of the file, at most 1000 pairs, never trained on
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
         n = max(1, min(1000, len(records) // 10))
         held_out, records = [records[i] for i in order[:n]], [records[i] for i in sorted(order[n:])]
         if not records:
-            raise DataError(f"{run.data}: too few pairs to hold some out; give --eval-data")
-    demos = (load_demonstrations(run.sft_data, run.format, log) if run.sft_data
+            raise DataError(f"{data}: too few pairs to hold some out; give --eval-data")
+    demos = (load_demonstrations(sft_data, format, log) if sft_data
              else [(r["prompt"], r["chosen"]) for r in records])
-    eval_prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:run.eval_prompts or 256]
-    files = [f for f in (run.data, run.eval_data, run.sft_data) if f]
+    prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:eval_prompts or 256]
+    files = [f for f in (data, eval_data, sft_data) if f]
     key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
-    return {"sft": demos, "pref": records, "held_out": held_out, "eval": eval_prompts, "gold": None,
+    return {"sft": demos, "pref": records, "held_out": held_out, "eval": prompts, "gold": None,
             "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
             "key": key}
 

@@ -134,13 +134,14 @@ def against_mpo(judged):
     return {m: paired_interval(judged["mpo"][judge], j[judge]) for m, j in judged.items() if m != "mpo"}
 
 
-def mean_gold(policy, tokenizer, task, run, seed, show=0):
-    """Mean gold reward of one sample per evaluation prompt (a cheap probe during training);
-    prints the first `show` samples."""
-    samples = sample_responses(policy, tokenizer, task["eval"], run.max_new_tokens, run.eval_temperature,
-                               seed, run.device, run.dtype)
+def mean_gold(policy, tokenizer, task, max_new_tokens, temperature, seed, device="cpu", dtype="fp32", show=0,
+              prompts=None):
+    """Mean gold reward of one sample per evaluation prompt (or per prompt of `prompts`): a cheap
+    probe during training; prints the first `show` samples."""
+    prompts = task["eval"] if prompts is None else prompts
+    samples = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature, seed, device, dtype)
     texts = [tokenizer.decode(r) for _, r in samples]
-    golds = [task["gold"](p, t) for p, t in zip(task["eval"], texts)]
-    for p, t, gr in list(zip(task["eval"], texts, golds))[:show]:
+    golds = [task["gold"](p, t) for p, t in zip(prompts, texts)]
+    for p, t, gr in list(zip(prompts, texts, golds))[:show]:
         tqdm.write(f"  {p.strip()!r}\n    -> {t!r}  gold {gr:+.2f}")
     return sum(golds) / len(golds)

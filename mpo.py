@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -23,14 +24,14 @@ from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint, save_hf_gpt2
+from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint
 from data import atomic_write, read_json, write_json
 from dpo import train_dpo
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
 from ppo import train_ppo
 from reward import fact_accuracy, load_reward_model, score, train_reward_model
-from report import plot_curves, plot_histogram, text_histogram, write_table
+from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
 from runs import Runner, Stop
@@ -240,9 +241,109 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     return final
 
 
+# ----------------------------------------------------------------------------- the other stages
+
+class Setup(NamedTuple):
+    """What the stages of one pipeline share: the task (data.load_task), its tokenizer, the
+    longest response, where the models run, the seed, and how the evaluation samples."""
+    task: dict
+    tokenizer: data.Tokenizer
+    max_new_tokens: int
+    device: str
+    dtype: str
+    seed: int
+    temperature: float
+    samples: int
+
+    def mean_gold(self, model, show=0, prompts=None):
+        return mean_gold(model, self.tokenizer, self.task, self.max_new_tokens, self.temperature, self.seed,
+                         self.device, self.dtype, show, prompts)
+
+
+def tokenizer_stage(folder, task, vocab_size, init=None):
+    """--init's tokenizer as it is, or a byte-level BPE trained on the training text only: the
+    held-out prompts' wording stays unseen."""
+    path = os.path.join(folder, "tokenizer.json")
+    if init:
+        atomic_write(path, lambda tmp: shutil.copyfile(init.tokenizer, tmp))
+        return {"from": init.tokenizer}
+    texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
+    data.Tokenizer.train(texts, vocab_size).save(path)
+    return {}
+
+
+def sft_stage(folder, s, cfg, shape, init=None):
+    """pi_sft: a fresh GPT of `shape` (or --init's weights) trained on the demonstrations."""
+    task, tokenizer, R = s.task, s.tokenizer, s.max_new_tokens
+    model = (load_gpt(init.path, s.device) if init else
+             GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape)).to(s.device))
+    before = s.mean_gold(model) if task["gold"] else None
+    loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
+    save_checkpoint(model, folder)
+    if not task["gold"]:
+        return {"final_loss": loss}
+    after = s.mean_gold(model, show=4)
+    floor = task["entropy_floor"]([p for p, _ in task["sft"]], lambda r: len(data.encode_response(tokenizer, r)[:R]))
+    tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
+               f"(untrained model {before:+.3f}); final loss {loss:.3f}, the task's floor {floor:.3f}")
+    return {"final_loss": loss, "entropy_floor": floor, "gold_untrained": before, "gold_sft": after}
+
+
+def rm_stage(folder, s, sft_dir, cfg):
+    """r_phi: the SFT model with a scalar head, Bradley-Terry on every pair."""
+    task = s.task
+    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
+    summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
+    if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
+        summary |= fact_accuracy(model, s.tokenizer, task["eval"], task["answers"], s.max_new_tokens, s.device, s.dtype)
+        tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
+                   f"of the factual evaluation questions (chance {summary['fact_chance']:.0%})")
+    return summary
+
+
+def eval_stage(folder, s, policies, rm_dir, no_eos_score):
+    """Every policy ({method: folder}) judged on the evaluation prompts, SFT first."""
+    sft, _ = load_checkpoint(policies["sft"], kind="gpt", device=s.device)
+    reward_model = load_reward_model(rm_dir, s.device)
+    judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
+    for method, policy_dir in policies.items():
+        policy, _ = load_checkpoint(policy_dir, kind="gpt", device=s.device)
+        part = evaluate_policy(policy, sft, reward_model, s.tokenizer, mine, s.max_new_tokens, s.temperature,
+                               s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype)
+        judged[method] = {key: distributed.gather(values) for key, values in part.items()}
+    write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
+    write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
+                                                       for i, p in enumerate(s.task["eval"][:50])])
+    chosen = chosen_values(s.task, reward_model, s.tokenizer, s.max_new_tokens, no_eos_score, s.device, s.dtype)
+    return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged}, "vs_mpo": against_mpo(judged)}
+
+
+def policy_stages(methods, runner, pairs, cfgs):
+    """Every DPO and PPO stage of `methods`, DPO first (a run asked to stop after dpo has all of
+    them): [(name, kind, settings, upstream, the pairs it trains on, its config)]. A PPO step
+    visits each prompt of its pool as often, so its iterations scale with the pool's share of the
+    pairs; budget "mpo" takes MPO's stage 2's share instead."""
+    share = lambda subset: len(subset) / len(pairs)
+    mpo_share = share(select(pairs, runner.path("split"), "hard"))
+    steps = [step for method in methods for step in method_stages(method)[0]]
+    out = []
+    for name, kind, recipe in sorted(steps, key=lambda s: s[1] == "ppo"):
+        subset = select(pairs, runner.path(recipe["split"]), recipe["subset"], runner.seed)
+        upstream = sorted({recipe["init"], recipe["reference"], recipe["split"]})
+        cfg = cfgs[kind]
+        if kind == "ppo":
+            budget = mpo_share if recipe["budget"] == "mpo" else share(subset)
+            cfg, upstream = dataclasses.replace(cfg, iterations=max(1, round(cfg.iterations * budget))), upstream + ["rm"]
+        out.append((name, kind, {"cfg": cfg, **recipe}, upstream, subset, cfg))
+    return out
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
+TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eval_split", "n_sft", "n_pref",
+                 "annotator_bias", "bias_kind", "on_policy_pairs"]  # RunConfig's fields that data.load_task reads
 
 
 def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
@@ -250,134 +351,67 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
     tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> eval.
 
     run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
-    train.Init or None; shared: stage names whose folders live in another run folder (sweeps).
-    Returns the results, or None when --stages ends before eval.
+    train.Init or None; shared: stage names whose folders live in another run folder (sweeps);
+    tau: the label noise (default run.label_noise). Returns the results, or None when --stages
+    ends before eval.
     """
     tau = run.label_noise if tau is None else tau
-    task = data.load_task(run, seed, tau, tqdm.write)
+    task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS})
     runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
-    device, dtype, R = run.device, run.dtype, run.max_new_tokens
-    tok_path = os.path.join(runner.path("tokenizer"), "tokenizer.json")
+    at, R = runner.path, run.max_new_tokens
     # what every stage depends on: the task, the weights' content (not their path), the longest response
-    task_key = {**task["key"], "init": init.sha256 if init else None, "max_new_tokens": R}
-    model_shape = dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size)
+    key = {**task["key"], "init": init.sha256 if init else None, "max_new_tokens": R}
+    shape = dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size)
     try:
-        def tokenizer_stage(folder):
-            if init:
-                atomic_write(tok_path, lambda tmp: shutil.copyfile(init.tokenizer, tmp))
-                return {"from": init.tokenizer}
-            # trained on training text only: the held-out prompts' wording stays unseen
-            texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
-            data.Tokenizer.train(texts, run.vocab_size).save(tok_path)
-            return {}
-        runner.run("tokenizer", "tokenizer", {**task_key, "vocab": run.vocab_size}, [], tokenizer_stage)
-        tokenizer = data.Tokenizer.load(tok_path)
+        runner.run("tokenizer", "tokenizer", {**key, "vocab": run.vocab_size}, [],
+                   lambda folder: tokenizer_stage(folder, task, run.vocab_size, init))
+        tokenizer = data.Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
+        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples)
         if run.data:
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
+        runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"]}, ["tokenizer"],
+                   lambda folder: sft_stage(folder, s, cfgs["sft"], shape, init))
+        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
 
-        def sft_stage(folder):
-            model = (load_gpt(init.path, device) if init else
-                     GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **model_shape)).to(device))
-            before = mean_gold(model, tokenizer, task, run, seed) if task["gold"] else None
-            loss = train_sft(model, tokenizer, task["sft"], cfgs["sft"], folder, R, device, dtype, seed)
-            save_checkpoint(model, folder)
-            if not task["gold"]:
-                return {"final_loss": loss}
-            after = mean_gold(model, tokenizer, task, run, seed, show=4)
-            floor = task["entropy_floor"]([p for p, _ in task["sft"]], lambda r: len(data.encode_response(tokenizer, r)[:R]))
-            tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
-                       f"(untrained model {before:+.3f}); final loss {loss:.3f}, the task's floor {floor:.3f}")
-            return {"final_loss": loss, "entropy_floor": floor, "gold_untrained": before, "gold_sft": after}
-        runner.run("sft", "sft", {**task_key, "model": model_shape, "cfg": cfgs["sft"]}, ["tokenizer"], sft_stage)
+        # the paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)
+        split_of = lambda gap, easy=None: lambda folder: split_stage(
+            at("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, run.device, run.dtype, gap, easy, task["kind"])
+        split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], split_of("rm"))
+        needed = {recipe["split"] for m in methods for _, _, recipe in method_stages(m)[0]}
+        if "split_abs" in needed:
+            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, ["rm"], split_of("abs"))
+        if "split_gold" in needed:
+            runner.run("split_gold", "split", {}, ["split"], split_of("gold", split["easy"]))
 
-        def rm_stage(folder):
-            model, _ = load_checkpoint(runner.path("sft"), kind="scalar", device=device)
-            summary = train_reward_model(model, tokenizer, task["pref"], task["held_out"], task["sft"][:512],
-                                         cfgs["rm"], folder, R, device, dtype, seed)
-            if task["answers"]:  # does it know the facts? (README, "With a better reward model")
-                summary |= fact_accuracy(model, tokenizer, task["eval"], task["answers"], R, device, dtype)
-                tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
-                           f"of the factual evaluation questions (chance {summary['fact_chance']:.0%})")
-            return summary
-        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], rm_stage)
-        kind_of = task["kind"]
-        split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
-            runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, kind_of=kind_of))
-        stages = [s for method in methods for s in method_stages(method)[0]]
-        if "split_abs" in {recipe["split"] for _, _, recipe in stages}:
-            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, ["rm"], lambda folder: split_stage(
-                runner.path("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, "abs", None, kind_of))
-        if "split_gold" in {recipe["split"] for _, _, recipe in stages}:  # the rm split's easy size
-            runner.run("split_gold", "split", {}, ["split"], lambda folder: split_stage(
-                None, task["pref"], cfgs["split"], folder, tokenizer, R, device, dtype, "gold", split["easy"], kind_of))
+        # stage 1 and stage 2 of every method; DPO logs a held-out gold probe, where hacking shows first
+        probe_prompts = (task.get("valid") or task["eval"])[:64]  # validation prompts
+        probe = (lambda policy: {"gold": s.mean_gold(policy, prompts=probe_prompts)}) if task["gold"] else None
+        for name, kind, settings, upstream, subset, cfg in policy_stages(methods, runner, task["pref"], cfgs):
+            init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
+            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe) if kind == "dpo" else
+                  partial(ppo_stage, init_dir, reference_dir, at("rm"), [r["prompt"] for r in subset], gold=task["gold"]))
+            runner.run(name, kind, settings, upstream, lambda folder, fn=fn, cfg=cfg: fn(
+                cfg, folder, tokenizer, R, run.device, run.dtype, seed))
 
-        # DPO's curve of held-out gold: where a policy starts to hack shows before the end
-        probe_task = {**task, "eval": (task.get("valid") or task["eval"])[:64]}  # validation prompts
-        probe = (lambda policy: {"gold": mean_gold(policy, tokenizer, probe_task, run, seed)}) if task["gold"] else None
-        policies = {"sft": "sft", **{method: method_stages(method)[1] for method in methods}}
-        # a PPO step visits each prompt of its pool as often: its iterations scale with the pool
-        share = lambda subset: len(subset) / len(task["pref"])
-        mpo_share = share(select(task["pref"], runner.path("split"), "hard"))
-        # DPO steps of every method, then PPO: a run asked to stop after dpo has all its DPO stages
-        for name, kind, recipe in sorted(stages, key=lambda s: s[1] == "ppo"):
-            subset = select(task["pref"], runner.path(recipe["split"]), recipe["subset"], seed)
-            init, reference = runner.path(recipe["init"]), runner.path(recipe["reference"])
-            upstream = sorted({recipe["init"], recipe["reference"], recipe["split"]})
-            if kind == "dpo":
-                fn = lambda folder, subset=subset, init=init, reference=reference: dpo_stage(
-                    init, reference, subset, task["held_out"], cfgs["dpo"], folder, tokenizer, R, device, dtype,
-                    seed, probe)
-                runner.run(name, kind, {"cfg": cfgs["dpo"], **recipe}, upstream, fn)
-            else:
-                iterations = max(1, round(cfgs["ppo"].iterations * (mpo_share if recipe["budget"] == "mpo" else share(subset))))
-                cfg = dataclasses.replace(cfgs["ppo"], iterations=iterations)
-                fn = lambda folder, subset=subset, init=init, reference=reference, cfg=cfg: ppo_stage(
-                    init, reference, runner.path("rm"), [r["prompt"] for r in subset], cfg, folder, tokenizer, R,
-                    device, dtype, seed, task["gold"])
-                runner.run(name, kind, {"cfg": cfg, **recipe}, upstream + ["rm"], fn)
-
-        def eval_stage(folder):
-            sft, _ = load_checkpoint(runner.path("sft"), kind="gpt", device=device)
-            reward_model = load_reward_model(runner.path("rm"), device)
-            judged, mine = {}, distributed.shard(task["eval"])  # data parallel: each rank judges its part
-            for method, stage in policies.items():
-                policy, _ = load_checkpoint(runner.path(stage), kind="gpt", device=device)
-                part = evaluate_policy(policy, sft, reward_model, tokenizer, mine, R, run.eval_temperature,
-                                       seed + distributed.rank(), task, cfgs["ppo"].no_eos_score, run.eval_samples,
-                                       device, dtype)
-                judged[method] = {key: distributed.gather(values) for key, values in part.items()}
-            write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
-            write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
-                                                               for i, p in enumerate(task["eval"][:50])])
-            chosen = chosen_values(task, reward_model, tokenizer, R, cfgs["ppo"].no_eos_score, device, dtype)
-            return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged},
-                    "vs_mpo": against_mpo(judged)}
+        policies = {"sft": "sft", **{m: method_stages(m)[1] for m in methods}}
         settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,
                     "temperature": run.eval_temperature, "samples": run.eval_samples}
-        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"], eval_stage)
+        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"], lambda folder: eval_stage(
+            folder, s, {m: at(stage) for m, stage in policies.items()}, at("rm"), cfgs["ppo"].no_eos_score))
     except Stop:
         return None
-
-    stage_seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}
-    results = {"methods": {m: {**row, "seconds": stage_seconds[m]} for m, row in table["methods"].items()},
-               "vs_mpo": table["vs_mpo"], "vs_mpo_over": f"{len(task['eval'])} prompts (one seed: sampling noise only)",
-               "reference": task["reference"](task["eval"]) if task["reference"] else None,
-               "win_rate_judge": "gold reward" if task["gold"] else "the training reward model (which PPO optimised)",
-               "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
-               "seconds": runner.seconds, "reused": runner.reused,
-               "config": {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
-                          "bias_kind": run.bias_kind, "max_new_tokens": R,
-                          "eval_prompts": len(task["eval"]), "eval_temperature": run.eval_temperature,
-                          "eval_samples": run.eval_samples, "eval_split": run.eval_split,
-                          "on_policy_pairs": run.on_policy_pairs, "world_size": distributed.world_size(),
-                          "grad_accum": run.grad_accum,
-                          **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}}
+    seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}  # DPO, PPO
+    results = assemble(table, seconds, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])))
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
-    if run.export_hf:  # each final policy as a GPT-2 folder that transformers loads
-        for method, stage in policies.items():
-            folder = os.path.join(out, "hf", method)
-            save_hf_gpt2(load_checkpoint(runner.path(stage), kind="gpt")[0], folder, eos_id=tokenizer.eos_id)
-            tokenizer.save(os.path.join(folder, "tokenizer.json"))
-        tqdm.write(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
     return results
+
+
+def run_record(run, seed, tau, cfgs, eval_prompts):
+    """The settings a results.json records."""
+    return {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
+            "bias_kind": run.bias_kind, "max_new_tokens": run.max_new_tokens, "eval_prompts": eval_prompts,
+            "eval_temperature": run.eval_temperature,
+            "eval_samples": run.eval_samples, "eval_split": run.eval_split, "on_policy_pairs": run.on_policy_pairs,
+            "world_size": distributed.world_size(), "grad_accum": run.grad_accum,
+            **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}

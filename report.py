@@ -1,14 +1,17 @@
 """What a run shows a reader: the gap histogram, training curves, the results table, the mean
 and spread over seeds and paired intervals. Pictures need matplotlib, which is optional: without
 it, text only."""
+import datetime
 import json
 import math
+import os
 import statistics
+import subprocess
 
 import torch
 
 import distributed
-from data import write_text
+from data import read_json, write_json, write_text
 
 
 def text_histogram(gaps, delta, bins=16, width=40):
@@ -105,8 +108,7 @@ def write_table(results, path):
                 cell += " ± " + fmt.format(row[f"{key}_std"]).lstrip("+")
             cells.append(cell)
         if vs_mpo:
-            mean, low, high = vs_mpo.get(m, (None, None, None))
-            cells.append("" if mean is None else f"{mean:+.3f}" if low is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+            cells.append(interval_text(vs_mpo.get(m)))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     reference = results.get("reference") or {}
     for key, name in REFERENCE_ROWS:
@@ -131,6 +133,26 @@ def write_table(results, path):
     text = "\n".join(lines) + "\n"
     write_text(path, text)
     print("\n" + text)
+
+
+def assemble(table, seconds, runner, task, split, policies, config):
+    """A run's results.json: the eval stage's table with each method's seconds, the task's
+    reference rows, the split, what judged, each stage's seconds, and the run's settings."""
+    return {"methods": {m: {**row, "seconds": seconds[m]} for m, row in table["methods"].items()},
+            "vs_mpo": table["vs_mpo"], "vs_mpo_over": f"{len(task['eval'])} prompts (one seed: sampling noise only)",
+            "reference": task["reference"](task["eval"]) if task["reference"] else None,
+            "win_rate_judge": "gold reward" if task["gold"] else "the training reward model (which PPO optimised)",
+            "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
+            "seconds": runner.seconds, "reused": runner.reused, "policies": policies, "config": config,
+            "provenance": provenance()}
+
+
+def interval_text(d, fmt="{:+.3f}"):
+    """A paired_interval as "+0.123 [+0.050, +0.196]" ("" for none; the mean alone for one unit)."""
+    if d is None:
+        return ""
+    mean = fmt.format(d["mean"])
+    return mean if d["low"] is None else f"{mean} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]"
 
 
 def aggregate(runs):
@@ -175,11 +197,239 @@ def t975(df):
 
 
 def paired_interval(a, b):
-    """The mean of a - b over paired units (prompts, or seeds) and its 95% t interval:
-    [mean, low, high], mean -+ t975(n - 1) * sd(a - b) / sqrt(n); no bounds (None) for one unit."""
+    """The mean of a - b over paired units (prompts, or seeds) and its 95% t interval,
+    mean -+ t975(n - 1) * sd(a - b) / sqrt(n): {"mean", "low", "high", "n", "wins"}, wins the units
+    where a > b; low and high are None for one unit."""
     d = [x - y for x, y in zip(a, b)]
     m = statistics.fmean(d)
-    if len(d) < 2:
-        return [m, None, None]
-    half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return [m, m - half, m + half]
+    half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    return {"mean": m, "low": None if half is None else m - half, "high": None if half is None else m + half,
+            "n": len(d), "wins": sum(x > 0 for x in d)}
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def provenance():
+    """Where and how a run ran, for its results.json: the commit of the code (None outside a git
+    checkout; "+changes" when the work tree differs from it), the date, torch, the machine."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+changes"
+    except OSError:  # no git
+        commit = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
+    return {"commit": commit, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "machine": device, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- committed results
+
+def svg_plot(series, xlabel, ylabel, title, width=560, height=300):
+    """A line plot as SVG text, with no plotting library: series [(label, xs, ys, band)], band
+    None or (lows, highs) drawn as a shaded area. Deterministic, so a regenerated figure is the
+    same file byte for byte."""
+    colors = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#dd8452"]
+    left, right, top, bottom = 56, 150, 28, 40
+    xs = [x for _, sx, _, _ in series for x in sx]
+    ys = [y for _, _, sy, band in series for y in list(sy) + (list(band[0]) + list(band[1]) if band else [])]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{xlabel}</text>',
+           f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylabel}</text>',
+           f'<path d="M{left} {top}V{height - bottom}H{width - right}" fill="none" stroke="black"/>']
+    for i in range(5):  # ticks
+        y, x = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:g}</text>')
+    for i, (label, sx, sy, band) in enumerate(series):
+        color = colors[i % len(colors)]
+        if band:
+            ring = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
+            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in ring)}" fill="{color}" '
+                       f'fill-opacity="0.15"/>')
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        out.append(f'<text x="{width - right + 8}" y="{top + 14 * i + 4}" fill="{color}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo": "**MPO** (then PPO on hard, ref DPO)",
+          "dpo": "DPO (all pairs, ref SFT)", "ppo": "PPO (all prompts, from and ref SFT)",
+          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)"}  # the others: their names in mpo.METHODS
+HEADLINE = ("<!-- report.py: headline -->", "<!-- /report.py -->")  # README.md's generated part
+
+
+def summary_table(runs):
+    """The compact table of an experiment (one results.json per seed): gold reward (mean ± sd over
+    seeds), well formed (mean, lowest seed), KL to SFT, length, and MPO minus the row with its 95%
+    t interval, paired over seeds (over prompts for one seed), with the units where MPO is ahead."""
+    res = aggregate(runs) if len(runs) > 1 else runs[0]
+    unit = "seeds" if len(runs) > 1 else "prompts"
+    lines = [f"| method | gold reward | well formed (lowest seed) | KL vs SFT | length | MPO − method (95% CI) | "
+             f"MPO ahead ({unit}) |", "|---|---|---|---|---|---|---|"]
+    for m, row in res["methods"].items():
+        gold = f"{row['gold_reward']:+.3f}" + (f" ± {row['gold_reward_std']:.3f}" if len(runs) > 1 else "")
+        lowest = min(r["methods"][m]["well_formed"] for r in runs)
+        d = res["vs_mpo"].get(m)
+        ahead = "" if d is None else f"{d['wins']} of {d['n']}"
+        lines.append(f"| {LABELS.get(m, m)} | {gold} | {row['well_formed']:.2f} ({lowest:.2f}) | "
+                     f"{row['kl_vs_sft']:.2f} | {row['length']:.1f} | {interval_text(d)} | {ahead} |")
+    for key, name in REFERENCE_ROWS:
+        if (res.get("reference") or {}).get(key) is not None:
+            lines.append(f"| *{name}* (no training) | {res['reference'][key]:+.3f} | | | | | |")
+    return "\n".join(lines)
+
+
+def closing(runs):
+    """The share of the distance from SFT to the best possible gold that MPO closes, per seed."""
+    return [(r["methods"]["mpo"]["gold_reward"] - r["methods"]["sft"]["gold_reward"]) /
+            (r["reference"]["best_possible"] - r["methods"]["sft"]["gold_reward"]) for r in runs]
+
+
+def samples_table(run, prompts=3, width=70):
+    """The first sample of every method on a run's first prompts, with its gold reward."""
+    from task import gold_reward, well_formed  # the built-in task's judges
+    rows = run["samples"][:prompts]
+    lines = ["| method | " + " | ".join(r["prompt"].split("Human: ")[-1].split("\n")[0] for r in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for m in run["methods"]:
+        cells = []
+        for r in rows:
+            text = r[m].strip()
+            mark = "" if well_formed(r["prompt"], r[m]) else " *(not well formed)*"
+            cells.append(f"[{gold_reward(r['prompt'], r[m]):+.1f}] {text if len(text) <= width else text[:width] + ' ...'}{mark}")
+        lines.append(f"| {m} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance_line(runs):
+    """Where the runs ran: each field's values over the seeds."""
+    p = [r.get("provenance") or {} for r in runs]
+    values = lambda k: ", ".join(sorted({str(x.get(k)) for x in p}))
+    return (f"commit {values('commit')}; {values('date')}; torch {values('torch')}; {values('machine')}, "
+            f"{values('threads')} thread(s) per run")
+
+
+def experiment_section(folder, meta, runs):
+    """RESULTS.md's section of one experiment folder."""
+    seeds = [r["config"]["seed"] for r in runs]
+    lines = [f"## {meta['title']}", "", f"`{meta['command']}`, seeds {', '.join(map(str, seeds))} "
+             f"({len(seeds)} seed{'s' * (len(seeds) > 1)}); per-seed data: `{folder}/`. {provenance_line(runs)}.", ""]
+    if meta.get("about"):
+        lines += [meta["about"], ""]
+    lines += [summary_table(runs), ""]
+    if runs[0].get("reference"):
+        share = closing(runs)
+        lines.append(f"MPO closes {statistics.fmean(share):.0%} of the distance from SFT to the best possible gold "
+                     f"reward (lowest seed {min(share):.0%}, seed {seeds[0]} {share[0]:.0%}).")
+    s = aggregate(runs)["split"] if len(runs) > 1 else runs[0]["split"]
+    if s.get("easy") is not None:
+        lines.append(f"Split (mean over seeds): easy {s['easy']:.0f} and hard {s['hard']:.0f} pairs"
+                     + (f"; label agreement with the gold reward: easy {s['easy_label_agreement']:.3f}, hard "
+                        f"{s['hard_label_agreement']:.3f}." if s.get("easy_label_agreement") is not None else "."))
+    seconds = runs[0].get("seconds")
+    if seconds:
+        lines.append(f"Seconds per stage, seed {seeds[0]}: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+                     + f"; in all {sum(seconds.values()):.0f}.")
+    if runs[0].get("samples") and runs[0].get("reference"):
+        lines += ["", f"The first sample of each method on seed {seeds[0]} (gold reward in brackets):", "",
+                  samples_table(runs[0])]
+    return "\n".join(lines)
+
+
+def experiments(root):
+    """Every experiment folder under root (an experiment.json and one seed-S.json per seed), in
+    the order of their experiment.json's "order"."""
+    found = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.exists(os.path.join(folder, "experiment.json")):
+            meta = read_json(os.path.join(folder, "experiment.json"))
+            runs = sorted((read_json(os.path.join(folder, f)) for f in os.listdir(folder)
+                           if f.startswith("seed-") and f.endswith(".json")), key=lambda r: r["config"]["seed"])
+            found.append((meta.get("order", 99), name, meta, runs))
+    return [(name, meta, runs) for _, name, meta, runs in sorted(found, key=lambda e: e[:2])]
+
+
+def render(root="results"):
+    """{path: text} of every generated file: RESULTS.md and README.md beside the folder root (the
+    latter with its headline table replaced) and the figures. Nothing is written here."""
+    root = os.path.normpath(root)
+    base, rel = os.path.dirname(os.path.abspath(root)), os.path.basename(root)
+    out, sections, headline = {}, [], None
+    for name, meta, runs in experiments(root):
+        sections.append(experiment_section(f"{rel}/{name}", meta, runs))
+        curves, seed = runs[0].get("curves"), runs[0]["config"]["seed"]
+        if curves:
+            series = [(k, [c["iteration"] for c in curves], [c[k] for c in curves], None)
+                      for k in ("score", "rm_score", "gold", "kl") if k in curves[0]]
+            out[os.path.join(root, name, "ppo-curves.svg")] = svg_plot(
+                series, "PPO iteration", "mean over the rollouts", f"MPO's stage 2 (PPO on the hard prompts), seed {seed}")
+            sections[-1] += f"\n\n![MPO's stage 2, seed {seed}]({rel}/{name}/ppo-curves.svg)"
+        if meta.get("headline"):
+            headline = (f"`{meta['command']}`, {len(runs)} seed{'s' * (len(runs) > 1)} "
+                        f"([RESULTS.md](RESULTS.md) has the rest):\n\n{summary_table(runs)}")
+    bench = os.path.join(root, "bench")
+    for path in sorted(os.listdir(bench)) if os.path.isdir(bench) else []:
+        text = open(os.path.join(bench, path)).read().rstrip()
+        sections.append(f"## Benchmark: {rel}/bench/{path}\n\n```\n{text}\n```")
+    out[os.path.join(base, "RESULTS.md")] = (
+        f"# Results\n\nGenerated by `python3 report.py {rel}/` from the files under {rel}/ (one results.json "
+        "per run and seed, bench output as printed): edit those, not this file.\n\n" + "\n\n".join(sections) + "\n")
+    readme = os.path.join(base, "README.md")
+    text = open(readme).read() if os.path.exists(readme) else ""
+    if headline and HEADLINE[0] in text:
+        head, rest = text.split(HEADLINE[0])
+        out[readme] = head + HEADLINE[0] + "\n" + headline + "\n" + HEADLINE[1] + rest.split(HEADLINE[1])[1]
+    return out
+
+
+def collect(name, command, title, run_dirs, root="results"):
+    """Files finished runs as results/NAME/seed-S.json: each run's results.json with the first
+    samples of eval/samples.json and MPO's PPO curve (ppo/metrics.jsonl). No weights."""
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    meta_path = os.path.join(folder, "experiment.json")
+    meta = read_json(meta_path) if os.path.exists(meta_path) else {}
+    write_json(meta_path, {**meta, "title": title or meta.get("title", name), "command": command or meta["command"]})
+    for run in run_dirs:
+        results = read_json(os.path.join(run, "results.json"))
+        results["samples"] = read_json(os.path.join(run, "eval", "samples.json"))[:5]
+        ppo = os.path.join(run, results.get("policies", {}).get("mpo", "ppo"), "metrics.jsonl")
+        if os.path.exists(ppo):
+            keep = ("iteration", "score", "rm_score", "gold", "kl")
+            results["curves"] = [{k: row[k] for k in keep if k in row} for row in map(json.loads, open(ppo))]
+        write_json(os.path.join(folder, f"seed-{results['config']['seed']}.json"), results)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="python3 report.py results/: regenerate RESULTS.md, its figures and "
+                                "README.md's headline table from the committed results. With --collect NAME: "
+                                "file finished run folders under results/NAME first.")
+    p.add_argument("root", nargs="?", default="results")
+    p.add_argument("--collect", metavar="NAME", help="the experiment's folder name under root")
+    p.add_argument("--command", default="", help="with --collect: the command the runs ran")
+    p.add_argument("--title", default="", help="with --collect: the experiment's heading")
+    p.add_argument("--runs", nargs="+", default=[], help="with --collect: finished run folders, one per seed")
+    a = p.parse_args(argv)
+    if a.collect:
+        collect(a.collect, a.command, a.title, a.runs, a.root)
+    for path, text in render(a.root).items():
+        write_text(path, text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

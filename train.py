@@ -18,7 +18,7 @@ import checks
 import distributed
 import training
 from data import FORMATS, DataError, Tokenizer, UserError, write_json
-from checkpoint import file_sha256, load_gpt
+from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf_gpt2
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
@@ -296,6 +296,9 @@ def experiment(run, init):
     runs = [pipeline(run, cfgs, folder(s), s, run.methods, init) for s in seeds]
     if None in runs:  # --stages stopped before eval
         return
+    if run.export_hf:
+        for s, results in zip(seeds, runs):
+            export_hf(folder(s), results["policies"])
     if len(runs) > 1:
         agg = aggregate(runs)
         write_json(os.path.join(run.out, "results.json"), agg)
@@ -317,6 +320,16 @@ def experiment(run, init):
                                            shared, tau=v if sweep == "noise" else None))
             print(f"{sweep} = {v:g}:")
             write_table(aggregate(sweep_runs), os.path.join(run.out, f"{sweep}-{v:g}.md"))
+
+
+def export_hf(out, policies):
+    """Each final policy ({method: stage folder}) as a GPT-2 folder that transformers loads, OUT/hf/METHOD."""
+    tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
+    for method, stage in policies.items():
+        folder = os.path.join(out, "hf", method)
+        save_hf_gpt2(load_checkpoint(os.path.join(out, stage), kind="gpt")[0], folder, eos_id=tokenizer.eos_id)
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    print(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
 
 
 def main(argv=None):

@@ -247,8 +247,6 @@ def test_batches_cover_every_index_once():
 
 
 def test_eval_split_valid_evaluates_on_the_validation_prompts():
-    import train
-    test, valid = (data.load_task(train.parse_args(["--eval-split", split, "--n-sft", "1"]), 0, 1.0)
-                   for split in ("test", "valid"))
+    test, valid = (data.load_task(0, 1.0, eval_split=split, n_sft=1) for split in ("test", "valid"))
     assert valid["eval"] == test["valid"] and not set(test["eval"]) & set(valid["eval"])
     assert all(builtin.held_out_part(p) == "valid" for p in valid["eval"])

@@ -53,7 +53,7 @@ def test_pipeline_end_to_end(run_dir):
     assert "well formed" in table and "| *best possible* | +2.500 |" in table and "| *best constant* |" in table
     assert results["methods"]["sft"]["win_rate_vs_sft"] == 0.5
     assert set(results["vs_mpo"]) == {"sft", "mpo_stage1", "dpo", "ppo", "ppo_matched"} and "MPO − method (95% CI)" in table
-    mean, low, high = results["vs_mpo"]["sft"]
+    mean, low, high = (results["vs_mpo"]["sft"][k] for k in ("mean", "low", "high"))
     judged = read(out / "eval" / "judged.json")
     diffs = [a - b for a, b in zip(judged["mpo"]["gold_reward"], judged["sft"]["gold_reward"])]
     assert low < mean < high and mean == pytest.approx(sum(diffs) / len(diffs))
@@ -99,7 +99,7 @@ def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
     results = read(out / "results.json")
     assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
     mpo, sft = ([read(out / f"seed-{s}" / "results.json")["methods"][m]["gold_reward"] for s in (0, 1)] for m in ("mpo", "sft"))
-    mean, low, high = results["vs_mpo"]["sft"]
+    mean, low, high = (results["vs_mpo"]["sft"][k] for k in ("mean", "low", "high"))
     assert mean == pytest.approx((mpo[0] - sft[0] + mpo[1] - sft[1]) / 2) and low < mean < high
     assert "paired over 2 seeds" in (out / "results.md").read_text()
 

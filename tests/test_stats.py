@@ -12,14 +12,17 @@ from report import T975, aggregate, paired_interval, t975
 
 def test_paired_interval_by_hand():
     # d = [1, 2, 2, 3]: mean 2, sd sqrt(2/3), n 4, t(3) = 3.182 -> half width 3.182 * 0.8165 / 2
-    mean, low, high = paired_interval([1, 2, 3, 4], [0, 0, 1, 1])
+    d = paired_interval([1, 2, 3, 4], [0, 0, 1, 1])
+    mean, low, high = d["mean"], d["low"], d["high"]
+    assert d["n"] == 4 and d["wins"] == 4
     half = 3.182 * math.sqrt(2 / 3) / 2
     assert mean == 2 and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
     assert high - low == pytest.approx(2.598, abs=1e-3)
     # two seeds: t(1) = 12.706, d = [0.5, -0.1]: mean 0.2, sd 0.4243, half 12.706 * 0.4243 / sqrt(2)
-    mean, low, high = paired_interval([1.0, 0.9], [0.5, 1.0])
-    assert mean == pytest.approx(0.2) and high - 0.2 == pytest.approx(12.706 * 0.3, rel=1e-3)
-    assert paired_interval([1.0], [0.0]) == [1.0, None, None]
+    d = paired_interval([1.0, 0.9], [0.5, 1.0])
+    assert d["mean"] == pytest.approx(0.2) and d["high"] - 0.2 == pytest.approx(12.706 * 0.3, rel=1e-3)
+    assert d["wins"] == 1 and d["n"] == 2
+    assert paired_interval([1.0], [0.0]) == {"mean": 1.0, "low": None, "high": None, "n": 1, "wins": 1}
 
 
 def test_pairing_removes_what_both_share():
@@ -27,7 +30,8 @@ def test_pairing_removes_what_both_share():
     g = torch.Generator().manual_seed(0)
     difficulty = (torch.randn(200, generator=g) * 3).tolist()
     a = [x + 0.5 + 0.1 * e for x, e in zip(difficulty, torch.randn(200, generator=g).tolist())]
-    mean, low, high = paired_interval(a, difficulty)
+    d = paired_interval(a, difficulty)
+    mean, low, high = d["mean"], d["low"], d["high"]
     assert low > 0.4 and high < 0.6 and mean == pytest.approx(0.5, abs=0.05)
 
 
@@ -68,6 +72,7 @@ def test_aggregate_keeps_each_seed_and_pairs_over_seeds():
              "split": {"delta": 1.0}} for i, (s, d) in enumerate([(0.0, 1.0), (0.5, 2.0), (-0.5, 3.0)])]
     agg = aggregate(runs)
     assert agg["per_seed"]["mpo"] == [r["methods"]["mpo"] for r in runs]
-    mean, low, high = agg["vs_mpo"]["sft"]
+    mean, low, high = (agg["vs_mpo"]["sft"][k] for k in ("mean", "low", "high"))
+    assert agg["vs_mpo"]["sft"]["wins"] == 3
     assert mean == 2.0 and high - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))
     assert agg["vs_mpo_over"] == "3 seeds" and agg["seeds"] == [0, 1, 2]
