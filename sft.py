@@ -12,7 +12,7 @@ class SFTConfig(FitConfig):
     checks.py accepts (an interval: [ and ] include the end)."""
     steps: int = field(default=2000, metadata={"help": "optimizer steps (0: none, the weights as they start)",
                                                "range": "[0, inf)"})
-    batch_size: int = fit_field("batch_size", 16, help="demonstrations per step")
+    batch_size: int = fit_field("batch_size", 32, help="demonstrations per step")
     lr: float = fit_field("lr", 3e-3)
     warmup: int = fit_field("warmup", 50)
     weight_decay: float = fit_field("weight_decay", 0.1)
