@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -112,6 +113,122 @@ def trl_anchor(figure, cfg, a, dtype):
     return version, float(value)
 
 
+def mfu(tokens_per_s, params, peak):
+    """The MFU suffix of a line: 6 x parameters per trained token against the peak; "" without one."""
+    return f"  MFU {6 * params * tokens_per_s / (peak * 1e12):.1%}" if peak else ""
+
+
+def bench_lm(model, train_model, cfg, a, dtype, peak):
+    """Tokens/s and MFU of one language-model training step, against transformers' GPT-2 of the same shape."""
+    T, B = a.prompt + a.new, a.batch
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=a.device)
+    opt = model.configure_optimizers(1e-4, device_type=a.device)
+    s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device)
+    print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, n_params(model), peak)}")
+    hf = hf_twin(cfg, a.device)
+    if hf is not None:
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=a.device == "cuda")
+        s_hf = timed(lambda: lm_step(hf, ids, hf_opt, a.device, dtype, hf=True), a.device)
+        print(f"  transformers {B * T / s_hf:12,.0f} tokens/s  ours / theirs {s_hf / s:.2f}x")
+
+
+def bench_dpo(model, train_model, cfg, a, dtype, peak):
+    """Pairs/s and MFU of one DPO step, against TRL's DPOTrainer of the same shape."""
+    # one DPO step: B pairs = 2B rows through the policy; the reference's log-probs are precomputed
+    T, B = a.prompt + a.new, a.batch
+    ids = torch.randint(0, cfg.vocab_size, (2 * B, T), device=a.device)
+    mask = torch.ones_like(ids)
+    response = torch.zeros_like(ids)
+    response[:, a.prompt:] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response}
+    ref = torch.zeros(B, device=a.device)
+    opt = model.configure_optimizers(1e-6, device_type=a.device)
+
+    def dpo_step():
+        with autocast(a.device, dtype):
+            chosen, rejected = pair_logps(train_model, batch)
+        loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref) - (rejected - ref))).mean()
+        optimizer_step(loss, opt, 1.0)
+    s = timed(dpo_step, a.device)
+    print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
+          f"{mfu(2 * B * T / s, n_params(model), peak)}")
+    trl = trl_anchor("dpo", cfg, a, dtype)
+    if trl:
+        print(f"  TRL {trl[0]:<8} {trl[1]:12,.1f} pairs/s   ours / theirs {B / s / trl[1]:.2f}x")
+
+
+def bench_sample(model, cfg, a, dtype):
+    """New tokens/s sampling with the KV cache, against transformers' generate of the same shape."""
+    prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
+    g = torch.Generator(device=a.device).manual_seed(0)
+    model.eval()
+    with autocast(a.device, dtype):
+        s = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
+    n = a.rollouts * a.new
+    print(f"sampling       {n / s:12,.0f} new tokens/s  (batch {a.rollouts}, {a.prompt} -> {a.new}, temperature 1)")
+    hf = hf_twin(cfg, a.device)
+    if hf is not None:
+        hf.eval()
+        with torch.no_grad(), autocast(a.device, dtype):
+            s_hf = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                             max_new_tokens=a.new, min_new_tokens=a.new, top_k=0,
+                                             pad_token_id=0), a.device, repeat=1)
+        print(f"  transformers {n / s_hf:12,.0f} new tokens/s  ours / theirs {s_hf / s:.2f}x")
+
+
+def bench_cache(model, cfg, a, dtype):
+    """Sampling with the KV cache, against the naive loop that recomputes the whole prefix per new token."""
+    prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
+    g = torch.Generator(device=a.device).manual_seed(0)
+    with autocast(a.device, dtype):
+        cached = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
+        naive = timed(lambda: sample_without_cache(model, prompt, a.new, g), a.device, repeat=1)
+    print(f"KV cache       {naive / cached:12.2f}x faster than recomputing the prefix "
+          f"({a.rollouts * a.new / cached:,.0f} against {a.rollouts * a.new / naive:,.0f} new tokens/s)")
+
+
+def bench_ppo(model, cfg, a, dtype):
+    """Seconds of one PPO iteration by phase, against TRL's PPOTrainer of the same shape."""
+    # one PPO iteration with four models of this shape: policy, reference, reward model, critic
+    class Ids:  # prompts are already token ids; no eos, so every response has full length
+        eos_id, pad_id = cfg.vocab_size, 0
+        encode = staticmethod(lambda ids: ids)
+        decode = staticmethod(str)
+    reference = GPT(cfg).to(a.device).eval().requires_grad_(False)
+    reward_model = ScalarModel(cfg).to(a.device).eval().requires_grad_(False)
+    critic = ScalarModel(cfg).to(a.device)
+    prompts = torch.randint(1, cfg.vocab_size, (4 * a.rollouts, a.prompt)).tolist()
+    ppo_cfg = PPOConfig(iterations=2, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        row = train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new,
+                        a.device, dtype)  # the second iteration's figures: the first warms up
+    total = row["seconds_rollout"] + row["seconds_update"]
+    print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
+          f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
+          f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
+    trl = trl_anchor("ppo", cfg, a, dtype)
+    if trl:
+        print(f"  TRL {trl[0]:<8} {trl[1]:12.2f} s  ours / theirs {trl[1] / total:.2f}x")
+
+
+def bench_logp(model, cfg, a):
+    """The error of log-probs under bf16 autocast against float32, with the projection in float32 and in bf16."""
+    # a random init's logits are small (bf16 rounds them little); a trained model's spread wider:
+    # the final norm's gain 30 gives them a trained model's size (tens)
+    seq = torch.randint(0, cfg.vocab_size, (min(a.batch, 16), a.prompt + a.new), device=a.device)
+    for gain in (1.0, 30.0):
+        with torch.no_grad():
+            model.transformer.ln_f.weight.fill_(gain)
+        std, ours, rounded = logp_errors(model.eval(), seq, a.prompt, a.device)
+        print(f"bf16 log-probs |error| per token, logits' sd {std:5.2f}: mean {ours.mean():.4f} max "
+              f"{ours.max():.4f} nat; with bf16 logits (the projection under autocast) mean "
+              f"{rounded.mean():.4f} max {rounded.max():.4f}")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(1.0)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -134,114 +251,27 @@ def main():
     figures = a.figures.split(",")
     peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
                              if a.device == "cuda" else None)
-    mfu = lambda tokens_per_s, params: (f"  MFU {6 * params * tokens_per_s / (peak * 1e12):.1%}" if peak else "")
     torch.manual_seed(0)
     model = GPT(cfg).to(a.device)
     training.COMPILE = a.compile
     train_model = compiled(model)
-    T, B = a.prompt + a.new, a.batch
     print(f"{a.preset} shape ({n_params(model) / 1e6:.1f}M parameters), {a.device}, {dtype}"
           f"{', compiled' if a.compile else ''}; torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""))
 
+    # in this order whatever --figures says: each trains or samples the one model, and draws from the one seed
     if "lm" in figures:
-        ids = torch.randint(0, cfg.vocab_size, (B, T), device=a.device)
-        opt = model.configure_optimizers(1e-4, device_type=a.device)
-        s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device)
-        print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, n_params(model))}")
-        hf = hf_twin(cfg, a.device)
-        if hf is not None:
-            hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=a.device == "cuda")
-            s_hf = timed(lambda: lm_step(hf, ids, hf_opt, a.device, dtype, hf=True), a.device)
-            print(f"  transformers {B * T / s_hf:12,.0f} tokens/s  ours / theirs {s_hf / s:.2f}x")
-            del hf, hf_opt
-
+        bench_lm(model, train_model, cfg, a, dtype, peak)
     if "dpo" in figures:
-        # one DPO step: B pairs = 2B rows through the policy; the reference's log-probs are precomputed
-        ids = torch.randint(0, cfg.vocab_size, (2 * B, T), device=a.device)
-        mask = torch.ones_like(ids)
-        response = torch.zeros_like(ids)
-        response[:, a.prompt:] = 1
-        batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response}
-        ref = torch.zeros(B, device=a.device)
-        opt = model.configure_optimizers(1e-6, device_type=a.device)
-
-        def dpo_step():
-            with autocast(a.device, dtype):
-                chosen, rejected = pair_logps(train_model, batch)
-            loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref) - (rejected - ref))).mean()
-            optimizer_step(loss, opt, 1.0)
-        s = timed(dpo_step, a.device)
-        print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
-              f"{mfu(2 * B * T / s, n_params(model))}")
-        trl = trl_anchor("dpo", cfg, a, dtype)
-        if trl:
-            print(f"  TRL {trl[0]:<8} {trl[1]:12,.1f} pairs/s   ours / theirs {B / s / trl[1]:.2f}x")
-
+        bench_dpo(model, train_model, cfg, a, dtype, peak)
     if "sample" in figures:
-        prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
-        g = torch.Generator(device=a.device).manual_seed(0)
-        model.eval()
-        with autocast(a.device, dtype):
-            s = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
-        n = a.rollouts * a.new
-        print(f"sampling       {n / s:12,.0f} new tokens/s  (batch {a.rollouts}, {a.prompt} -> {a.new}, temperature 1)")
-        hf = hf_twin(cfg, a.device)
-        if hf is not None:
-            hf.eval()
-            with torch.no_grad(), autocast(a.device, dtype):
-                s_hf = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                                 max_new_tokens=a.new, min_new_tokens=a.new, top_k=0,
-                                                 pad_token_id=0), a.device, repeat=1)
-            print(f"  transformers {n / s_hf:12,.0f} new tokens/s  ours / theirs {s_hf / s:.2f}x")
-            del hf
-
+        bench_sample(model, cfg, a, dtype)
     if "cache" in figures:
-        prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
-        g = torch.Generator(device=a.device).manual_seed(0)
-        with autocast(a.device, dtype):
-            cached = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
-            naive = timed(lambda: sample_without_cache(model, prompt, a.new, g), a.device, repeat=1)
-        print(f"KV cache       {naive / cached:12.2f}x faster than recomputing the prefix "
-              f"({a.rollouts * a.new / cached:,.0f} against {a.rollouts * a.new / naive:,.0f} new tokens/s)")
-
+        bench_cache(model, cfg, a, dtype)
     if "ppo" in figures:
-        # one PPO iteration with four models of this shape: policy, reference, reward model, critic
-        class Ids:  # prompts are already token ids; no eos, so every response has full length
-            eos_id, pad_id = cfg.vocab_size, 0
-            encode = staticmethod(lambda ids: ids)
-            decode = staticmethod(str)
-        reference = GPT(cfg).to(a.device).eval().requires_grad_(False)
-        reward_model = ScalarModel(cfg).to(a.device).eval().requires_grad_(False)
-        critic = ScalarModel(cfg).to(a.device)
-        prompts = torch.randint(1, cfg.vocab_size, (4 * a.rollouts, a.prompt)).tolist()
-        ppo_cfg = PPOConfig(iterations=2, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
-        if a.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            row = train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new,
-                            a.device, dtype)  # the second iteration's figures: the first warms up
-        total = row["seconds_rollout"] + row["seconds_update"]
-        print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
-              f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
-              f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
-        trl = trl_anchor("ppo", cfg, a, dtype)
-        if trl:
-            print(f"  TRL {trl[0]:<8} {trl[1]:12.2f} s  ours / theirs {trl[1] / total:.2f}x")
+        bench_ppo(model, cfg, a, dtype)
     if "logp" in figures:
-        # a random init's logits are small (bf16 rounds them little); a trained model's spread wider:
-        # the final norm's gain 30 gives them a trained model's size (tens)
-        seq = torch.randint(0, cfg.vocab_size, (min(B, 16), T), device=a.device)
-        for gain in (1.0, 30.0):
-            with torch.no_grad():
-                model.transformer.ln_f.weight.fill_(gain)
-            std, ours, rounded = logp_errors(model.eval(), seq, a.prompt, a.device)
-            print(f"bf16 log-probs |error| per token, logits' sd {std:5.2f}: mean {ours.mean():.4f} max "
-                  f"{ours.max():.4f} nat; with bf16 logits (the projection under autocast) mean "
-                  f"{rounded.mean():.4f} max {rounded.max():.4f}")
-        with torch.no_grad():
-            model.transformer.ln_f.weight.fill_(1.0)
+        bench_logp(model, cfg, a)
     if a.device == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:11.1f} GiB")
 
