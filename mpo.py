@@ -12,6 +12,7 @@ live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
 import collections
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ from reward import fact_accuracy, load_reward_model, score, train_reward_model
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
 from sft import train_sft
 from task import label_agreement
+from training import epoch_steps
 from runs import Runner, Stop
 
 
@@ -75,15 +77,17 @@ METHODS = {
     "dpo":               Method(("dpo all",), role="baseline"),                         # DPO on D, reference SFT
     "ppo":               Method(("ppo all",), role="baseline"),                         # PPO on D, from SFT
     "ppo_matched":       Method(("ppo all",), budget="mpo", role="baseline"),           # ... with MPO's rollouts
-    "no_selection":      Method(("dpo all", "ppo all"), role="ablation"),               # no data selection
-    "reversed":          Method(("dpo hard", "ppo easy"), role="ablation"),             # reversed selection
-    "random_split":      Method(("dpo random_easy", "ppo random_hard"), role="ablation"),  # same sizes
+    # the rows that test the selection run MPO's PPO rollouts, so that only the selection differs
+    "no_selection":      Method(("dpo all", "ppo all"), budget="mpo", role="ablation"),   # no data selection
+    "reversed":          Method(("dpo hard", "ppo easy"), budget="mpo", role="ablation"),  # reversed selection
+    "random_split":      Method(("dpo random_easy", "ppo random_hard"), budget="mpo", role="ablation"),  # same sizes
+    "abs_gap":           Method(("dpo easy", "ppo hard"), split="abs", budget="mpo", role="ablation"),   # split on |g|
+    "gold_split":        Method(("dpo easy", "ppo hard"), split="gold", budget="mpo", role="ablation"),  # built-in only
+    "dpo_then_ppo_all":  Method(("dpo easy", "ppo all"), budget="mpo", role="ablation"),  # stage 2 on every prompt
+    "no_selection_pool": Method(("dpo all", "ppo all"), role="ablation"),               # ... PPO on all, its own budget
     "mpo_ref_sft":       Method(("dpo easy", "ppo hard"), reference="sft", role="ablation"),  # stage 2 vs SFT
     "ppo_hard":          Method(("ppo hard",), role="ablation"),                        # stage 2 alone, from SFT
-    "dpo_then_ppo_all":  Method(("dpo easy", "ppo all"), role="ablation"),              # stage 2 on every prompt
     "dpo_then_dpo_hard": Method(("dpo easy", "dpo hard"), role="ablation"),             # offline stage 2
-    "abs_gap":           Method(("dpo easy", "ppo hard"), split="abs", role="ablation"),   # split on |g|
-    "gold_split":        Method(("dpo easy", "ppo hard"), split="gold", role="ablation"),  # built-in task only
 }
 BASELINES = [name for name, m in METHODS.items() if m.role == "baseline"]
 ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
@@ -346,16 +350,15 @@ TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eva
                  "annotator_bias", "bias_kind", "on_policy_pairs"]  # RunConfig's fields that data.load_task reads
 
 
-def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
+def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
     """The stages of `methods` (names in METHODS) in the paper's order, into the run folder `out`:
     tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> eval.
 
     run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
-    train.Init or None; shared: stage names whose folders live in another run folder (sweeps);
-    tau: the label noise (default run.label_noise). Returns the results, or None when --stages
-    ends before eval.
+    train.Init or None; shared: {stage name: the run folder that holds it} (sweeps share the main
+    run's). Returns the results, or None when --stages ends before eval.
     """
-    tau = run.label_noise if tau is None else tau
+    tau = run.label_noise
     task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS})
     runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
     at, R = runner.path, run.max_new_tokens
@@ -386,7 +389,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
         # stage 1 and stage 2 of every method; DPO logs a held-out gold probe, where hacking shows first
         probe_prompts = (task.get("valid") or task["eval"])[:64]  # validation prompts
         probe = (lambda policy: {"gold": s.mean_gold(policy, prompts=probe_prompts)}) if task["gold"] else None
-        for name, kind, settings, upstream, subset, cfg in policy_stages(methods, runner, task["pref"], cfgs):
+        plan = policy_stages(methods, runner, task["pref"], cfgs)
+        for name, kind, settings, upstream, subset, cfg in plan:
             init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
             fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe) if kind == "dpo" else
                   partial(ppo_stage, init_dir, reference_dir, at("rm"), [r["prompt"] for r in subset], gold=task["gold"]))
@@ -400,11 +404,43 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, tau=None):
             folder, s, {m: at(stage) for m, stage in policies.items()}, at("rm"), cfgs["ppo"].no_eos_score))
     except Stop:
         return None
-    seconds = {m: sum(runner.seconds.get(n, 0) for n, _, _ in method_stages(m)[0]) for m in policies}  # DPO, PPO
-    results = assemble(table, seconds, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])))
+    costs = method_costs(policies, plan, runner)
+    results = assemble(table, costs, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])))
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
     return results
+
+
+def method_costs(methods, plan, runner):
+    """What each method needs from SFT on: the DPO pairs it trains on (steps x batch size), the PPO
+    rollouts it samples (iterations x rollouts) and the seconds of its own stages and of the shared
+    stages it needs (the reward model, a split), less the held-out gold probes, which are evaluation."""
+    plan = {name: (kind, subset, cfg) for name, kind, _, _, subset, cfg in plan}
+    costs = {}
+    for method in methods:
+        needs, pairs, rollouts = set(), 0, 0
+        for name, kind, recipe in method_stages(method)[0]:
+            _, subset, cfg = plan[name]
+            needs.add(name)
+            if recipe["subset"] != "all":  # the split it reads, and what that split needs
+                needs |= {"rm", recipe["split"]} | ({"split"} if recipe["split"] == "split_gold" else set())
+            if kind == "ppo":  # the reward model scores its rollouts
+                needs.add("rm")
+                rollouts += cfg.iterations * cfg.rollouts
+            else:
+                pairs += epoch_steps(cfg.epochs, len(subset), cfg.batch_size) * cfg.batch_size
+        seconds = sum(runner.seconds.get(s, 0) - probe_seconds(runner.path(s)) for s in needs)
+        costs[method] = {"seconds": round(seconds, 2), "dpo_pairs": pairs, "ppo_rollouts": rollouts}
+    return costs
+
+
+def probe_seconds(folder):
+    """The seconds a stage spent on held-out gold probes (DPO) or on judging its rollouts' gold (PPO)."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        return sum(row.get("seconds_probe", 0) + row.get("seconds_gold", 0) for row in map(json.loads, f))
 
 
 def run_record(run, seed, tau, cfgs, eval_prompts):

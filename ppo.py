@@ -304,9 +304,11 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                    "explained_variance": explained_variance(old["values"], returns, mask),
                    **{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
                    "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
-        if gold is not None:
+        if gold is not None:  # evaluation, not training: mpo.method_costs leaves seconds_gold out
+            t1 = time.time()
             texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), mask.sum(-1).cpu())]
             figures["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
+            figures["seconds_gold"] = time.time() - t1
         row = {"iteration": it, **distributed.sum_row({k: v / W for k, v in figures.items()})}  # means over ranks
         kl = row["kl"]  # per response, the figure the controller steers
         kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed

@@ -29,6 +29,7 @@ from sft import SFTConfig
 from runs import locked
 from training import NonFiniteError, default_dtype
 
+SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias"}  # what a sweep of the labels changes
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
 
@@ -54,8 +55,10 @@ class RunConfig:
     ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all", kind="ablations")
     delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)", kind="numbers",
                            range="(-inf, inf)")
-    noise_sweep: str = opt("", "comma list of label-noise taus: MPO and DPO once per tau, the easy set "
-                           "kept at the main run's size", kind="numbers", range="(0, inf)")
+    noise_sweep: str = opt("", "comma list of label-noise taus: every method (and DPO) once per tau, SFT shared, "
+                           "the easy set kept at the main run's size", kind="numbers", range="(0, inf)")
+    bias_sweep: str = opt("", "comma list of biased annotators' shares: every method (and DPO) once per share, "
+                          "SFT shared, the easy set kept at the main run's size", kind="numbers", range="[0, 1]")
     label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)",
                              range="(0, inf)")
     annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
@@ -110,12 +113,15 @@ class RunConfig:
     def methods(self):
         ablations = ABLATIONS if self.ablations == "all" else [a for a in self.ablations.split(",") if a]
         paper = [m for m, r in METHODS.items() if r.role == "method" and m != "sft"]  # sft is always there
-        return paper + (BASELINES if self.compare else []) + ablations
+        # a sweep of the labels compares DPO on the easy pairs (stage 1) with DPO on all of them
+        dpo = ["dpo"] if (self.noise_sweep or self.bias_sweep) and not self.compare else []
+        return paper + (BASELINES if self.compare else dpo) + ablations
 
     @property
     def sweeps(self):
         return {"delta": [float(x) for x in self.delta_sweep.split(",") if x],
-                "noise": [float(x) for x in self.noise_sweep.split(",") if x]}
+                "noise": [float(x) for x in self.noise_sweep.split(",") if x],
+                "bias": [float(x) for x in self.bias_sweep.split(",") if x]}
 
     def stage_configs(self):
         return {name: getattr(self, name) for name in STAGE_CONFIGS}
@@ -196,8 +202,8 @@ def parse_args(argv=None):
 KINDS = {**checks.KINDS, "preset": lambda v: None if v in PRESETS else f"not a preset: choose from {', '.join(PRESETS)}"}
 
 
-BUILTIN_TASK = ["n_sft", "n_pref", "label_noise", "noise_sweep", "annotator_bias", "bias_kind", "on_policy_pairs",
-                "eval_split"]  # settings of the built-in task: meaningless with --data
+BUILTIN_TASK = ["n_sft", "n_pref", "label_noise", "noise_sweep", "bias_sweep", "annotator_bias", "bias_kind",
+                "on_policy_pairs", "eval_split"]  # settings of the built-in task: meaningless with --data
 MODEL_SHAPE = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]  # --init's config.json has its own
 
 
@@ -223,7 +229,7 @@ def check(run):
         return "gold_split splits on the built-in task's gold reward: not with --data"
     if run.init and changed(MODEL_SHAPE):
         return f"{changed(MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
-    if run.bias_kind != preset.bias_kind and not run.annotator_bias:
+    if run.bias_kind != preset.bias_kind and not (run.annotator_bias or run.bias_sweep):
         return f"--bias-kind {run.bias_kind} says what biased annotators prefer: it needs --annotator-bias above 0"
     if not run.init and run.n_embd % run.n_head:
         return f"--n-embd {run.n_embd} is not a multiple of --n-head {run.n_head}"
@@ -250,7 +256,7 @@ def check(run):
     if run.dpo.loss_type == "ipo" and run.dpo.label_smoothing:
         return "--dpo-label-smoothing is for --dpo-loss-type sigmoid: ipo has none"
     for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
-                        ("--noise-sweep", run.noise_sweep)):
+                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep)):
         if given and "eval" not in run.stage_list:
             return f"{flag} runs after the eval stage: add eval to --stages"
     return None
@@ -307,17 +313,17 @@ def experiment(run, init):
     for sweep, values in run.sweeps.items():
         for v in values:
             sweep_runs = []
-            for s in seeds:
-                if sweep == "delta":
-                    c = dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v, easy_fraction=0.0))
-                else:  # the easy set keeps the size of the main run's: only the noise changes
-                    main_split = runs[s - run.seed]["split"]
-                    fraction = main_split["easy"] / (main_split["easy"] + main_split["hard"])
-                    c = dict(cfgs, split=dataclasses.replace(cfgs["split"], easy_fraction=fraction))
-                shared = {n: folder(s) for n in (["tokenizer", "sft", "rm"] if sweep == "delta" else ["tokenizer", "sft"])}
-                methods = ["mpo"] if sweep == "delta" else ["dpo", "mpo"]
-                sweep_runs.append(pipeline(run, c, os.path.join(folder(s), f"{sweep}-{v:g}"), s, methods, init,
-                                           shared, tau=v if sweep == "noise" else None))
+            for s, main in zip(seeds, runs):
+                if sweep == "delta":  # another split of the same reward model's gaps
+                    condition = run, dict(cfgs, split=dataclasses.replace(cfgs["split"], delta=v, easy_fraction=0.0))
+                    shared, methods = ["tokenizer", "sft", "rm"], ["mpo"]
+                else:  # other labels (noise, or biased annotators): the easy set keeps the main run's size
+                    fraction = main["split"]["easy"] / (main["split"]["easy"] + main["split"]["hard"])
+                    condition = (dataclasses.replace(run, **{SWEEP_FIELDS[sweep]: v}),
+                                 dict(cfgs, split=dataclasses.replace(cfgs["split"], easy_fraction=fraction)))
+                    shared, methods = ["tokenizer", "sft"], run.methods
+                sweep_runs.append(pipeline(*condition, os.path.join(folder(s), f"{sweep}-{v:g}"), s, methods, init,
+                                           {n: folder(s) for n in shared}))
             print(f"{sweep} = {v:g}:")
             write_table(aggregate(sweep_runs), os.path.join(run.out, f"{sweep}-{v:g}.md"))
 

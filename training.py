@@ -225,11 +225,12 @@ class StepState:
 
 
 def truncate_jsonl(path, key, below):
-    """Keep the rows of a metrics file whose `key` is below `below` (the steps before a resume)."""
+    """Keep the rows of a metrics file whose `key` is below `below` (the steps before a resume). A
+    last line without its newline is one a kill cut short: it goes too."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)[key] < below]
+        rows = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)[key] < below]
     write_text(path, "".join(rows))
 
 
@@ -317,7 +318,9 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
         optimizer_step(None, opt, cfg.grad_clip, scaler, step)
         row = {"step": step, **distributed.sum_row(figures), "lr": opt.param_groups[0]["lr"]}
         if probe and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            t0 = time.time()
             row.update(probe(model))
+            row["seconds_probe"] = time.time() - t0  # evaluation, not training: mpo.method_costs leaves it out
             model.train()
         data.append_jsonl(metrics, row)
         bar.update()

@@ -74,22 +74,37 @@ def test_ppo_iterations_scale_with_the_prompt_pool(run_dir):
     assert sum(split["kinds"]["easy"].values()) == split["easy"] and set(split["kinds"]["hard"]) <= set(FACTS) | {"harm"}
 
 
+SELECTION_ROWS = ["no_selection", "reversed", "random_split", "abs_gap", "gold_split", "dpo_then_ppo_all"]
+
+
 def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
-    """The split ablations run from one table row each; the gold split keeps the easy size of the
-    reward model's; the noise sweep keeps the easy size of the main run while tau changes."""
+    """The split ablations run from one table row each; every row that tests the selection samples
+    MPO's PPO rollouts, and its seconds count the shared stages it needs; the gold split keeps the
+    easy size of the reward model's; the noise and bias sweeps keep the easy size of the main run
+    while the labels change, and share its SFT."""
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    proc = run_cli("--preset", "micro", "--out", str(copy), "--ablations", "gold_split,abs_gap,dpo_then_dpo_hard",
-                   "--noise-sweep", "4")
+    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--noise-sweep", "4", "--bias-sweep", "0.5",
+                   "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
-    assert {"gold_split", "abs_gap", "dpo_then_dpo_hard"} <= set(results["methods"])
+    rows = results["methods"]
+    assert set(SELECTION_ROWS + ["dpo_then_dpo_hard"]) <= set(rows)
+    assert all(rows[m]["ppo_rollouts"] == rows["mpo"]["ppo_rollouts"] > 0 for m in SELECTION_ROWS + ["ppo_matched"])
+    assert rows["ppo"]["ppo_rollouts"] > rows["mpo"]["ppo_rollouts"] and rows["mpo_stage1"]["ppo_rollouts"] == 0
+    assert rows["dpo"]["dpo_pairs"] > rows["mpo"]["dpo_pairs"] > 0 and rows["ppo"]["dpo_pairs"] == 0
+    seconds = results["seconds"]
+    assert rows["mpo"]["seconds"] > seconds["rm"] + seconds["split"] and rows["dpo"]["seconds"] < seconds["dpo_all"]
     split, gold = read(copy / "split" / "summary.json"), read(copy / "split_gold" / "summary.json")
     assert gold["easy"] == split["easy"] and gold["easy_label_agreement"] > gold["hard_label_agreement"]
     assert read(copy / "split_abs" / "summary.json")["gap"] == "abs"
     assert read(copy / "dpo_then_dpo_hard" / "done.json")["summary"]["pairs"] == split["hard"]
     noisy = read(copy / "noise-4" / "split" / "summary.json")
     assert noisy["easy"] == split["easy"] and read(copy / "noise-4" / "results.json")["config"]["label_noise"] == 4
+    biased = read(copy / "bias-0.5" / "results.json")
+    assert biased["config"]["annotator_bias"] == 0.5 and biased["split"]["easy"] == split["easy"]
+    assert set(biased["methods"]) == set(rows) and biased["reused"][:2] == ["tokenizer", "sft"]
+    assert not (copy / "bias-0.5" / "sft").exists()  # the main run's SFT, shared
 
 
 def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):

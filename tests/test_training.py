@@ -100,3 +100,10 @@ def test_a_stages_fingerprint_and_seed_do_not_depend_on_its_configs_field_order(
     assert json.dumps(plain(a), sort_keys=True) == json.dumps({**dataclasses.asdict(a)}, sort_keys=True)
     reordered = dict(reversed(list(dataclasses.asdict(b).items())))
     assert json.dumps({"cfg": a}, sort_keys=True, default=plain) == json.dumps({"cfg": reordered}, sort_keys=True)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    training.truncate_jsonl(str(path), "step", 2)
+    assert path.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'

@@ -1,0 +1,90 @@
+"""report.py: RESULTS.md, its figures and the README's tables are generated from the
+committed results/, so no number in them can drift from its data; and the generator itself on a
+small example computed by hand."""
+import json
+import os
+import shutil
+
+import pytest
+
+import report
+from task import make_task, prompt_kind
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_committed_documents_are_what_report_py_makes_of_the_committed_data():
+    generated = report.render(os.path.join(ROOT, "results"))
+    assert os.path.join(ROOT, "RESULTS.md") in generated
+    for path, text in generated.items():
+        with open(path) as f:
+            assert f.read() == text, f"{os.path.relpath(path, ROOT)} is stale: run python3 report.py results/"
+
+
+def fake_run(seed, sft, mpo, dpo, well_formed=0.95):
+    row = lambda gold: {"gold_reward": gold, "well_formed": well_formed, "kl_vs_sft": 1.0, "length": 12.0,
+                        "dpo_pairs": 64, "ppo_rollouts": 0, "seconds": 10.0}
+    return {"methods": {"sft": row(sft), "mpo": row(mpo), "dpo": row(dpo)}, "vs_mpo": {},
+            "reference": {"best_possible": 2.5, "best_constant": 0.5},
+            "split": {"delta": 1.0, "easy": 800 + seed, "hard": 1200 - seed, "easy_label_agreement": 0.9,
+                      "hard_label_agreement": 0.7},
+            "seconds": {"sft": 100.0, "ppo": 50.0}, "config": {"seed": seed},
+            "provenance": {"commit": "abc1234", "date": "2026-01-01", "torch": "2.13.0", "machine": "2-core CPU",
+                           "threads": 1},
+            "curves": [{"iteration": i, "score": 0.1 * i, "kl": 0.01 * i} for i in range(3)]}
+
+
+@pytest.fixture
+def example(tmp_path):
+    root = tmp_path / "results"
+    (root / "toy").mkdir(parents=True)
+    (root / "toy" / "experiment.json").write_text(json.dumps({"title": "Toy", "command": "python3 train.py",
+                                                              "readme": "table"}))
+    # MPO - DPO over seeds: 0.2, 0.4, 0.3 -> mean 0.3, sd 0.1, t(2) 4.303: half width 0.2484
+    for seed, (sft, mpo, dpo) in enumerate([(-0.5, 1.2, 1.0), (-0.4, 1.4, 1.0), (-0.6, 1.1, 0.8)]):
+        (root / "toy" / f"seed-{seed}.json").write_text(json.dumps(fake_run(seed, sft, mpo, dpo, 0.9 + 0.01 * seed)))
+    (root / "bench").mkdir()
+    (root / "bench" / "cpu.txt").write_text("# python3 bench.py\nlm step 1,000 tokens/s\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- report.py: toy -->\nstale table\n" + report.BLOCK_END + "\nend\n")
+    return tmp_path
+
+
+def test_render_on_a_small_example_computed_by_hand(example):
+    out = report.render(str(example / "results"))
+    results = out[str(example / "RESULTS.md")]
+    assert ("| DPO (all pairs, ref SFT) | +0.933 ± 0.115 | 0.91 (0.90) | 1.00 | 12.0 | 64 | 0 | 10 | "
+            "+0.300 [+0.052, +0.548] | 3 of 3 |") in results
+    assert "| **MPO** (then PPO on hard, ref DPO) | +1.233 ± 0.153 |" in results
+    # MPO closes (1.2 + 0.5) / 3.0, (1.4 + 0.4) / 2.9, (1.1 + 0.6) / 3.1 of the distance: mean 0.5786
+    assert "MPO closes 58% of the distance from SFT to the best possible gold reward (lowest seed 55%, seed 0 57%)" in results
+    assert "commit abc1234; 2026-01-01; torch 2.13.0; 2-core CPU, 1 thread(s) per run" in results
+    assert "lm step 1,000 tokens/s" in results and "![MPO's stage 2, seed 0](results/toy/ppo-curves.svg)" in results
+    readme = out[str(example / "README.md")]
+    assert readme.startswith("intro\n<!-- report.py: toy -->\n`python3 train.py`, 3 seeds") and readme.endswith(
+        report.BLOCK_END + "\nend\n") and "stale table" not in readme
+    svg = out[str(example / "results" / "toy" / "ppo-curves.svg")]
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">score<" in svg and ">kl<" in svg
+    assert report.render(str(example / "results")) == out  # the same data, the same bytes
+
+
+def test_collect_files_a_run_without_weights(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "ppo").mkdir()
+    results = fake_run(3, -0.5, 1.2, 1.0)
+    del results["curves"]
+    (run / "results.json").write_text(json.dumps({**results, "policies": {"mpo": "ppo"}}))
+    prompts = make_task(0, n_sft=1, n_pref=2)["eval"][:30]
+    (run / "eval" / "samples.json").write_text(json.dumps([{"prompt": p, "mpo": "a"} for p in prompts]))
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "score": 1.0, "entropy": 2.0}) + "\n"
+                                                       for i in range(4)))
+    (run / "ppo" / "model.safetensors").write_bytes(b"weights")
+    report.collect("toy", "python3 train.py --seed 3", "Toy", [str(run)], str(tmp_path / "results"))
+    filed = json.loads((tmp_path / "results" / "toy" / "seed-3.json").read_text())
+    kinds = [prompt_kind(s["prompt"]) for s in filed["samples"]]  # the first prompt of each kind
+    assert sorted(kinds) == sorted(set(map(prompt_kind, prompts))) and filed["samples"][0]["prompt"] == prompts[0]
+    assert filed["curves"] == [{"iteration": i, "score": 1.0} for i in range(4)]
+    assert sorted(os.listdir(tmp_path / "results" / "toy")) == ["experiment.json", "seed-3.json"]
+    assert json.loads((tmp_path / "results" / "toy" / "experiment.json").read_text()) == {
+        "title": "Toy", "command": "python3 train.py --seed 3"}
+    shutil.rmtree(run)
