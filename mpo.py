@@ -51,8 +51,10 @@ class SplitConfig:
 
 class Method(NamedTuple):
     """A method is a recipe: steps in order, each "dpo SUBSET" or "ppo SUBSET", each starting from
-    the policy of the step before (the first from SFT). A subset is all, easy, hard, random_easy or
-    random_hard (a random split of the same sizes): DPO trains on its pairs, PPO on their prompts.
+    the policy of the step before (the first from SFT), and the run-folder stage that holds each
+    step. A subset is all, easy, hard, random_easy or random_hard (a random split of the same
+    sizes): DPO trains on its pairs, PPO on their prompts. Methods that name the same folder share
+    that stage (MPO's stage 1, "dpo", is every method's that starts with DPO on the easy pairs).
 
     reference: the KL reference of each step, "policy" (the policy the step starts from) or "sft";
     a first DPO step starts from SFT, so both mean SFT there.
@@ -63,6 +65,7 @@ class Method(NamedTuple):
     many as MPO's stage 2, whatever the pool).
     role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations)."""
     steps: tuple
+    folders: tuple
     reference: str = "policy"
     split: str = "rm"
     budget: str = "pool"
@@ -71,23 +74,29 @@ class Method(NamedTuple):
 
 # The paper's comparison and ablations. Adding one is adding a row.
 METHODS = {
-    "sft":               Method(()),
-    "mpo_stage1":        Method(("dpo easy",)),                                         # stage 1 alone
-    "mpo":               Method(("dpo easy", "ppo hard")),                              # the paper
-    "dpo":               Method(("dpo all",), role="baseline"),                         # DPO on D, reference SFT
-    "ppo":               Method(("ppo all",), role="baseline"),                         # PPO on D, from SFT
-    "ppo_matched":       Method(("ppo all",), budget="mpo", role="baseline"),           # ... with MPO's rollouts
+    "sft":               Method((), ()),
+    "mpo_stage1":        Method(("dpo easy",), ("dpo",)),                                  # stage 1 alone
+    "mpo":               Method(("dpo easy", "ppo hard"), ("dpo", "ppo")),                 # the paper
+    "dpo":               Method(("dpo all",), ("dpo_all",), role="baseline"),              # DPO on D, reference SFT
+    "ppo":               Method(("ppo all",), ("ppo_baseline",), role="baseline"),         # PPO on D, from SFT
+    "ppo_matched":       Method(("ppo all",), ("ppo_matched",), budget="mpo", role="baseline"),  # ... MPO's rollouts
     # the rows that test the selection run MPO's PPO rollouts, so that only the selection differs
-    "no_selection":      Method(("dpo all", "ppo all"), budget="mpo", role="ablation"),   # no data selection
-    "reversed":          Method(("dpo hard", "ppo easy"), budget="mpo", role="ablation"),  # reversed selection
-    "random_split":      Method(("dpo random_easy", "ppo random_hard"), budget="mpo", role="ablation"),  # same sizes
-    "abs_gap":           Method(("dpo easy", "ppo hard"), split="abs", budget="mpo", role="ablation"),   # split on |g|
-    "gold_split":        Method(("dpo easy", "ppo hard"), split="gold", budget="mpo", role="ablation"),  # built-in only
-    "dpo_then_ppo_all":  Method(("dpo easy", "ppo all"), budget="mpo", role="ablation"),  # stage 2 on every prompt
-    "no_selection_pool": Method(("dpo all", "ppo all"), role="ablation"),               # ... PPO on all, its own budget
-    "mpo_ref_sft":       Method(("dpo easy", "ppo hard"), reference="sft", role="ablation"),  # stage 2 vs SFT
-    "ppo_hard":          Method(("ppo hard",), role="ablation"),                        # stage 2 alone, from SFT
-    "dpo_then_dpo_hard": Method(("dpo easy", "dpo hard"), role="ablation"),             # offline stage 2
+    "no_selection":      Method(("dpo all", "ppo all"), ("dpo_all", "ppo_no_selection"), budget="mpo", role="ablation"),
+    "reversed":          Method(("dpo hard", "ppo easy"), ("dpo_hard", "ppo_reversed"), budget="mpo", role="ablation"),
+    "random_split":      Method(("dpo random_easy", "ppo random_hard"), ("dpo_random_easy", "ppo_random_split"),
+                                budget="mpo", role="ablation"),                            # same sizes
+    "abs_gap":           Method(("dpo easy", "ppo hard"), ("dpo_abs", "ppo_abs_gap"), split="abs", budget="mpo",
+                                role="ablation"),                                          # split on |g|
+    "gold_split":        Method(("dpo easy", "ppo hard"), ("dpo_gold", "ppo_gold_split"), split="gold", budget="mpo",
+                                role="ablation"),                                          # built-in task only
+    "dpo_then_ppo_all":  Method(("dpo easy", "ppo all"), ("dpo", "ppo_dpo_then_ppo_all"), budget="mpo",
+                                role="ablation"),                                          # stage 2 on every prompt
+    "no_selection_pool": Method(("dpo all", "ppo all"), ("dpo_all", "ppo_no_selection_pool"),
+                                role="ablation"),                                          # ... at its own budget
+    "mpo_ref_sft":       Method(("dpo easy", "ppo hard"), ("dpo", "ppo_mpo_ref_sft"), reference="sft",
+                                role="ablation"),                                          # stage 2 vs SFT
+    "ppo_hard":          Method(("ppo hard",), ("ppo_hard",), role="ablation"),            # stage 2 alone, from SFT
+    "dpo_then_dpo_hard": Method(("dpo easy", "dpo hard"), ("dpo", "dpo_then_dpo_hard"), role="ablation"),  # offline
 }
 BASELINES = [name for name, m in METHODS.items() if m.role == "baseline"]
 ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
@@ -95,25 +104,15 @@ SPLITS = {"rm": "split", "abs": "split_abs", "gold": "split_gold"}  # a split's 
 
 
 def method_stages(name):
-    """The stages that make a method's policy, [(stage name, kind, recipe)], and its final stage.
-
-    A stage's name says what it trains, so two methods that share a stage share its folder: the
-    first DPO step is named by its split and pairs ("dpo" is MPO's stage 1), a later step by its
-    method ("ppo" is MPO's stage 2)."""
+    """The stages that make a method's policy, [(folder, kind, recipe)], and its final folder."""
     method = METHODS[name]
     stages, policy = [], "sft"
-    for i, step in enumerate(method.steps):
+    for step, folder in zip(method.steps, method.folders):
         kind, subset = step.split()
-        if i == 0 and kind == "dpo":  # "dpo", "dpo_all", "dpo_gold", ...: shared by the methods that start so
-            stage = "_".join(["dpo"] + [method.split] * (method.split != "rm") + [subset] * (subset != "easy"))
-        elif name in ("mpo", "ppo"):
-            stage = {"mpo": "ppo", "ppo": "ppo_baseline"}[name]
-        else:  # "ppo_hard", "ppo_no_selection", "dpo_then_dpo_hard", ...
-            stage = name if name.startswith(kind + "_") else f"{kind}_{name}"
         recipe = {"kind": kind, "subset": subset, "init": policy, "reference": policy if method.reference == "policy"
                   else "sft", "split": SPLITS[method.split], **({"budget": method.budget} if kind == "ppo" else {})}
-        stages.append((stage, kind, recipe))
-        policy = stage
+        stages.append((folder, kind, recipe))
+        policy = folder
     return stages, policy
 
 

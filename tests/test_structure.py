@@ -81,6 +81,7 @@ def test_every_method_row_is_a_recipe():
     finals, recipes = {}, {}
     for name, row in METHODS.items():
         stages, final = method_stages(name)
+        assert len(row.folders) == len(row.steps), f"{name}: one folder per step"
         assert [(kind, recipe["subset"]) for _, kind, recipe in stages] == [tuple(s.split()) for s in row.steps]
         for stage, kind, recipe in stages:
             assert recipes.setdefault(stage, (kind, recipe)) == (kind, recipe), f"{stage} means two recipes"
