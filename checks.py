@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from mpo import ABLATIONS, STAGES
+from mpo import ABLATIONS, BASELINES, STAGES
 
 def settings(run):
     """(flag, value, metadata) of every field of the run and of its stage configs."""
@@ -80,7 +80,7 @@ def device_problem(device):
 
 KINDS = {  # a kind -> what is wrong with a value of it, or None
     "stages": lambda v: unknown(v, STAGES, "stage"),
-    "ablations": lambda v: unknown(v, [*ABLATIONS, "all"], "ablation"),
+    "ablations": lambda v: unknown(v, [*ABLATIONS, *BASELINES, "all"], "row"),
     "device": device_problem,
     "file": file_problem,
     "folder": folder_problem,

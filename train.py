@@ -52,7 +52,8 @@ class RunConfig:
     grad_accum: int = opt(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
                           "so a batch fits in less memory", range="[1, inf)")
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
-    ablations: str = opt("", "comma list from " + ",".join(ABLATIONS) + ", or all", kind="ablations")
+    ablations: str = opt("", "comma list of further rows: ablations from " + ",".join(ABLATIONS) + " (or all), or "
+                         "single baselines", kind="ablations")
     delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)", kind="numbers",
                            range="(-inf, inf)")
     noise_sweep: str = opt("", "comma list of label-noise taus: every method (and DPO) once per tau, SFT shared, "
@@ -111,11 +112,11 @@ class RunConfig:
 
     @property
     def methods(self):
-        ablations = ABLATIONS if self.ablations == "all" else [a for a in self.ablations.split(",") if a]
-        paper = [m for m, r in METHODS.items() if r.role == "method" and m != "sft"]  # sft is always there
+        extra = ABLATIONS if self.ablations == "all" else [a for a in self.ablations.split(",") if a]
         # a sweep of the labels compares DPO on the easy pairs (stage 1) with DPO on all of them
-        dpo = ["dpo"] if (self.noise_sweep or self.bias_sweep) and not self.compare else []
-        return paper + (BASELINES if self.compare else dpo) + ablations
+        dpo = ["dpo"] if self.noise_sweep or self.bias_sweep else []
+        wanted = set(extra + dpo + (BASELINES if self.compare else []))
+        return [m for m, row in METHODS.items() if m != "sft" and (row.role == "method" or m in wanted)]
 
     @property
     def sweeps(self):

@@ -81,7 +81,7 @@ def test_chosen_identical_to_rejected_is_skipped_and_counted(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "huge"], "--preset huge: not a preset"),
     (["--stages", "sft,dpo,magic"], "unknown stage 'magic'"),
-    (["--ablations", "nope"], "unknown ablation 'nope'"),
+    (["--ablations", "nope"], "unknown row 'nope'"),
     (["--eval-data", os.path.join(ROOT, "README.md")], "--eval-data and --sft-data need --data"),
     (["--data", "no/such/file.jsonl"], "no/such/file.jsonl: no such file"),
     (["--delta-sweep", "0.5,abc"], "--delta-sweep 0.5,abc: 'abc' is not a number"),
