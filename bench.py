@@ -2,6 +2,7 @@
 
     python bench.py                         # GPT-2 124M shape on CUDA (bf16), the tiny preset on a CPU
     python bench.py --preset tiny --figures sample,cache
+    python bench.py --preset qwen2-0.5b     # the Llama layout (llama.py) at Qwen2.5-0.5B's shape, random weights
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
@@ -9,8 +10,11 @@ the prefix), logp (the error of bf16 log-probs), and, when transformers is insta
 of the same shape for lm and sample, and, when `python3 bench_anchors.py --install` has put them in
 .anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
+--arch llama times the Llama layout at a preset's shape; the MODELS presets are real small open
+models' shapes in that layout, with transformers' model of the same layout as the twin.
 """
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,7 +23,9 @@ import time
 
 import torch
 
+from checkpoint import hf_llama_config
 from dpo import pair_logps
+from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, token_logprobs
 from ppo import PPOConfig, train_ppo
 import training
@@ -31,6 +37,19 @@ SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py ke
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=1024),
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=1024),
+}
+MODELS = {  # real small open models of the Llama layout, from their config.json: the shape only, random weights
+    "qwen2-0.5b": LlamaConfig(vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_embd=896, n_kv_head=2,
+                              intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                              tie_word_embeddings=True, model_type="qwen2"),  # Qwen2.5-0.5B
+    "qwen2-1.5b": LlamaConfig(vocab_size=151936, block_size=32768, n_layer=28, n_head=12, n_embd=1536, n_kv_head=2,
+                              intermediate_size=8960, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                              tie_word_embeddings=True, model_type="qwen2"),  # Qwen2.5-1.5B
+    "llama3.2-1b": LlamaConfig(vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_embd=2048, n_kv_head=8,
+                               head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                               tie_word_embeddings=True),  # Llama-3.2-1B
 }
 
 
@@ -51,7 +70,14 @@ def sync(device):
 
 
 def n_params(model):
-    return sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
+    return model.num_params()
+
+
+def unembedding(model):
+    """The output embedding matrix (vocab, n_embd) of a GPT or a Llama."""
+    if isinstance(model, GPT):
+        return model.lm_head.weight
+    return model.model.embed_tokens.weight if model.unembed is None else model.unembed.weight
 
 
 @torch.no_grad()
@@ -80,16 +106,19 @@ def logp_errors(model, seq, P, device):
     exact, logits = response_logprobs(model, seq, attn, P)
     with autocast(device, "bf16"):
         mixed, _ = response_logprobs(model, seq, attn, P)
-        rounded = model.lm_head(model(seq, attn, hidden=True)[:, P - 1:-1])
+        rounded = torch.nn.functional.linear(model(seq, attn, hidden=True)[:, P - 1:-1], unembedding(model))
     return logits.std().item(), (mixed - exact).abs(), (token_logprobs(rounded, seq[:, P:]) - exact).abs()
 
 
 def hf_twin(cfg, device):
-    """transformers' GPT-2 of the same shape, random weights; None without transformers."""
+    """transformers' GPT-2 (or Llama, Qwen2) of the same shape, random weights; None without transformers."""
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
+    if isinstance(cfg, LlamaConfig):
+        hf_cfg = hf_llama_config(cfg, eos_id=0, bos_id=0, pad_id=0)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_cfg)).float().to(device)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                         bos_token_id=0, eos_token_id=0)
@@ -99,6 +128,8 @@ def hf_twin(cfg, device):
 def trl_anchor(figure, cfg, a, dtype):
     """TRL's figure of the same shape from bench_anchors.py, run in its own process: (version, value),
     or None when the anchors are not installed or the run failed (one line says so)."""
+    if isinstance(cfg, LlamaConfig):
+        return None  # bench_anchors.py builds TRL's GPT-2
     if not os.path.isdir(os.path.join(HERE, ".anchors")):
         print("  TRL          not installed: python3 bench_anchors.py --install")
         return None
@@ -194,9 +225,10 @@ def bench_ppo(model, cfg, a, dtype):
         eos_id, pad_id = cfg.vocab_size, 0
         encode = staticmethod(lambda ids: ids)
         decode = staticmethod(str)
-    reference = GPT(cfg).to(a.device).eval().requires_grad_(False)
-    reward_model = ScalarModel(cfg).to(a.device).eval().requires_grad_(False)
-    critic = ScalarModel(cfg).to(a.device)
+    backbone = type(model)  # GPT or Llama
+    reference = backbone(cfg).to(a.device).eval().requires_grad_(False)
+    reward_model = ScalarModel(cfg, backbone).to(a.device).eval().requires_grad_(False)
+    critic = ScalarModel(cfg, backbone).to(a.device)
     prompts = torch.randint(1, cfg.vocab_size, (4 * a.rollouts, a.prompt)).tolist()
     ppo_cfg = PPOConfig(iterations=2, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
     if a.device == "cuda":
@@ -218,22 +250,28 @@ def bench_logp(model, cfg, a):
     # a random init's logits are small (bf16 rounds them little); a trained model's spread wider:
     # the final norm's gain 30 gives them a trained model's size (tens)
     seq = torch.randint(0, cfg.vocab_size, (min(a.batch, 16), a.prompt + a.new), device=a.device)
+    final_norm = model.transformer.ln_f if isinstance(model, GPT) else model.model.norm
     for gain in (1.0, 30.0):
         with torch.no_grad():
-            model.transformer.ln_f.weight.fill_(gain)
+            final_norm.weight.fill_(gain)
         std, ours, rounded = logp_errors(model.eval(), seq, a.prompt, a.device)
         print(f"bf16 log-probs |error| per token, logits' sd {std:5.2f}: mean {ours.mean():.4f} max "
               f"{ours.max():.4f} nat; with bf16 logits (the projection under autocast) mean "
               f"{rounded.mean():.4f} max {rounded.max():.4f}")
     with torch.no_grad():
-        model.transformer.ln_f.weight.fill_(1.0)
+        final_norm.weight.fill_(1.0)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    p.add_argument("--preset", default="gpt2" if cuda else "tiny", choices=list(SHAPES))
-    p.add_argument("--vocab", type=int, default=50257 if cuda else None, help="default: the preset's")
+    p.add_argument("--preset", default="gpt2" if cuda else "tiny", choices=[*SHAPES, *MODELS],
+                   help="a preset's shape, or a real model's (MODELS: the Llama layout)")
+    p.add_argument("--arch", default=None, choices=["gpt", "llama"],
+                   help="the layout (default: gpt for a preset; llama: at a preset's shape, one key/value head "
+                        "per query head and an MLP 4 x wide)")
+    p.add_argument("--vocab", type=int, default=None, help="default: a model's own; for a preset 50257 on CUDA, "
+                   "else the preset's")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch", type=int, default=32, help="sequences per LM step, pairs per DPO step")
@@ -245,17 +283,28 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     a = p.parse_args()
     dtype = a.dtype or default_dtype(a.device)
-    shape = SHAPES[a.preset]
-    cfg = GPTConfig(vocab_size=a.vocab or shape["vocab_size"], n_layer=shape["n_layer"], n_head=shape["n_head"],
-                    n_embd=shape["n_embd"], block_size=max(shape["block_size"], a.prompt + a.new))
+    if a.preset in MODELS:
+        if a.arch == "gpt":
+            p.error(f"--preset {a.preset} is a model of the Llama layout: not with --arch gpt")
+        cfg = dataclasses.replace(MODELS[a.preset], vocab_size=a.vocab or MODELS[a.preset].vocab_size)
+    else:
+        shape = SHAPES[a.preset]
+        cfg = GPTConfig(vocab_size=a.vocab or (50257 if cuda else shape["vocab_size"]), n_layer=shape["n_layer"],
+                        n_head=shape["n_head"], n_embd=shape["n_embd"],
+                        block_size=max(shape["block_size"], a.prompt + a.new))
+        if a.arch == "llama":
+            cfg = LlamaConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, n_kv_head=cfg.n_head,
+                              intermediate_size=4 * cfg.n_embd)
     figures = a.figures.split(",")
     peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
                              if a.device == "cuda" else None)
     torch.manual_seed(0)
-    model = GPT(cfg).to(a.device)
+    model = (Llama if isinstance(cfg, LlamaConfig) else GPT)(cfg).to(a.device)
     training.COMPILE = a.compile
     train_model = compiled(model)
-    print(f"{a.preset} shape ({n_params(model) / 1e6:.1f}M parameters), {a.device}, {dtype}"
+    layout = f" in the Llama layout ({cfg.model_type})" if isinstance(cfg, LlamaConfig) else ""
+    print(f"{a.preset} shape{layout} ({n_params(model) / 1e6:.1f}M parameters), {a.device}, {dtype}"
           f"{', compiled' if a.compile else ''}; torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""))
 

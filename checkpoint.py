@@ -1,5 +1,6 @@
 """A model's weights on disk, through safetensors only (never pickle): this project's checkpoint
-folders (model.safetensors + config.json) and Hugging Face GPT-2 folders, both ways.
+folders (model.safetensors + config.json) and Hugging Face folders of the GPT-2, Llama and Qwen2
+layouts, both ways.
 """
 import hashlib
 import json
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data import DataError, UserError, atomic_write, read_json, write_text
+from llama import Llama, LlamaConfig, rope_scaling_problem
 from model import GPT, GPTConfig, ScalarModel
 
 
@@ -19,21 +21,30 @@ class CheckpointError(UserError):
     """A checkpoint folder that cannot be loaded: the message names the file and the key."""
 
 
+ARCHS = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}  # config.json's "arch": the backbone
+
+
 def save_checkpoint(model, folder, **extra):
     """model.safetensors + config.json. extra (e.g. a reward offset) goes into config.json."""
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not k.endswith("lm_head.weight")}  # tied to wte: stored once
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
+    arch = "llama" if isinstance(model.config, LlamaConfig) else "gpt"
     atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
-    config = {"kind": kind, "model": asdict(model.config), **extra}
+    config = {"kind": kind, "arch": arch, "model": asdict(model.config), **extra}
     write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
 
 
 def file_sha256(folder):
-    """The content hash of a checkpoint folder's weights: what a stage's fingerprint records."""
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    """The content hash of a checkpoint folder's weights (model.safetensors, or the shards of a
+    sharded Hugging Face folder one after the other): what a stage's fingerprint records."""
+    h = hashlib.sha256()
+    for path in weight_files(folder):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_config_json(path):
@@ -57,13 +68,22 @@ def read_checkpoint_config(folder):
 
 
 def check_config(config, path):
-    """Shapes a GPT can be built from, or a CheckpointError naming the config file and the field."""
-    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+    """Shapes a GPT (or a Llama) can be built from, or a CheckpointError naming the config file and
+    the field."""
+    llama = isinstance(config, LlamaConfig)
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                *(("n_kv_head", "head_dim", "intermediate_size") if llama else ())):
         value = getattr(config, key)
         if type(value) is not int or value <= 0:
             raise CheckpointError(f"{path}: field {key!r} must be a positive integer, not {value!r}")
-    if config.n_embd % config.n_head:
+    if not llama and config.n_embd % config.n_head:
         raise CheckpointError(f"{path}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    if llama and config.n_head % config.n_kv_head:
+        raise CheckpointError(f"{path}: n_head {config.n_head} is not a multiple of n_kv_head {config.n_kv_head}")
+    if llama and config.head_dim % 2:
+        raise CheckpointError(f"{path}: head_dim {config.head_dim} is odd: rotary embeddings turn pairs of channels")
+    if llama and rope_scaling_problem(config.rope_scaling):
+        raise CheckpointError(f"{path}: {rope_scaling_problem(config.rope_scaling)}")
     return config
 
 
@@ -81,15 +101,19 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     scalar model whose backbone is that GPT (the reward model starts from SFT); kind="gpt" from
     a "scalar" folder gives its backbone. Weights only ever come through safetensors."""
     info = read_checkpoint_config(folder)
+    arch = info.get("arch", "gpt")  # folders written before the Llama layout have no arch: GPT
+    if arch not in ARCHS:
+        raise CheckpointError(f"{folder}/config.json: field 'arch' is {arch!r}, not one of {', '.join(ARCHS)}")
+    Config, Backbone = ARCHS[arch]
     try:
-        config = check_config(GPTConfig(**info["model"]), f"{folder}/config.json")
+        config = check_config(Config(**info["model"]), f"{folder}/config.json")
     except TypeError as e:
         raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
     state = load_weights(os.path.join(folder, "model.safetensors"), device)
     kind = kind or info["kind"]
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
-    model = ScalarModel(config) if kind == "scalar" else GPT(config)
+    model = ScalarModel(config, Backbone) if kind == "scalar" else Backbone(config)
     if info["kind"] == "gpt" and kind == "scalar":
         state = {"gpt." + k: v for k, v in state.items()}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
@@ -172,8 +196,145 @@ def save_hf_gpt2(gpt, path, eos_id=None):
     write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
 
 
+# ----------------------------------------------------------------------------- Llama and Qwen2 import/export
+
+HF_LLAMA = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type: the class transformers builds
+
+
+def weight_files(path):
+    """A folder's safetensors files: model.safetensors, or the shards model.safetensors.index.json lists."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single) or not os.path.isfile(index):
+        return [single]
+    weight_map = read_config_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: field 'weight_map' missing or not an object of file names")
+    return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+
+
+def llama_config_from_hf(hf, file):
+    """A LlamaConfig from a Hugging Face config.json of model_type llama or qwen2; a field missing,
+    of the wrong type or asking for what llama.py does not do is a CheckpointError naming it."""
+    def field(key, default=None, kind=int):
+        value = hf.get(key, default)
+        if value is None:
+            raise CheckpointError(f"{file}: missing field {key!r}")
+        if kind is int and (type(value) is not int or value <= 0):
+            raise CheckpointError(f"{file}: field {key!r} must be a positive integer, not {value!r}")
+        if kind is float and (type(value) not in (int, float) or value <= 0):
+            raise CheckpointError(f"{file}: field {key!r} must be a positive number, not {value!r}")
+        return value
+    for key, wanted in (("hidden_act", "silu"), ("mlp_bias", False), ("use_sliding_window", False),
+                        ("partial_rotary_factor", 1.0)):
+        if hf.get(key, wanted) != wanted:
+            raise CheckpointError(f"{file}: field {key!r} is {hf[key]!r}; only {wanted!r} is supported")
+    # Hugging Face writes rope_theta and rope_scaling (transformers 4) or rope_parameters (5)
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{file}: field 'rope_scaling' must be an object, not {scaling!r}")
+    if rope_scaling_problem(scaling):
+        raise CheckpointError(f"{file}: {rope_scaling_problem(scaling)}")
+    n_head, n_embd = field("num_attention_heads"), field("hidden_size")
+    qwen2 = hf["model_type"] == "qwen2"
+    return LlamaConfig(
+        vocab_size=field("vocab_size"), block_size=field("max_position_embeddings"),
+        n_layer=field("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+        n_kv_head=field("num_key_value_heads", n_head), head_dim=hf.get("head_dim") or field("hidden_size") // n_head,
+        intermediate_size=field("intermediate_size"), rms_norm_eps=field("rms_norm_eps", 1e-6, float),
+        rope_theta=field("rope_theta", rope.get("rope_theta", 10000.0), float),
+        rope_scaling=scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None,
+        qkv_bias=qwen2 or bool(hf.get("attention_bias")), o_bias=not qwen2 and bool(hf.get("attention_bias")),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default: untied
+        model_type=hf["model_type"])
+
+
+def load_hf_llama(path, device="cpu"):
+    """A Llama from a Hugging Face folder of model_type llama or qwen2: config.json and
+    model.safetensors, or shards listed in model.safetensors.index.json. The weights become
+    float32 (the master copy every stage trains; the files are often bf16)."""
+    file = os.path.join(path, "config.json")
+    hf = read_config_json(file)
+    if hf.get("model_type") not in HF_LLAMA:
+        raise CheckpointError(f"{file}: field 'model_type' is {hf.get('model_type')!r}, not {' or '.join(HF_LLAMA)}")
+    config = check_config(llama_config_from_hf(hf, file), file)
+    files = weight_files(path)
+    hf_state, where = {}, {}
+    for f in files:
+        for k, v in load_weights(f).items():
+            hf_state[k], where[k] = v, f
+    model = Llama(config)
+    named = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
+    state = {}
+    for key, ours in model.state_dict().items():
+        theirs = "lm_head.weight" if key == "unembed.weight" else key  # llama.Llama says why
+        if theirs not in hf_state:
+            raise CheckpointError(f"{named}: missing key {theirs!r}")
+        w = hf_state.pop(theirs)
+        if w.shape != ours.shape:
+            raise CheckpointError(f"{where[theirs]}: {theirs!r} has shape {tuple(w.shape)}, "
+                                  f"config.json needs {tuple(ours.shape)}")
+        state[key] = w.float()
+    head = hf_state.pop("lm_head.weight", None)  # tied: transformers may still write it
+    if head is not None and not torch.equal(head.float(), state["model.embed_tokens.weight"]):
+        raise CheckpointError(f"{where['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight, "
+                              "but config.json says tie_word_embeddings")
+    extra = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")]  # old files store RoPE's table
+    if extra:
+        raise CheckpointError(f"{where[extra[0]]}: unexpected key {extra[0]!r} (config.json does not ask for it)")
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None):
+    """The Hugging Face config.json (a dict) of a LlamaConfig, in the layout of its model_type."""
+    qwen2 = c.model_type == "qwen2"
+    if c.model_type not in HF_LLAMA:
+        raise ValueError(f"model_type {c.model_type!r}: llama or qwen2")
+    if qwen2 and (not c.qkv_bias or c.o_bias):
+        raise ValueError("Qwen2 has biases on q, k and v and none on o_proj: this model cannot be saved as qwen2")
+    if not qwen2 and c.qkv_bias != c.o_bias:
+        raise ValueError("Llama's attention_bias puts biases on q, k, v and o_proj together: save as qwen2")
+    return {"model_type": c.model_type, "architectures": [HF_LLAMA[c.model_type]], "vocab_size": c.vocab_size,
+            "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+            "max_position_embeddings": c.block_size, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+            "rope_scaling": c.rope_scaling, "hidden_act": "silu", "attention_dropout": 0.0,
+            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "float32",
+            **({"use_sliding_window": False} if qwen2 else {"attention_bias": c.qkv_bias, "mlp_bias": False}),
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+
+
+def save_hf_llama(model, path, eos_id=None, bos_id=None, pad_id=None):
+    """Write a Llama as a Hugging Face folder of its model_type (llama or qwen2) that
+    AutoModelForCausalLM.from_pretrained reads: config.json and model.safetensors (float32)."""
+    config = hf_llama_config(model.config, eos_id, bos_id, pad_id)
+    os.makedirs(path, exist_ok=True)
+    state = {("lm_head.weight" if k == "unembed.weight" else k): v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}  # tied: no lm_head, transformers ties it
+    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+
+def save_hf(model, path, eos_id=None, pad_id=None):
+    """A policy as the Hugging Face folder of its own layout: GPT-2 for a GPT, llama or qwen2 (the
+    layout it was imported from) for a Llama."""
+    if isinstance(model, Llama):
+        save_hf_llama(model, path, eos_id, pad_id=pad_id)
+    else:
+        save_hf_gpt2(model, path, eos_id)
+
+
 def load_gpt(path, device="cpu"):
-    """A policy from a Hugging Face GPT-2 folder or a checkpoint folder of this project (--init)."""
-    if "kind" in read_config_json(os.path.join(path, "config.json")):
+    """A policy (--init) from a checkpoint folder of this project or a Hugging Face folder whose
+    config.json's model_type is gpt2 (or none), llama or qwen2."""
+    file = os.path.join(path, "config.json")
+    info = read_config_json(file)
+    if "kind" in info:
         return load_checkpoint(path, kind="gpt", device=device)[0]
+    model_type = info.get("model_type", "gpt2")
+    if model_type in HF_LLAMA:
+        return load_hf_llama(path, device=device)
+    if model_type != "gpt2":
+        raise CheckpointError(f"{file}: model_type {model_type!r} is not supported: gpt2, {', '.join(HF_LLAMA)}")
     return load_hf_gpt2(path, device=device)

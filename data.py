@@ -73,16 +73,21 @@ def append_jsonl(path, row):
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """A byte-level BPE from the `tokenizers` library, with end-of-sequence and padding ids."""
+    """A byte-level BPE from the `tokenizers` library, with end-of-sequence and padding ids: the
+    ones given (a Hugging Face folder's, see load), else this project's EOS and PAD tokens."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, eos_id=None, pad_id=None):
         self.tok = tok
-        self.eos_id = tok.token_to_id(EOS)
+        self.eos_id = tok.token_to_id(EOS) if eos_id is None else eos_id
         if self.eos_id is None:
-            raise ValueError(f"tokenizer has no {EOS} token")
-        pad = tok.token_to_id(PAD)
+            raise ValueError(f"tokenizer has no {EOS} token, and no tokenizer_config.json, generation_config.json "
+                             "or config.json beside it names an end-of-sequence token")
+        pad = tok.token_to_id(PAD) if pad_id is None else pad_id
         self.pad_id = self.eos_id if pad is None else pad  # padding is always masked out
         self.vocab_size = tok.get_vocab_size()
+        for name, i in (("end-of-sequence", self.eos_id), ("padding", self.pad_id)):
+            if tok.id_to_token(i) is None:
+                raise ValueError(f"the {name} id {i} is not a token of the tokenizer ({self.vocab_size} tokens)")
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -98,6 +103,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
+        """A tokenizer.json, used as it is. When it lies in a Hugging Face folder, the folder's
+        configs name its end-of-sequence and padding tokens (special_ids)."""
         from tokenizers import Tokenizer as HFTokenizer
         text = json.dumps(read_json(path))  # a missing file or bad JSON: a clear error; a BOM: gone
         try:
@@ -105,12 +112,47 @@ class Tokenizer:
         except Exception as e:  # the library's own message, on one line
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
         try:
-            return cls(tok)
+            return cls(tok, *cls.special_ids(os.path.dirname(path), tok))
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
 
+    @staticmethod
+    def special_ids(folder, tok):
+        """(eos_id, pad_id) as a Hugging Face folder names them, None where it does not:
+        tokenizer_config.json's eos_token and pad_token (the tokenizer's own, what a response ends
+        with in transformers and TRL), else generation_config.json's, then config.json's
+        eos_token_id and pad_token_id (the first of a list)."""
+        ids = {"eos": None, "pad": None}
+        path = os.path.join(folder, "tokenizer_config.json")
+        config = read_json(path) if os.path.isfile(path) else {}
+        for key in ids:
+            token = config.get(f"{key}_token") if isinstance(config, dict) else None
+            token = token.get("content") if isinstance(token, dict) else token  # {"content": ...} in older files
+            if isinstance(token, str):
+                ids[key] = tok.token_to_id(token)
+                if ids[key] is None:
+                    raise DataError(f"{path}: field '{key}_token' is {token!r}, not a token of tokenizer.json")
+        for name in ("generation_config.json", "config.json"):
+            path = os.path.join(folder, name)
+            config = read_json(path) if os.path.isfile(path) else {}
+            for key in ids:
+                value = config.get(f"{key}_token_id") if isinstance(config, dict) else None
+                value = value[0] if isinstance(value, list) and value else value
+                if ids[key] is None and value is not None:
+                    if type(value) is not int or tok.id_to_token(value) is None:
+                        raise DataError(f"{path}: field '{key}_token_id' is {value!r}, not a token of tokenizer.json")
+                    ids[key] = value
+        return ids["eos"], ids["pad"]
+
     def save(self, path):
+        """tokenizer.json; with special tokens other than EOS and PAD, a tokenizer_config.json beside
+        it names them (as a Hugging Face folder does), so that load finds them again."""
         atomic_write(path, self.tok.save)
+        own_eos, own_pad = self.tok.token_to_id(EOS), self.tok.token_to_id(PAD)
+        if (self.eos_id, self.pad_id) != (own_eos, own_eos if own_pad is None else own_pad):
+            write_text(os.path.join(os.path.dirname(path), "tokenizer_config.json"), json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.tok.id_to_token(self.eos_id),
+                 "pad_token": self.tok.id_to_token(self.pad_id)}, indent=2))
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -272,10 +314,14 @@ def _json(n, text, path):
 # ----------------------------------------------------------------------------- the task of a run
 
 def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft_data="", eval_prompts=0,
-              eval_split="test", n_sft=4000, n_pref=2000, annotator_bias=0.0, bias_kind="longer", on_policy_pairs=False):
+              eval_split="test", n_sft=4000, n_pref=2000, annotator_bias=0.0, bias_kind="longer", on_policy_pairs=False,
+              judge_fraction=0.2):
     """The built-in task (its settings: n_sft to on_policy_pairs, tau the label noise), or the
-    records of the preference file `data` with a held-out part (or the file eval_data). Each
-    setting is the flag of the same name (train.py)."""
+    records of the preference file `data` with a held-out part (or the file eval_data) and the
+    judge's part: a seeded share judge_fraction of the remaining pairs, "judge", that trains the
+    evaluation's judge alone (mpo.judge_stage); "pref", the pairs the reward model, the split,
+    DPO and PPO use, and SFT's default demonstrations are the rest. Each setting is the flag of
+    the same name (train.py)."""
     if not data:
         task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs)
         if eval_split == "valid":  # choosing settings: the test prompts stay unseen
@@ -287,23 +333,36 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                 "key": {"seed": seed, "task": {"n_sft": n_sft, "n_pref": n_pref,
                                                **({"bias": annotator_bias, "bias_kind": bias_kind}
                                                   if annotator_bias else {}),
-                                               **({"on_policy": True} if on_policy_pairs else {})}}}
+                                               **({"on_policy": True} if on_policy_pairs else {})}},
+                "judge": None}
     records = load_preferences(data, format, log)
+    rng = random.Random(seed)
     if eval_data:
         held_out = load_preferences(eval_data, format, log)
     else:  # a seeded tenth of the file, at most 1000 pairs, never trained on
         order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
+        rng.shuffle(order)
         n = max(1, min(1000, len(records) // 10))
         held_out, records = [records[i] for i in order[:n]], [records[i] for i in sorted(order[n:])]
         if not records:
             raise DataError(f"{data}: too few pairs to hold some out; give --eval-data")
+    # the judge's pairs: seen by the judge alone, never by the tokenizer, SFT, the reward model,
+    # the split, DPO or PPO (each record keeps its "line" in the file: disjoint by line)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n = max(1, round(judge_fraction * len(records)))
+    if len(records) - n < 2:
+        raise DataError(f"{data}: {len(records)} pairs {'besides' if eval_data else 'after'} the held-out part, too "
+                        f"few to hold out {judge_fraction:g} of them for the judge and train on at least 2; give "
+                        f"more pairs")
+    judge, records = [records[i] for i in sorted(order[:n])], [records[i] for i in sorted(order[n:])]
     demos = (load_demonstrations(sft_data, format, log) if sft_data
              else [(r["prompt"], r["chosen"]) for r in records])
     prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:eval_prompts or 256]
     files = [f for f in (data, eval_data, sft_data) if f]
-    key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}}
-    return {"sft": demos, "pref": records, "held_out": held_out, "eval": prompts, "gold": None,
+    key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files},
+           "judge_fraction": judge_fraction}
+    return {"sft": demos, "pref": records, "held_out": held_out, "judge": judge, "eval": prompts, "gold": None,
             "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
             "key": key}
 

@@ -1,7 +1,9 @@
 """Judging policies on the held-out prompts: K samples per prompt at the sampling temperature and
-one greedy answer, scored by the task's gold reward where it has one and by the reward model
-always; well-formedness, KL to SFT and length; win, tie and loss rates against SFT and against
-the data's chosen responses; and the paired difference of every method against MPO.
+one greedy answer, scored by the task's gold reward where it has one (the built-in task), else by
+the judge (real data: a reward model trained on pairs nothing else saw, mpo.judge_stage), and by
+the training reward model always; well-formedness, KL to SFT and length; win, tie and loss rates
+against SFT and against the data's chosen responses, by the judge; and the paired difference of
+every method against MPO.
 
 A figure per prompt is the mean over its K samples, so methods are compared prompt by prompt
 on the same prompts (paired), which is what lets a few hundred prompts separate them.
@@ -38,8 +40,10 @@ def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0
 
 def scored(samples, reward_model, tokenizer, no_eos_score, device, dtype):
     """The reward model's score of the sampled ids; a response cut at the length limit gets
-    no_eos_score, as in PPO."""
+    no_eos_score, as in PPO (None: its score as it is, as the judge reads it)."""
     rm = score_ids(reward_model, *zip(*samples), tokenizer.pad_id, device=device, dtype=dtype)
+    if no_eos_score is None:
+        return rm.tolist()
     finished = torch.tensor([tokenizer.eos_id in r for _, r in samples])
     return torch.where(finished, rm, torch.full_like(rm, no_eos_score)).tolist()
 
@@ -61,11 +65,14 @@ def kl_to(policy, sft, samples, pad_id, temperature, device, dtype):
 
 
 def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_tokens, temperature=1.0, seed=0,
-                    task=None, no_eos_score=-2.0, samples=1, device="cpu", dtype="fp32"):
+                    task=None, no_eos_score=-2.0, samples=1, device="cpu", dtype="fp32", judge=None):
     """Per-prompt judgements of one policy: each figure is the mean over `samples` samples of the
     prompt (the reward-model score, the KL to SFT, the length and, where the task knows them, the
-    gold reward and whether the text is well formed); "text" is the first sample's; "greedy" is
-    the judge's value (gold, else reward model) of the greedy answer."""
+    gold reward and whether the text is well formed; with a judge, a second reward model, its
+    score "judge_score" of each response as it is: like the gold reward, and unlike "rm_score",
+    it gives a cut response no no_eos_score, a rule of what PPO optimised); "text" is the first
+    sample's; "greedy" is the judge's value (gold, else the judge, else the reward model) of the
+    greedy answer."""
     N = len(prompts)
     drawn = sample_responses(policy, tokenizer, prompts * samples, max_new_tokens, temperature, seed, device, dtype)
     texts = [tokenizer.decode(r) for _, r in drawn]
@@ -75,10 +82,16 @@ def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_token
     if task and task["gold"]:
         per_sample["gold_reward"] = [task["gold"](p, t) for p, t in zip(prompts * samples, texts)]
         per_sample["well_formed"] = [float(task["well_formed"](p, t)) for p, t in zip(prompts * samples, texts)]
+    elif judge is not None:
+        per_sample["judge_score"] = scored(drawn, judge, tokenizer, None, device, dtype)
     judged = {key: [statistics.fmean(values[i::N]) for i in range(N)] for key, values in per_sample.items()}
     greedy = sample_responses(policy, tokenizer, prompts, max_new_tokens, 0.0, seed, device, dtype)
-    judged["greedy"] = ([task["gold"](p, tokenizer.decode(r)) for p, (_, r) in zip(prompts, greedy)]
-                        if "gold_reward" in judged else scored(greedy, reward_model, tokenizer, no_eos_score, device, dtype))
+    if "gold_reward" in judged:
+        judged["greedy"] = [task["gold"](p, tokenizer.decode(r)) for p, (_, r) in zip(prompts, greedy)]
+    elif judge is not None:
+        judged["greedy"] = scored(greedy, judge, tokenizer, None, device, dtype)
+    else:
+        judged["greedy"] = scored(greedy, reward_model, tokenizer, no_eos_score, device, dtype)
     judged["text"] = texts[:N]
     return judged
 
@@ -86,8 +99,10 @@ def evaluate_policy(policy, sft, reward_model, tokenizer, prompts, max_new_token
 def chosen_values(task, reward_model, tokenizer, max_response, no_eos_score=-2.0, device="cpu", dtype="fp32"):
     """[(index of the evaluation prompt, the judge's value of the data's chosen response)] for the
     held-out records whose prompt is evaluated: the reference of the win rate against the data.
+    The judge is the task's gold reward, else reward_model (on real data, the judge's).
     The chosen response is judged as a policy's answer is: cut at max_response tokens, and a cut
-    one (no eos) gets no_eos_score from the reward model, its decoded text from the gold reward."""
+    one (no eos) gets no_eos_score from the reward model (the judge's passes None: its score as
+    it is), its decoded text from the gold reward."""
     index = {p: i for i, p in enumerate(task["eval"])}
     records = [r for r in task["held_out"] if r["prompt"] in index]
     if not records:
@@ -110,12 +125,18 @@ def win_tie_loss(values, baseline):
     return wins, ties, 1.0 - wins - ties
 
 
+def judge_key(judged):
+    """The figure that judges: the gold reward (built-in task), else the judge's score (real data),
+    else the training reward model's (runs from before the judge)."""
+    return next(key for key in ("gold_reward", "judge_score", "rm_score") if key in judged)
+
+
 def summarize(judged, sft_judged, chosen=()):
     """A method's row: the means over prompts, the win/tie/loss rates against SFT prompt by prompt
     and the win rate against the data's chosen responses (ties count half), all by the judge."""
-    judge = "gold_reward" if "gold_reward" in judged else "rm_score"
-    row = {key: statistics.fmean(judged[key]) for key in ("gold_reward", "greedy", "well_formed", "rm_score")
-           if key in judged}
+    judge = judge_key(judged)
+    row = {key: statistics.fmean(judged[key]) for key in ("gold_reward", "judge_score", "greedy", "well_formed",
+                                                           "rm_score") if key in judged}
     win, tie, loss = win_tie_loss(judged[judge], sft_judged[judge])
     row.update(win_vs_sft=win, tie_vs_sft=tie, loss_vs_sft=loss, win_rate_vs_sft=win + tie / 2)
     if chosen:
@@ -130,7 +151,7 @@ def against_mpo(judged):
     one seed this measures the sampling noise of the evaluation only, not training's."""
     if "mpo" not in judged:
         return {}
-    judge = "gold_reward" if "gold_reward" in judged["mpo"] else "rm_score"
+    judge = judge_key(judged["mpo"])
     return {m: paired_interval(judged["mpo"][judge], j[judge]) for m, j in judged.items() if m != "mpo"}
 
 

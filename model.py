@@ -2,7 +2,8 @@
 responses that every stage shares (SFT loss, DPO, PPO, the evaluation's KL).
 
 The parameter layout follows GPT-2 (and nanoGPT), so Hugging Face GPT-2 weights map onto it
-with a transpose of the attention and MLP matrices (checkpoint.load_hf_gpt2).
+with a transpose of the attention and MLP matrices (checkpoint.load_hf_gpt2). llama.py is the
+second backbone (Llama and Qwen2 checkpoints), with the same interface as GPT.
 """
 import math
 from dataclasses import dataclass
@@ -76,7 +77,10 @@ class KVCache:
     """Keys and values of every layer, preallocated once: (n_layer, B, H, max_len, head_dim)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        # GPT has a key/value head per query head; llama.Llama's grouped-query attention has fewer
+        heads = getattr(config, "n_kv_head", config.n_head)
+        head_dim = getattr(config, "head_dim", config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # how many positions are filled
@@ -103,6 +107,24 @@ def attention_bias(attention_mask, T):
     k = torch.arange(S, device=attention_mask.device)[None, :]
     allowed = (k <= q)[None] & attention_mask.bool()[:, None, :]
     return (allowed | (k == q)[None])[:, None]
+
+
+def attention_inputs(idx, attention_mask=None, position_ids=None, cache=None):
+    """The positions (B or 1, T) of the T tokens of idx and the attention mask (B, 1, T, S) or None
+    (plain causal attention, the fused path), after the cache's past positions."""
+    T = idx.size(1)
+    past = 0 if cache is None else cache.pos
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)[:, -T:]
+        else:
+            position_ids = torch.arange(past, past + T, device=idx.device)[None]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_bias(attention_mask, T)
+    elif past > 0 and T > 1:  # the fused causal kernel aligns its triangle to the top left
+        mask = attention_bias(torch.ones(idx.size(0), past + T, device=idx.device), T)
+    return position_ids, mask
 
 
 class GPT(nn.Module):
@@ -142,23 +164,12 @@ class GPT(nn.Module):
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
         Without it the batch has no padding and attention takes the fused causal path.
         """
-        T = idx.size(1)
-        past = 0 if cache is None else cache.pos
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = position_ids_from_mask(attention_mask)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=idx.device)[None]
-        mask = None
-        if attention_mask is not None:
-            mask = attention_bias(attention_mask, T)
-        elif past > 0 and T > 1:  # the fused causal kernel aligns its triangle to the top left
-            mask = attention_bias(torch.ones(idx.size(0), past + T, device=idx.device), T)
+        position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.pos += idx.size(1)
         x = self.transformer.ln_f(x)
         return x if hidden else self.output(x[:, logits_from:])
 
@@ -172,31 +183,38 @@ class GPT(nn.Module):
             return F.linear(x.float(), self.lm_head.weight.float())
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW; weight decay on the matrices only, not on biases, norms or embeddings."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name
-            (decay if is_matrix else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel for every parameter's update (on the CPU from torch 2.4: 4x faster here)
-        fused = device_type == "cuda" or (device_type == "cpu" and TORCH_VERSION >= (2, 4))
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        return adamw(self, lr, weight_decay, betas, device_type)
+
+
+def adamw(model, lr, weight_decay, betas, device_type):
+    """AdamW; weight decay on the matrices only, not on biases, norms or embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and id(p) not in embeddings
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for every parameter's update (on the CPU from torch 2.4: 4x faster here)
+    fused = device_type == "cuda" or (device_type == "cpu" and TORCH_VERSION >= (2, 4))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 class ScalarModel(nn.Module):
     """A GPT backbone with a scalar head on its final hidden states: (B, T) -> (B, T).
 
     Read at the last real token it is the reward model (reward.py); read at every position it
-    is the critic V(x, y_<t) (ppo.py).
+    is the critic V(x, y_<t) (ppo.py). backbone: the class of the body, GPT or llama.Llama.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, backbone=GPT):
         super().__init__()
         self.config = config
-        self.gpt = GPT(config)
+        self.gpt = backbone(config)  # named gpt whatever its class: the checkpoints' keys say gpt.*
+        if getattr(self.gpt, "unembed", None) is not None:  # a Llama's untied vocabulary projection:
+            self.gpt.unembed.requires_grad_(False)  # unused here, so no optimizer state, and DDP expects no gradient
         self.head = nn.Linear(config.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)

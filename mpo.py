@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -26,7 +25,7 @@ from tqdm import tqdm
 import data
 import distributed
 from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint
-from data import atomic_write, read_json, write_json
+from data import read_json, write_json
 from dpo import train_dpo
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
@@ -267,8 +266,8 @@ def tokenizer_stage(folder, task, vocab_size, init=None):
     """--init's tokenizer as it is, or a byte-level BPE trained on the training text only: the
     held-out prompts' wording stays unseen."""
     path = os.path.join(folder, "tokenizer.json")
-    if init:
-        atomic_write(path, lambda tmp: shutil.copyfile(init.tokenizer, tmp))
+    if init:  # with its end-of-sequence and padding tokens (Tokenizer.save keeps them beside it)
+        data.Tokenizer.load(init.tokenizer).save(path)
         return {"from": init.tokenizer}
     texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
     data.Tokenizer.train(texts, vocab_size).save(path)
@@ -305,20 +304,36 @@ def rm_stage(folder, s, sft_dir, cfg):
     return summary
 
 
-def eval_stage(folder, s, policies, rm_dir, no_eos_score):
-    """Every policy ({method: folder}) judged on the evaluation prompts, SFT first."""
+def judge_stage(folder, s, sft_dir, cfg):
+    """Real data's judge, in the place of the built-in task's gold reward: a second reward model,
+    trained as r_phi is (from SFT, Bradley-Terry, rm's settings) on the judge's pairs alone
+    (data.load_task), which neither r_phi, the split, DPO, PPO nor SFT's default demonstrations
+    see. Writes pairs.json, the line numbers of its pairs in --data."""
+    task = s.task
+    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
+    summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
+    write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
+    return {"pairs": len(task["judge"]), **summary}
+
+
+def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
+    """Every policy ({method: folder}) judged on the evaluation prompts, SFT first; with judge_dir
+    (real data) the judge's reward model scores them too, beside the training reward model."""
     sft, _ = load_checkpoint(policies["sft"], kind="gpt", device=s.device)
     reward_model = load_reward_model(rm_dir, s.device)
+    judge = load_reward_model(judge_dir, s.device) if judge_dir else None
     judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
     for method, policy_dir in policies.items():
         policy, _ = load_checkpoint(policy_dir, kind="gpt", device=s.device)
         part = evaluate_policy(policy, sft, reward_model, s.tokenizer, mine, s.max_new_tokens, s.temperature,
-                               s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype)
+                               s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype, judge)
         judged[method] = {key: distributed.gather(values) for key, values in part.items()}
     write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
     write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
                                                        for i, p in enumerate(s.task["eval"][:50])])
-    chosen = chosen_values(s.task, reward_model, s.tokenizer, s.max_new_tokens, no_eos_score, s.device, s.dtype)
+    chosen = chosen_values(s.task, reward_model if judge is None else judge, s.tokenizer, s.max_new_tokens,
+                           no_eos_score if judge is None else None, s.device, s.dtype)
     return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged}, "vs_mpo": against_mpo(judged)}
 
 
@@ -344,14 +359,15 @@ def policy_stages(methods, runner, pairs, cfgs):
 
 # ----------------------------------------------------------------------------- the recipe
 
-STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
+STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "judge", "eval"]  # judge: real data only, for eval
 TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eval_split", "n_sft", "n_pref",
-                 "annotator_bias", "bias_kind", "on_policy_pairs"]  # RunConfig's fields that data.load_task reads
+                 "annotator_bias", "bias_kind", "on_policy_pairs",
+                 "judge_fraction"]  # RunConfig's fields that data.load_task reads
 
 
 def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
     """The stages of `methods` (names in METHODS) in the paper's order, into the run folder `out`:
-    tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> eval.
+    tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> judge (real data) -> eval.
 
     run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
     train.Init or None; shared: {stage name: the run folder that holds it} (sweeps share the main
@@ -396,15 +412,23 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
             runner.run(name, kind, settings, upstream, lambda folder, fn=fn, cfg=cfg: fn(
                 cfg, folder, tokenizer, R, run.device, run.dtype, seed))
 
+        # real data's judge: a second reward model on pairs nothing else saw (the built-in task has its gold reward)
+        judge = None
+        if task["judge"]:
+            judge = runner.run("judge", "judge", {"cfg": cfgs["rm"]}, ["sft"],
+                               lambda folder: judge_stage(folder, s, at("sft"), cfgs["rm"]))
         policies = {"sft": "sft", **{m: method_stages(m)[1] for m in methods}}
         settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,
                     "temperature": run.eval_temperature, "samples": run.eval_samples}
-        table = runner.run("eval", "eval", settings, sorted(set(policies.values())) + ["rm"], lambda folder: eval_stage(
-            folder, s, {m: at(stage) for m, stage in policies.items()}, at("rm"), cfgs["ppo"].no_eos_score))
+        upstream = sorted(set(policies.values())) + ["rm"] + (["judge"] if judge else [])
+        table = runner.run("eval", "eval", settings, upstream, lambda folder: eval_stage(
+            folder, s, {m: at(stage) for m, stage in policies.items()}, at("rm"), cfgs["ppo"].no_eos_score,
+            at("judge") if judge else None))
     except Stop:
         return None
     costs = method_costs(policies, plan, runner)
-    results = assemble(table, costs, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])))
+    results = assemble(table, costs, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])),
+                       judge)
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
     return results
@@ -449,4 +473,5 @@ def run_record(run, seed, tau, cfgs, eval_prompts):
             "eval_temperature": run.eval_temperature,
             "eval_samples": run.eval_samples, "eval_split": run.eval_split, "on_policy_pairs": run.on_policy_pairs,
             "world_size": distributed.world_size(), "grad_accum": run.grad_accum,
+            **({"judge_fraction": run.judge_fraction} if run.data else {}),
             **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}

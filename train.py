@@ -2,7 +2,7 @@
 torchrun --nproc_per_node N train.py runs it data parallel (distributed.py).
 
 Every setting is a field of RunConfig or of a stage's config, and every field is a flag; a preset
-is a RunConfig. Stages: tokenizer, sft, rm, split, dpo, ppo, eval. Each writes a folder of the run
+is a RunConfig. Stages: tokenizer, sft, rm, split, dpo, ppo, judge (real data), eval. Each writes a folder of the run
 folder and a done.json last; a stage whose done.json matches its settings and inputs is reused.
 """
 import argparse
@@ -18,7 +18,7 @@ import checks
 import distributed
 import training
 from data import FORMATS, DataError, Tokenizer, UserError, write_json
-from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf_gpt2
+from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
@@ -68,14 +68,19 @@ class RunConfig:
     on_policy_pairs: bool = opt(False, "built-in task: preference pairs from the SFT demonstrators (ablation; by "
                                 "default they come from other responders, as in HH-RLHF)")
     data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
-                    "a tenth of it is held out", kind="file")
+                    "a tenth of it is held out, and --judge-fraction of the rest trains the judge", kind="file")
     format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
     eval_data: str = opt("", "held-out preference file for evaluation (with --data)", kind="file")
     sft_data: str = opt("", "demonstrations for SFT: {prompt, response} lines or a preference file's "
                         "chosen side (default: the chosen side of --data)", kind="file")
-    init: str = opt("", "start SFT from this folder: Hugging Face GPT-2 layout (config.json, "
-                    "model.safetensors, tokenizer.json) or a checkpoint of this project", kind="folder")
-    export_hf: bool = opt(False, "also write each final policy as a Hugging Face GPT-2 folder, RUN/hf/METHOD")
+    judge_fraction: float = opt(0.2, "with --data: the share of its training pairs held out for the evaluation's "
+                                "judge, a second reward model that no policy and no training reward model sees",
+                                range="(0, 1)", why="the judge and the reward model each need pairs")
+    init: str = opt("", "start SFT from this folder: a Hugging Face folder of the GPT-2, Llama or Qwen2 layout "
+                    "(config.json, model.safetensors or its shards, tokenizer.json; end-of-sequence and padding "
+                    "tokens from its configs) or a checkpoint of this project", kind="folder")
+    export_hf: bool = opt(False, "also write each final policy as a Hugging Face folder of its layout (GPT-2, "
+                          "llama or qwen2), RUN/hf/METHOD")
     # the model and the task (the preset's)
     n_layer: int = opt(2, "transformer blocks", range="[1, inf)")
     n_head: int = opt(4, "attention heads", range="[1, inf)")
@@ -224,6 +229,9 @@ def check(run):
         return "--eval-data and --sft-data need --data"
     if run.format != "auto" and not run.data:
         return f"--format {run.format} is the format of --data: give --data"
+    if run.judge_fraction != preset.judge_fraction and not run.data:
+        return (f"--judge-fraction {run.judge_fraction:g} holds out pairs of --data for the judge (the built-in task "
+                "judges with its gold reward): give --data")
     if run.data and changed(BUILTIN_TASK):
         return f"{changed(BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
@@ -284,12 +292,16 @@ def check_init(run):
     if tok_path is None:
         raise DataError(f"{run.init}: no tokenizer.json beside the weights; --init needs the tokenizer "
                              "the model was trained with")
-    vocab = Tokenizer.load(tok_path).vocab_size
+    tokenizer = Tokenizer.load(tok_path)  # its end-of-sequence and padding tokens: the folder's configs'
+    vocab = tokenizer.vocab_size
     if vocab > model.config.vocab_size:
         raise DataError(f"{tok_path}: {vocab} tokens, more than the {model.config.vocab_size} of the "
                              f"model's config.json")
     if run.max_new_tokens >= model.config.block_size:
         raise DataError(f"{run.init}/config.json: context {model.config.block_size} leaves no room for prompts")
+    name = tokenizer.tok.id_to_token
+    print(f"--init {run.init}: {type(model).__name__}, end of sequence {name(tokenizer.eos_id)!r} "
+          f"({tokenizer.eos_id}), padding {name(tokenizer.pad_id)!r} ({tokenizer.pad_id})")
     return Init(run.init, tok_path, model.config.block_size, file_sha256(run.init))
 
 
@@ -330,13 +342,14 @@ def experiment(run, init):
 
 
 def export_hf(out, policies):
-    """Each final policy ({method: stage folder}) as a GPT-2 folder that transformers loads, OUT/hf/METHOD."""
+    """Each final policy ({method: stage folder}) as a folder that transformers loads, OUT/hf/METHOD:
+    GPT-2's layout for a GPT, llama or qwen2 (as imported) for a Llama."""
     tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
     for method, stage in policies.items():
         folder = os.path.join(out, "hf", method)
-        save_hf_gpt2(load_checkpoint(os.path.join(out, stage), kind="gpt")[0], folder, eos_id=tokenizer.eos_id)
+        save_hf(load_checkpoint(os.path.join(out, stage), kind="gpt")[0], folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    print(f"GPT-2 folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
+    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
 
 
 def main(argv=None):

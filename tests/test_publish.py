@@ -1,4 +1,4 @@
-"""report.py: RESULTS.md, its figures and the README's tables are generated from the
+"""publish.py: RESULTS.md, its figures and the README's tables are generated from the
 committed results/, so no number in them can drift from its data; and the generator itself on a
 small example computed by hand."""
 import json
@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 
-import report
+import publish
 from task import make_task, prompt_kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_the_committed_documents_are_what_report_py_makes_of_the_committed_data():
-    generated = report.render(os.path.join(ROOT, "results"))
+def test_the_committed_documents_are_what_publish_py_makes_of_the_committed_data():
+    generated = publish.render(os.path.join(ROOT, "results"))
     assert os.path.join(ROOT, "RESULTS.md") in generated
     for path, text in generated.items():
         with open(path) as f:
-            assert f.read() == text, f"{os.path.relpath(path, ROOT)} is stale: run python3 report.py results/"
+            assert f.read() == text, f"{os.path.relpath(path, ROOT)} is stale: run python3 publish.py"
 
 
 def fake_run(seed, sft, mpo, dpo, well_formed=0.95):
@@ -45,12 +45,12 @@ def example(tmp_path):
         (root / "toy" / f"seed-{seed}.json").write_text(json.dumps(fake_run(seed, sft, mpo, dpo, 0.9 + 0.01 * seed)))
     (root / "bench").mkdir()
     (root / "bench" / "cpu.txt").write_text("# python3 bench.py\nlm step 1,000 tokens/s\n")
-    (tmp_path / "README.md").write_text("intro\n<!-- report.py: toy -->\nstale table\n" + report.BLOCK_END + "\nend\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- publish.py: toy -->\nstale table\n" + publish.BLOCK_END + "\nend\n")
     return tmp_path
 
 
 def test_render_on_a_small_example_computed_by_hand(example):
-    out = report.render(str(example / "results"))
+    out = publish.render(str(example / "results"))
     results = out[str(example / "RESULTS.md")]
     assert ("| DPO (all pairs, ref SFT) | +0.933 ± 0.115 | 0.91 (0.90) | 1.00 | 12.0 | 64 | 0 | 10 | "
             "+0.300 [+0.052, +0.548] | 3 of 3 |") in results
@@ -60,11 +60,11 @@ def test_render_on_a_small_example_computed_by_hand(example):
     assert "commit abc1234; 2026-01-01; torch 2.13.0; 2-core CPU, 1 thread(s) per run" in results
     assert "lm step 1,000 tokens/s" in results and "![MPO's stage 2, seed 0](results/toy/ppo-curves.svg)" in results
     readme = out[str(example / "README.md")]
-    assert readme.startswith("intro\n<!-- report.py: toy -->\n`python3 train.py`, 3 seeds") and readme.endswith(
-        report.BLOCK_END + "\nend\n") and "stale table" not in readme
+    assert readme.startswith("intro\n<!-- publish.py: toy -->\n`python3 train.py`, 3 seeds") and readme.endswith(
+        publish.BLOCK_END + "\nend\n") and "stale table" not in readme
     svg = out[str(example / "results" / "toy" / "ppo-curves.svg")]
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">score<" in svg and ">kl<" in svg
-    assert report.render(str(example / "results")) == out  # the same data, the same bytes
+    assert publish.render(str(example / "results")) == out  # the same data, the same bytes
 
 
 def test_collect_files_a_run_without_weights(tmp_path):
@@ -79,7 +79,7 @@ def test_collect_files_a_run_without_weights(tmp_path):
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "score": 1.0, "entropy": 2.0}) + "\n"
                                                        for i in range(4)))
     (run / "ppo" / "model.safetensors").write_bytes(b"weights")
-    report.collect("toy", "python3 train.py --seed 3", "Toy", [str(run)], str(tmp_path / "results"))
+    publish.collect("toy", "python3 train.py --seed 3", "Toy", [str(run)], str(tmp_path / "results"))
     filed = json.loads((tmp_path / "results" / "toy" / "seed-3.json").read_text())
     kinds = [prompt_kind(s["prompt"]) for s in filed["samples"]]  # the first prompt of each kind
     assert sorted(kinds) == sorted(set(map(prompt_kind, prompts))) and filed["samples"][0]["prompt"] == prompts[0]

@@ -1,0 +1,320 @@
+"""RESULTS.md, its figures and README.md's generated blocks, from the results committed under
+results/: one folder per experiment (experiment.json: its title and command) holding one
+results.json per seed (seed-S.json), or for a sweep a folder per condition holding them. No number
+in the documents is typed by hand; tests/test_publish.py checks that they are what this makes.
+
+    python3 publish.py                                   # regenerate from results/
+    python3 publish.py --collect NAME --command CMD --runs RUN_FOLDER...   # file finished runs first
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+
+from data import read_json, write_json, write_text
+from report import REFERENCE_ROWS, aggregate, interval_text, paired_interval, t975, table_text
+from task import gold_reward, prompt_kind, well_formed  # the built-in task's judges, for the samples
+
+
+# ----------------------------------------------------------------------------- figures
+
+def svg_plot(series, xlabel, ylabel, title, width=560, height=300, xticks=None):
+    """A line plot as SVG text, with no plotting library: series [(label, xs, ys, band)], band
+    None or (lows, highs) drawn as a shaded area; xticks, if given, labels x = 0, 1, ... by name.
+    Deterministic, so a regenerated figure is the same file byte for byte."""
+    colors = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#dd8452"]
+    left, right, top, bottom = 56, 150, 28, 40
+    xs = [x for _, sx, _, _ in series for x in sx]
+    ys = [y for _, _, sy, band in series for y in list(sy) + (list(band[0]) + list(band[1]) if band else [])]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)  # no line on the frame
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{xlabel}</text>',
+           f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylabel}</text>',
+           f'<path d="M{left} {top}V{height - bottom}H{width - right}" fill="none" stroke="black"/>']
+    for i in range(5):  # ticks
+        y, x = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+        if xticks is None:
+            label = f"{x:.0f}" if x1 - x0 >= 8 else f"{x:g}"
+            out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{label}</text>')
+    for x, name in enumerate(xticks or []):
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{name}</text>')
+    for i, (label, sx, sy, band) in enumerate(series):
+        color = colors[i % len(colors)]
+        if band:
+            ring = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
+            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in ring)}" fill="{color}" '
+                       f'fill-opacity="0.15"/>')
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        out.append(f'<text x="{width - right + 8}" y="{top + 14 * i + 4}" fill="{color}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo": "**MPO** (then PPO on hard, ref DPO)",
+          "dpo": "DPO (all pairs, ref SFT)", "ppo": "PPO (all prompts, from and ref SFT)",
+          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)"}  # the others: their names in mpo.METHODS
+BLOCK_END = "<!-- /publish.py -->"  # README.md's generated blocks end here; each starts <!-- publish.py: NAME -->
+
+
+def summary_table(runs):
+    """The compact table of an experiment (one results.json per seed): gold reward (mean ± sd over
+    seeds), well formed (mean, lowest seed), KL to SFT, length, and MPO minus the row with its 95%
+    t interval, paired over seeds (over prompts for one seed), with the units where MPO is ahead."""
+    res = aggregate(runs) if len(runs) > 1 else runs[0]
+    unit = "seeds" if len(runs) > 1 else "prompts"
+    lines = [f"| method | gold reward | well formed (lowest seed) | KL vs SFT | length | DPO pairs | PPO rollouts | "
+             f"seconds | MPO − method (95% CI) | MPO ahead ({unit}) |", "|---" * 10 + "|"]
+    for m, row in res["methods"].items():
+        gold = f"{row['gold_reward']:+.3f}" + (f" ± {row['gold_reward_std']:.3f}" if len(runs) > 1 else "")
+        lowest = min(r["methods"][m]["well_formed"] for r in runs)
+        counted = "dpo_pairs" in row  # results from before the costs were counted leave these blank
+        cost = " | ".join(f"{row[k]:.0f}" if counted else "" for k in ("dpo_pairs", "ppo_rollouts", "seconds"))
+        d = res["vs_mpo"].get(m)
+        ahead = "" if d is None else f"{d['wins']} of {d['n']}"
+        lines.append(f"| {LABELS.get(m, m)} | {gold} | {row['well_formed']:.2f} ({lowest:.2f}) | "
+                     f"{row['kl_vs_sft']:.2f} | {row['length']:.1f} | {cost} | {interval_text(d)} | {ahead} |")
+    for key, name in REFERENCE_ROWS:
+        if (res.get("reference") or {}).get(key) is not None:
+            lines.append(f"| *{name}* (no training) | {res['reference'][key]:+.3f} |" + " |" * 8)
+    return "\n".join(lines)
+
+
+def closing(runs):
+    """The share of the distance from SFT to the best possible gold that MPO closes, per seed."""
+    return [(r["methods"]["mpo"]["gold_reward"] - r["methods"]["sft"]["gold_reward"]) /
+            (r["reference"]["best_possible"] - r["methods"]["sft"]["gold_reward"]) for r in runs]
+
+
+def samples_table(run, kinds=("capital", "legs", "harm"), width=70):
+    """The first sample of every method for the first prompt of some kinds of question, with its
+    gold reward and a mark where no responder could have written it."""
+    rows = [s for kind in kinds for s in run["samples"] if prompt_kind(s["prompt"]) == kind][:len(kinds)]
+    lines = ["| method | " + " | ".join(r["prompt"].split("Human: ")[-1].split("\n")[0] for r in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for m in run["methods"]:
+        cells = []
+        for r in rows:
+            text = r[m].strip()
+            mark = "" if well_formed(r["prompt"], r[m]) else " *(not well formed)*"
+            cells.append(f"[{gold_reward(r['prompt'], r[m]):+.1f}] {text if len(text) <= width else text[:width] + ' ...'}{mark}")
+        lines.append(f"| {m} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance_line(runs):
+    """Where the runs ran: each field's values over the seeds."""
+    p = [r.get("provenance") or {} for r in runs]
+    values = lambda k: ", ".join(sorted({str(x.get(k)) for x in p}))
+    return (f"commit {values('commit')}; {values('date')}; torch {values('torch')}; {values('machine')}, "
+            f"{values('threads')} thread(s) per run")
+
+
+def experiment_section(folder, meta, runs):
+    """RESULTS.md's section of one experiment folder."""
+    seeds = [r["config"]["seed"] for r in runs]
+    lines = [f"## {meta['title']}", "", f"`{meta['command']}`, seeds {', '.join(map(str, seeds))} "
+             f"({len(seeds)} seed{'s' * (len(seeds) > 1)}); per-seed data: `{folder}/`. {provenance_line(runs)}.", ""]
+    if meta.get("about"):
+        lines += [meta["about"], ""]
+    lines += [summary_table(runs), ""]
+    if runs[0].get("reference"):
+        share = closing(runs)
+        lines.append(f"MPO closes {statistics.fmean(share):.0%} of the distance from SFT to the best possible gold "
+                     f"reward (lowest seed {min(share):.0%}, seed {seeds[0]} {share[0]:.0%}).")
+    s = aggregate(runs)["split"] if len(runs) > 1 else runs[0]["split"]
+    if s.get("easy") is not None:
+        lines.append(f"Split (mean over seeds): easy {s['easy']:.0f} and hard {s['hard']:.0f} pairs"
+                     + (f"; label agreement with the gold reward: easy {s['easy_label_agreement']:.3f}, hard "
+                        f"{s['hard_label_agreement']:.3f}." if s.get("easy_label_agreement") is not None else "."))
+    seconds = runs[0].get("seconds")
+    if seconds:
+        lines.append(f"Seconds per stage, seed {seeds[0]}: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+                     + f"; in all {sum(seconds.values()):.0f}.")
+    if runs[0].get("samples") and runs[0].get("reference"):
+        lines += ["", f"The first sample of each method on seed {seeds[0]} (gold reward in brackets):", "",
+                  samples_table(runs[0])]
+    return "\n".join(lines)
+
+
+def condition_name(run):
+    """A sweep's condition by its labels: the label noise tau and the biased annotators' share."""
+    c = run["config"]
+    return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}"
+
+
+def sweep_section(rel, name, meta, conditions):
+    """RESULTS.md's section of a sweep ({condition folder: its runs}): the figure of every row's gold
+    reward by condition, then per condition its table and what the selection rests on."""
+    order = sorted(conditions, key=lambda c: (conditions[c][0]["config"]["annotator_bias"],
+                                              conditions[c][0]["config"]["label_noise"]))
+    runs_of = [conditions[c] for c in order]
+    labels = [condition_name(runs[0]) for runs in runs_of]
+    lines = [f"## {meta['title']}", "", f"`{meta['command']}`; per-seed data: `{rel}/CONDITION/`. "
+             f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
+    if meta.get("about"):
+        lines += [meta["about"], ""]
+    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", ""]
+    for label, runs in zip(labels, runs_of):
+        seeds = len(runs)
+        split = aggregate(runs)["split"] if seeds > 1 else runs[0]["split"]
+        stage1 = paired_interval([r["methods"]["mpo_stage1"]["gold_reward"] for r in runs],
+                                 [r["methods"]["dpo"]["gold_reward"] for r in runs])
+        lines += [f"### {label} ({seeds} seed{'s' * (seeds > 1)})", "", summary_table(runs), "",
+                  f"Split (mean over seeds): easy {split['easy']:.0f}, hard {split['hard']:.0f} pairs; label agreement "
+                  f"with the gold reward: easy {split['easy_label_agreement']:.3f}, hard {split['hard_label_agreement']:.3f}. "
+                  f"DPO on the easy pairs (MPO stage 1) − DPO on all pairs: {interval_text(stage1)} "
+                  f"(ahead on {stage1['wins']} of {stage1['n']} seeds).", ""]
+    return "\n".join(lines).rstrip()
+
+
+def sweep_figure(conditions):
+    """The SVG of each row's gold reward by condition: mean over seeds with its 95% t band."""
+    order = sorted(conditions, key=lambda c: (conditions[c][0]["config"]["annotator_bias"],
+                                              conditions[c][0]["config"]["label_noise"]))
+    rows = [m for m in conditions[order[0]][0]["methods"] if all(m in conditions[c][0]["methods"] for c in order)]
+    series = []
+    for m in rows:
+        stats = []
+        for c in order:
+            xs = [r["methods"][m]["gold_reward"] for r in conditions[c]]
+            half = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+            stats.append((statistics.fmean(xs), half))
+        means = [s for s, _ in stats]
+        series.append((m, list(range(len(order))), means, ([s - h for s, h in stats], [s + h for s, h in stats])))
+    return svg_plot(series, "condition", "gold reward", "Gold reward by condition (mean over seeds, 95% t band)",
+                    width=720, height=360, xticks=[condition_name(conditions[c][0]) for c in order])
+
+
+def seed_files(folder):
+    """The results.json of each seed in a folder (seed-S.json), by seed."""
+    return sorted((read_json(os.path.join(folder, f)) for f in os.listdir(folder)
+                   if f.startswith("seed-") and f.endswith(".json")), key=lambda r: r["config"]["seed"])
+
+
+def experiments(root):
+    """Every experiment folder under root, in the order of their experiment.json's "order": one
+    seed-S.json per seed, or for a sweep ("sweep": true) a folder per condition holding them."""
+    found = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.exists(os.path.join(folder, "experiment.json")):
+            meta = read_json(os.path.join(folder, "experiment.json"))
+            runs = ({c: seed_files(os.path.join(folder, c)) for c in sorted(os.listdir(folder))
+                     if os.path.isdir(os.path.join(folder, c))} if meta.get("sweep") else seed_files(folder))
+            found.append((meta.get("order", 99), name, meta, runs))
+    return [(name, meta, runs) for _, name, meta, runs in sorted(found, key=lambda e: e[:2])]
+
+
+def render(root="results"):
+    """{path: text} of every generated file: RESULTS.md and README.md beside the folder root (the
+    latter with its generated blocks replaced) and the figures. Nothing is written here."""
+    root = os.path.normpath(root)
+    base, rel = os.path.dirname(os.path.abspath(root)), os.path.basename(root)
+    out, sections, blocks = {}, [], {}
+    for name, meta, runs in experiments(root):
+        if meta.get("sweep"):  # runs: {condition: its runs}
+            sections.append(sweep_section(f"{rel}/{name}", name, meta, runs))
+            out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs)
+            continue
+        sections.append(experiment_section(f"{rel}/{name}", meta, runs))
+        curves, seed = runs[0].get("curves"), runs[0]["config"]["seed"]
+        if curves:
+            series = [(k, [c["iteration"] for c in curves], [c[k] for c in curves], None)
+                      for k in ("score", "gold", "kl") if k in curves[0]]
+            out[os.path.join(root, name, "ppo-curves.svg")] = svg_plot(
+                series, "PPO iteration", "mean over the rollouts", f"MPO's stage 2 (PPO on the hard prompts), seed {seed}")
+            sections[-1] += f"\n\n![MPO's stage 2, seed {seed}]({rel}/{name}/ppo-curves.svg)"
+        if meta.get("readme") == "table":  # README.md's block: the table over seeds
+            blocks[name] = f"`{meta['command']}`, {len(runs)} seed{'s' * (len(runs) > 1)}:\n\n{summary_table(runs)}"
+        elif meta.get("readme") == "excerpt":  # README.md's block: results.md of the first seed, and its figure
+            blocks[name] = (f"```\n{table_text(runs[0]).rstrip()}\n```\n\n"
+                            + (f"![MPO's stage 2]({rel}/{name}/ppo-curves.svg)" if curves else ""))
+    bench = os.path.join(root, "bench")
+    for path in sorted(os.listdir(bench)) if os.path.isdir(bench) else []:
+        text = open(os.path.join(bench, path)).read().rstrip()
+        sections.append(f"## Benchmark: {rel}/bench/{path}\n\n```\n{text}\n```")
+    out[os.path.join(base, "RESULTS.md")] = (
+        f"# Results\n\nGenerated by `python3 publish.py` from the files under {rel}/ (one results.json "
+        "per run and seed, bench output as printed): edit those, not this file.\n\n" + "\n\n".join(sections) + "\n")
+    readme = os.path.join(base, "README.md")
+    if os.path.exists(readme):
+        text = open(readme).read()
+        for name, block in blocks.items():  # <!-- publish.py: NAME --> ... <!-- /publish.py -->
+            start = f"<!-- publish.py: {name} -->"
+            if start in text:
+                head, rest = text.split(start)
+                text = head + start + "\n" + block + "\n" + BLOCK_END + rest.split(BLOCK_END, 1)[1]
+        out[readme] = text
+    return out
+
+
+def first_of_each_kind(samples, results):
+    """The samples of the first prompt of each kind of question (the built-in task's), or the first
+    three prompts' (real data)."""
+    if results.get("reference") is None:
+        return samples[:3]
+    firsts = {}
+    for s in samples:
+        firsts.setdefault(prompt_kind(s["prompt"]), s)
+    return list(firsts.values())
+
+
+def collect(name, command, title, run_dirs, root="results"):
+    """Files finished runs as results/NAME/seed-S.json: each run's results.json with samples of
+    eval/samples.json (first_of_each_kind) and MPO's PPO curve (ppo/metrics.jsonl). No weights."""
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    meta_path = os.path.join(folder, "experiment.json")
+    meta = read_json(meta_path) if os.path.exists(meta_path) else {}
+    sweep = False
+    for run in run_dirs:  # a sweep's conditions are folders of the run folder, each with its results.json
+        conditions = sorted(c for c in os.listdir(run) if os.path.exists(os.path.join(run, c, "results.json")))
+        sweep = sweep or bool(conditions)
+        for source, target in [(run, "default" if conditions else "")] + [(os.path.join(run, c), c) for c in conditions]:
+            collect_one(source, os.path.join(folder, target), curves=not conditions)
+    write_json(meta_path, {**meta, "title": title or meta.get("title", name), "command": command or meta["command"],
+                           **({"sweep": True} if sweep else {})})
+
+
+def collect_one(run, folder, curves=True):
+    """One run folder's results.json, with its samples and (curves) MPO's PPO curve, as FOLDER/seed-S.json."""
+    results = read_json(os.path.join(run, "results.json"))
+    results["samples"] = first_of_each_kind(read_json(os.path.join(run, "eval", "samples.json")), results)
+    ppo = os.path.join(run, results.get("policies", {}).get("mpo", "ppo"), "metrics.jsonl")
+    if curves and os.path.exists(ppo):
+        keep = ("iteration", "score", "rm_score", "gold", "kl")
+        results["curves"] = [{k: row[k] for k in keep if k in row} for row in map(json.loads, open(ppo))]
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, f"seed-{results['config']['seed']}.json"), results)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="python3 publish.py: regenerate RESULTS.md, its figures and "
+                                "README.md's generated blocks from the committed results. With --collect NAME: "
+                                "file finished run folders under results/NAME first.")
+    p.add_argument("root", nargs="?", default="results", help="the results folder (default: results)")
+    p.add_argument("--collect", metavar="NAME", help="the experiment's folder name under root")
+    p.add_argument("--command", default="", help="with --collect: the command the runs ran")
+    p.add_argument("--title", default="", help="with --collect: the experiment's heading")
+    p.add_argument("--runs", nargs="+", default=[], help="with --collect: finished run folders, one per seed")
+    a = p.parse_args(argv)
+    if a.collect:
+        collect(a.collect, a.command, a.title, a.runs, a.root)
+    for path, text in render(a.root).items():
+        write_text(path, text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
