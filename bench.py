@@ -262,6 +262,27 @@ def bench_logp(model, cfg, a):
         final_norm.weight.fill_(1.0)
 
 
+def bench_memory():
+    """GiB of weights and optimizer state of PPO's four models at MODELS' shapes, from the shapes alone
+    (the meta device: nothing is allocated). As training.py keeps them: float32 weights (bf16 only
+    autocasts the forward passes); a trained model adds a float32 gradient and AdamW's two moments."""
+    GiB = 2 ** 30
+    print("memory of weights and optimizer state (activations, KV cache and logits come on top)")
+    print("| model | parameters | policy (trained) | reference | reward model | critic (trained) | PPO stage, all four "
+          "| DPO stage |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, cfg in MODELS.items():
+        with torch.device("meta"):
+            P = sum(p.numel() for p in Llama(cfg).parameters())
+            S = sum(p.numel() for p in ScalarModel(cfg, Llama).parameters())
+        row = [16 * P, 4 * P, 4 * S, 16 * S]  # trained: 4 (weights) + 4 (gradient) + 8 (AdamW) bytes each
+        print(f"| {name} | {P / 1e6:,.1f}M | " + " | ".join(f"{b / GiB:.1f} GiB" for b in row)
+              + f" | {sum(row) / GiB:.1f} GiB | {(16 * P + 4 * P) / GiB:.1f} GiB |")
+    for name, cfg in MODELS.items():  # the largest tensor of a PPO update besides: float32 logits
+        print(f"{name}: float32 logits of 64 rollouts x 65 scored positions: "
+              f"{64 * 65 * cfg.vocab_size * 4 / GiB:.2f} GiB")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -279,9 +300,12 @@ def main():
     p.add_argument("--new", type=int, default=256 if cuda else 48)
     p.add_argument("--rollouts", type=int, default=64, help="PPO rollouts per iteration; sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
-    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp")
+    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: the "
+                   "memory of PPO's four models at MODELS' shapes")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     a = p.parse_args()
+    if a.figures == "memory":  # from the shapes alone: no model is built
+        return bench_memory()
     dtype = a.dtype or default_dtype(a.device)
     if a.preset in MODELS:
         if a.arch == "gpt":

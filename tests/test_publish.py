@@ -22,7 +22,7 @@ def test_the_committed_documents_are_what_publish_py_makes_of_the_committed_data
 
 
 def fake_run(seed, sft, mpo, dpo, well_formed=0.95):
-    row = lambda gold: {"gold_reward": gold, "well_formed": well_formed, "kl_vs_sft": 1.0, "length": 12.0,
+    row = lambda gold: {"gold_reward": gold, "rm_score": 0.5, "well_formed": well_formed, "kl_vs_sft": 1.0, "length": 12.0,
                         "dpo_pairs": 64, "ppo_rollouts": 0, "seconds": 10.0}
     return {"methods": {"sft": row(sft), "mpo": row(mpo), "dpo": row(dpo)}, "vs_mpo": {},
             "reference": {"best_possible": 2.5, "best_constant": 0.5},
@@ -52,7 +52,7 @@ def example(tmp_path):
 def test_render_on_a_small_example_computed_by_hand(example):
     out = publish.render(str(example / "results"))
     results = out[str(example / "RESULTS.md")]
-    assert ("| DPO (all pairs, ref SFT) | +0.933 ± 0.115 | 0.91 (0.90) | 1.00 | 12.0 | 64 | 0 | 10 | "
+    assert ("| DPO (all pairs, ref SFT) | +0.933 ± 0.115 | +0.500 | 0.91 (0.90) | 1.00 | 12.0 | 64 | 0 | 10 | "
             "+0.300 [+0.052, +0.548] | 3 of 3 |") in results
     assert "| **MPO** (then PPO on hard, ref DPO) | +1.233 ± 0.153 |" in results
     # MPO closes (1.2 + 0.5) / 3.0, (1.4 + 0.4) / 2.9, (1.1 + 0.6) / 3.1 of the distance: mean 0.5786
