@@ -319,7 +319,7 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
     """The built-in task (its settings: n_sft to on_policy_pairs, tau the label noise), or the
     records of the preference file `data` with a held-out part (or the file eval_data) and the
     judge's part: a seeded share judge_fraction of the remaining pairs, "judge", that trains the
-    evaluation's judge alone (mpo.judge_stage); "pref", the pairs the reward model, the split,
+    evaluation's judge alone (stages.judge_stage); "pref", the pairs the reward model, the split,
     DPO and PPO use, and SFT's default demonstrations are the rest. Each setting is the flag of
     the same name (train.py)."""
     if not data:

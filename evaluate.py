@@ -1,6 +1,6 @@
 """Judging policies on the held-out prompts: K samples per prompt at the sampling temperature and
 one greedy answer, scored by the task's gold reward where it has one (the built-in task), else by
-the judge (real data: a reward model trained on pairs nothing else saw, mpo.judge_stage), and by
+the judge (real data: a reward model trained on pairs nothing else saw, stages.judge_stage), and by
 the training reward model always; well-formedness, KL to SFT and length; win, tie and loss rates
 against SFT and against the data's chosen responses, by the judge; and the paired difference of
 every method against MPO.

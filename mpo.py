@@ -7,7 +7,8 @@
        policy and with the DPO policy as the KL reference              (ppo_stage)
 
 The baselines and ablations of the paper are rows of METHODS; pipeline() runs the stages of
-each method in the paper's order; evaluate.py judges the policies. This file adds no loss: those
+each method in the paper's order (the stages around the method, SFT, the reward model and the
+evaluation, are in stages.py); evaluate.py judges the policies. This file adds no loss: those
 live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
 import collections
@@ -24,15 +25,13 @@ from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import file_sha256, load_checkpoint, load_gpt, save_checkpoint
+from checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from data import read_json, write_json
 from dpo import train_dpo
-from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
-from model import GPT, GPTConfig
 from ppo import train_ppo
-from reward import fact_accuracy, load_reward_model, score, train_reward_model
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
-from sft import train_sft
+from reward import load_reward_model, score
+from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from training import epoch_steps
 from runs import Runner, Stop
@@ -241,100 +240,6 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
                 os.path.join(out_dir, "curves.png"), versus=("kl", ["score", "gold"]))
     return final
-
-
-# ----------------------------------------------------------------------------- the other stages
-
-class Setup(NamedTuple):
-    """What the stages of one pipeline share: the task (data.load_task), its tokenizer, the
-    longest response, where the models run, the seed, and how the evaluation samples."""
-    task: dict
-    tokenizer: data.Tokenizer
-    max_new_tokens: int
-    device: str
-    dtype: str
-    seed: int
-    temperature: float
-    samples: int
-
-    def mean_gold(self, model, show=0, prompts=None):
-        return mean_gold(model, self.tokenizer, self.task, self.max_new_tokens, self.temperature, self.seed,
-                         self.device, self.dtype, show, prompts)
-
-
-def tokenizer_stage(folder, task, vocab_size, init=None):
-    """--init's tokenizer as it is, or a byte-level BPE trained on the training text only: the
-    held-out prompts' wording stays unseen."""
-    path = os.path.join(folder, "tokenizer.json")
-    if init:  # with its end-of-sequence and padding tokens (Tokenizer.save keeps them beside it)
-        data.Tokenizer.load(init.tokenizer).save(path)
-        return {"from": init.tokenizer}
-    texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
-    data.Tokenizer.train(texts, vocab_size).save(path)
-    return {}
-
-
-def sft_stage(folder, s, cfg, shape, init=None):
-    """pi_sft: a fresh GPT of `shape` (or --init's weights) trained on the demonstrations."""
-    task, tokenizer, R = s.task, s.tokenizer, s.max_new_tokens
-    model = (load_gpt(init.path, s.device) if init else
-             GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape)).to(s.device))
-    before = s.mean_gold(model) if task["gold"] else None
-    loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
-    save_checkpoint(model, folder)
-    if not task["gold"]:
-        return {"final_loss": loss}
-    after = s.mean_gold(model, show=4)
-    floor = task["entropy_floor"]([p for p, _ in task["sft"]], lambda r: len(data.encode_response(tokenizer, r)[:R]))
-    tqdm.write(f"sft: mean gold reward on {len(task['eval'])} held-out prompts {after:+.3f} "
-               f"(untrained model {before:+.3f}); final loss {loss:.3f}, the task's floor {floor:.3f}")
-    return {"final_loss": loss, "entropy_floor": floor, "gold_untrained": before, "gold_sft": after}
-
-
-def rm_stage(folder, s, sft_dir, cfg):
-    """r_phi: the SFT model with a scalar head, Bradley-Terry on every pair."""
-    task = s.task
-    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
-    summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
-    if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
-        summary |= fact_accuracy(model, s.tokenizer, task["eval"], task["answers"], s.max_new_tokens, s.device, s.dtype)
-        tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
-                   f"of the factual evaluation questions (chance {summary['fact_chance']:.0%})")
-    return summary
-
-
-def judge_stage(folder, s, sft_dir, cfg):
-    """Real data's judge, in the place of the built-in task's gold reward: a second reward model,
-    trained as r_phi is (from SFT, Bradley-Terry, rm's settings) on the judge's pairs alone
-    (data.load_task), which neither r_phi, the split, DPO, PPO nor SFT's default demonstrations
-    see. Writes pairs.json, the line numbers of its pairs in --data."""
-    task = s.task
-    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
-    summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
-    write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
-    return {"pairs": len(task["judge"]), **summary}
-
-
-def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
-    """Every policy ({method: folder}) judged on the evaluation prompts, SFT first; with judge_dir
-    (real data) the judge's reward model scores them too, beside the training reward model."""
-    sft, _ = load_checkpoint(policies["sft"], kind="gpt", device=s.device)
-    reward_model = load_reward_model(rm_dir, s.device)
-    judge = load_reward_model(judge_dir, s.device) if judge_dir else None
-    judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
-    for method, policy_dir in policies.items():
-        policy, _ = load_checkpoint(policy_dir, kind="gpt", device=s.device)
-        part = evaluate_policy(policy, sft, reward_model, s.tokenizer, mine, s.max_new_tokens, s.temperature,
-                               s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype, judge)
-        judged[method] = {key: distributed.gather(values) for key, values in part.items()}
-    write_json(os.path.join(folder, "judged.json"), judged)  # per prompt: to recompute any figure
-    write_json(os.path.join(folder, "samples.json"), [{"prompt": p, **{m: judged[m]["text"][i] for m in judged}}
-                                                       for i, p in enumerate(s.task["eval"][:50])])
-    chosen = chosen_values(s.task, reward_model if judge is None else judge, s.tokenizer, s.max_new_tokens,
-                           no_eos_score if judge is None else None, s.device, s.dtype)
-    return {"methods": {m: summarize(judged[m], judged["sft"], chosen) for m in judged}, "vs_mpo": against_mpo(judged)}
 
 
 def policy_stages(methods, runner, pairs, cfgs):

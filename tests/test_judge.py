@@ -1,5 +1,5 @@
 """Real data's judge: a second reward model trained on a held-out part of --data that no other stage
-sees (data.load_task, mpo.judge_stage), judging the evaluation in the place of the built-in task's
+sees (data.load_task, stages.judge_stage), judging the evaluation in the place of the built-in task's
 gold reward."""
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 
 import data
 import mpo
+import stages
 import train
 from evaluate import win_tie_loss
 from task import make_task
@@ -60,8 +61,8 @@ def run(tmp_path_factory):
         return wrapped
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mpo, "train_sft", record("sft", mpo.train_sft, 2))
-        mp.setattr(mpo, "train_reward_model", record("rm", mpo.train_reward_model, 2, key=6))  # by its folder
+        mp.setattr(stages, "train_sft", record("sft", stages.train_sft, 2))
+        mp.setattr(stages, "train_reward_model", record("rm", stages.train_reward_model, 2, key=6))  # by its folder
         mp.setattr(mpo, "split_stage", record("split", mpo.split_stage, 1))
         mp.setattr(mpo, "train_dpo", record("dpo", mpo.train_dpo, 3))
         mp.setattr(mpo, "train_ppo", record("ppo", mpo.train_ppo, 5))
