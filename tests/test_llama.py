@@ -17,6 +17,7 @@ from model import KVCache, ScalarModel, generate
 from task import make_task
 
 transformers = pytest.importorskip("transformers")
+from test_hf_gpt2 import hf_logits  # noqa: E402  transformers' logits with left padding, as for GPT-2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 120
 
@@ -56,13 +57,6 @@ def hf_folder(name, path, seed=0):
     shard = CASES[name][2]
     hf.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return hf
-
-
-def hf_logits(hf, idx, mask=None):
-    if mask is None:
-        return hf(idx).logits
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return hf(idx, attention_mask=mask, position_ids=position_ids).logits
 
 
 def left_padded(B=3, T=14, seed=1):
