@@ -158,12 +158,16 @@ def condition_name(run):
     return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}"
 
 
-def sweep_section(rel, name, meta, conditions):
+def in_order(conditions):
+    """A sweep's runs ({condition folder: its runs}) as a list, by annotator bias, then label noise."""
+    key = lambda runs: (runs[0]["config"]["annotator_bias"], runs[0]["config"]["label_noise"])
+    return sorted(conditions.values(), key=key)
+
+
+def sweep_section(rel, meta, conditions):
     """RESULTS.md's section of a sweep ({condition folder: its runs}): the figure of every row's gold
     reward by condition, then per condition its table and what the selection rests on."""
-    order = sorted(conditions, key=lambda c: (conditions[c][0]["config"]["annotator_bias"],
-                                              conditions[c][0]["config"]["label_noise"]))
-    runs_of = [conditions[c] for c in order]
+    runs_of = in_order(conditions)
     labels = [condition_name(runs[0]) for runs in runs_of]
     lines = [f"## {meta['title']}", "", f"`{meta['command']}`; per-seed data: `{rel}/CONDITION/`. "
              f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
@@ -185,20 +189,19 @@ def sweep_section(rel, name, meta, conditions):
 
 def sweep_figure(conditions):
     """The SVG of each row's gold reward by condition: mean over seeds with its 95% t band."""
-    order = sorted(conditions, key=lambda c: (conditions[c][0]["config"]["annotator_bias"],
-                                              conditions[c][0]["config"]["label_noise"]))
-    rows = [m for m in conditions[order[0]][0]["methods"] if all(m in conditions[c][0]["methods"] for c in order)]
+    runs_of = in_order(conditions)
+    rows = [m for m in runs_of[0][0]["methods"] if all(m in runs[0]["methods"] for runs in runs_of)]
     series = []
     for m in rows:
         stats = []
-        for c in order:
-            xs = [r["methods"][m]["gold_reward"] for r in conditions[c]]
+        for runs in runs_of:
+            xs = [r["methods"][m]["gold_reward"] for r in runs]
             half = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
             stats.append((statistics.fmean(xs), half))
         means = [s for s, _ in stats]
-        series.append((m, list(range(len(order))), means, ([s - h for s, h in stats], [s + h for s, h in stats])))
+        series.append((m, list(range(len(runs_of))), means, ([s - h for s, h in stats], [s + h for s, h in stats])))
     return svg_plot(series, "condition", "gold reward", "Gold reward by condition (mean over seeds, 95% t band)",
-                    width=720, height=360, xticks=[condition_name(conditions[c][0]) for c in order])
+                    width=720, height=360, xticks=[condition_name(runs[0]) for runs in runs_of])
 
 
 def seed_files(folder):
@@ -229,7 +232,7 @@ def render(root="results"):
     out, sections, blocks = {}, [], {}
     for name, meta, runs in experiments(root):
         if meta.get("sweep"):  # runs: {condition: its runs}
-            sections.append(sweep_section(f"{rel}/{name}", name, meta, runs))
+            sections.append(sweep_section(f"{rel}/{name}", meta, runs))
             out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs)
             continue
         sections.append(experiment_section(f"{rel}/{name}", meta, runs))
