@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from data import batches, pair_batch, tokenize_pairs
-from model import response_logits, sequence_logps
+from model import response_token_logps
 from training import FitConfig, autocast, epoch_steps, fit, fit_field
 
 
@@ -49,7 +49,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 def pair_logps(model, batch):
     """One forward pass over the 2B rows of a pair batch -> (chosen (B,), rejected (B,)) log-probs."""
-    return sequence_logps(*response_logits(model, batch)).chunk(2)
+    return response_token_logps(model, batch).sum(-1).chunk(2)
 
 
 @torch.no_grad()

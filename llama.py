@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, attention_inputs
+from model import adamw, attention_inputs, projected
+from packing import pack
 
 
 @dataclass
@@ -182,8 +183,10 @@ class Llama(nn.Module):
         return n - (self.model.embed_tokens.weight.numel() if self.unembed is not None else 0)
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0):
-        """As GPT.forward: idx (B, T) -> float32 logits (B, T - logits_from, vocab), or the final
-        hidden states (B, T, n_embd) with hidden=True; attention_mask (B, S) over past + T."""
+        """As GPT.forward: idx (B, T) -> float32 logits (B, T - logits_from, vocab) (or (N, vocab) at a
+        boolean logits_from's positions), or the final hidden states (B, T, n_embd) with hidden=True;
+        attention_mask (B, S) over past + T."""
+        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache)
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (B or 1, T, head_dim / 2), float32
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B or 1, 1, T, head_dim): both channels of a pair
@@ -193,8 +196,8 @@ class Llama(nn.Module):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += idx.size(1)
-        x = self.model.norm(x)
-        return x if hidden else self.output(x[:, logits_from:])
+        x = unpack(self.model.norm(x))
+        return x if hidden else self.output(projected(x, logits_from))
 
     def output(self, x):
         """The vocabulary projection in float32 even under autocast (why: GPT.output)."""

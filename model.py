@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from packing import pack
+
 
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
 
@@ -112,6 +114,8 @@ def attention_bias(attention_mask, T):
 def attention_inputs(idx, attention_mask=None, position_ids=None, cache=None):
     """The positions (B or 1, T) of the T tokens of idx and the attention mask (B, 1, T, S) or None
     (plain causal attention, the fused path), after the cache's past positions."""
+    if attention_mask is not None and attention_mask.dim() == 4:  # packed rows' own: packing.pack
+        return position_ids, attention_mask
     T = idx.size(1)
     past = 0 if cache is None else cache.pos
     if position_ids is None:
@@ -125,6 +129,12 @@ def attention_inputs(idx, attention_mask=None, position_ids=None, cache=None):
     elif past > 0 and T > 1:  # the fused causal kernel aligns its triangle to the top left
         mask = attention_bias(torch.ones(idx.size(0), past + T, device=idx.device), T)
     return position_ids, mask
+
+
+def projected(x, logits_from):
+    """The final hidden states (B, T, C) a forward pass projects to the vocabulary: from column
+    logits_from on, or at the True positions of a boolean (B, T) logits_from, as (N, C)."""
+    return x[:, logits_from:] if isinstance(logits_from, int) else x[logits_from]
 
 
 class GPT(nn.Module):
@@ -160,18 +170,21 @@ class GPT(nn.Module):
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0):
         """idx (B, T) -> float32 logits (B, T - logits_from, vocab) of the positions logits_from on
         (negative: counted from the end), or the final hidden states (B, T, n_embd) with hidden=True.
+        A boolean (B, T) logits_from picks the positions to project: logits (N, vocab) of its N Trues.
 
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
-        Without it the batch has no padding and attention takes the fused causal path.
+        Without it the batch has no padding and attention takes the fused causal path. A padded
+        batch without a cache runs packed (packing.py): the same outputs, fewer positions.
         """
+        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache)
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, i)
         if cache is not None:
             cache.pos += idx.size(1)
-        x = self.transformer.ln_f(x)
-        return x if hidden else self.output(x[:, logits_from:])
+        x = unpack(self.transformer.ln_f(x))
+        return x if hidden else self.output(projected(x, logits_from))
 
     def output(self, x):
         """The vocabulary projection, in float32 even under autocast (the body may run in bf16):
@@ -324,33 +337,23 @@ def token_logprobs(logits, tokens):
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def sequence_logps(logits, labels, mask):
-    """log pi(y | x): the sum of token log-probs over the response tokens.
-
-    logits (B, T, V), labels (B, T), mask (B, T) 1 on response tokens -> (B,).
-    The logits at position t predict the token at t + 1; prompt and padding never count.
-    """
-    return (token_logprobs(logits[:, :-1], labels[:, 1:]) * mask[:, 1:]).sum(-1)
-
-
-def sft_loss(logits, labels, mask):
-    """Next-token loss on the response tokens, L = -sum_t log pi(y_t | x, y_<t) / #tokens (scalar)."""
-    return -sequence_logps(logits, labels, mask).sum() / mask[:, 1:].sum()
-
-
-def response_start(response_mask):
-    """The first column of any response in a collated batch (data.collate left-pads every prompt
-    to it); at least 1, since the first token of a row has no logits before it."""
-    return max(1, int(response_mask.any(0).long().argmax()))
+def response_token_logps(model, batch):
+    """log pi(y_t | x, y_<t) of each response token of a collated batch: (B, T), 0 off the response.
+    One forward pass, projecting to the vocabulary only the positions whose next token is a
+    response token. Summed over a row: log pi(y | x) (DPO); averaged over tokens: the SFT loss."""
+    mask = batch["response_mask"].bool().clone()
+    mask[:, 0] = False  # the first token of a row has no logits before it
+    scored = torch.zeros_like(mask)
+    scored[:, :-1] = mask[:, 1:]  # the position before a response token predicts it
+    logits = model(batch["input_ids"], batch["attention_mask"], logits_from=scored)  # (N, V)
+    logps = token_logprobs(logits, batch["input_ids"][mask])
+    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
 
 
-def response_logits(model, batch):
-    """The forward pass of SFT and DPO on a collated batch: logits from the column before the first
-    response token on, with the labels and mask cut to match, for sequence_logps and sft_loss.
-    The prompt's positions are never projected to the vocabulary."""
-    P = response_start(batch["response_mask"])
-    logits = model(batch["input_ids"], batch["attention_mask"], logits_from=P - 1)
-    return logits, batch["input_ids"][:, P - 1:], batch["response_mask"][:, P - 1:]
+def sft_loss(token_logps, mask):
+    """Next-token loss on the response tokens, L = -sum_t log pi(y_t | x, y_<t) / #tokens (scalar):
+    token_logps from response_token_logps, mask the batch's response_mask."""
+    return -token_logps.sum() / mask[:, 1:].sum()
 
 
 def response_logprobs(model, seq, attn, P, temperature=1.0):

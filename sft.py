@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 
 import data
-from model import response_logits, sft_loss
+from model import response_token_logps, sft_loss
 from training import FitConfig, fit, fit_field
 
 
@@ -27,7 +27,7 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
         examples.append((tokenizer.encode(p)[-(block - len(response)):], response))
 
     def step_loss(forward, batch):
-        return sft_loss(*response_logits(forward, batch)), {}
+        return sft_loss(response_token_logps(forward, batch), batch["response_mask"]), {}
 
     collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
     tokens = lambda batch: batch["response_mask"][:, 1:].sum().item()  # what the loss averages over

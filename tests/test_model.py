@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, ScalarModel, generate, kl_penalty, response_mask, sequence_logps, sft_loss
+from model import GPT, GPTConfig, ScalarModel, generate, kl_penalty, response_mask, response_token_logps, sft_loss
 from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -205,20 +205,19 @@ def test_bf16_log_probs_stay_close_to_float32():
 
 
 def test_logits_only_where_scored_equal_the_full_projection(model):
-    """Projecting only the positions from the response on (SFT, DPO, PPO, the evaluation) gives the
-    log-probs of the full projection, up to float order, and the same SFT loss and DPO log-probs."""
+    """Projecting only the positions that predict a response token (SFT, DPO) or from the response
+    on (PPO, the evaluation) gives the log-probs of the full projection, up to float order."""
     import data
-    from model import response_logits, response_logprobs, sequence_logps, sft_loss
+    from model import response_logprobs, token_logprobs
     batch = data.collate([[3, 4, 5, 6], [7], [8, 9]], [[10, 11, 1], [12, 13, 14, 15, 1], [16, 1]], pad_id=0)
-    with torch.no_grad():
-        full = model(batch["input_ids"], batch["attention_mask"])
-        cut = response_logits(model, batch)
-        lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], 4)
-    assert cut[0].shape[1] == batch["input_ids"].shape[1] - 3  # from the column before the responses
     ids, mask = batch["input_ids"], batch["response_mask"]
-    torch.testing.assert_close(sequence_logps(*cut), sequence_logps(full, ids, mask), rtol=0, atol=1e-5)
-    torch.testing.assert_close(sft_loss(*cut), sft_loss(full, ids, mask), rtol=0, atol=1e-6)
-    torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), sequence_logps(full, ids, mask), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        full = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:]) * mask[:, 1:]
+        cut = response_token_logps(model, batch)
+        lp, _ = response_logprobs(model, ids, batch["attention_mask"], 4)
+    torch.testing.assert_close(cut[:, 1:], full, rtol=0, atol=1e-5)
+    assert torch.equal(cut != 0, mask.bool())  # a log-prob at each response token, nowhere else
+    torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), full.sum(-1), rtol=0, atol=1e-5)
 
 
 def test_categorical_samples_by_the_probabilities():
@@ -259,31 +258,41 @@ def seq_inputs():
     return torch.randn(3, 8, 5), torch.randint(0, 5, (3, 8))
 
 
-def test_sequence_logps_matches_brute_force():
-    """sequence_logps sums the next-token log-probs of the response tokens only."""
+def given_logits(logits):
+    """A stand-in model whose logits are given: the positions response_token_logps asks for."""
+    return lambda ids, attention_mask, logits_from: logits[logits_from]
+
+
+def logps_of(logits, labels):
+    return response_token_logps(given_logits(logits), {"input_ids": labels, "attention_mask": None,
+                                                       "response_mask": SEQ_MASK})
+
+
+def test_response_token_logps_match_brute_force():
+    """Summed over a row, the next-token log-probs of the response tokens only."""
     logits, labels = seq_inputs()
-    got = sequence_logps(logits, labels, SEQ_MASK)
+    got = logps_of(logits, labels).sum(-1)
     assert got.tolist() == pytest.approx(brute_sequence_logps(logits, labels, SEQ_MASK), rel=1e-5)
 
 
-def test_sequence_logps_ignores_prompt_labels():
+def test_response_token_logps_ignore_prompt_labels():
     """Changing a prompt or pad token's id leaves the result unchanged; a response token's does not."""
     logits, labels = seq_inputs()
-    base = sequence_logps(logits, labels, SEQ_MASK)
+    base = logps_of(logits, labels)
     changed = labels.clone()
     changed[0, 3] = (changed[0, 3] + 1) % 5  # prompt token of row 0
     changed[1, 1] = (changed[1, 1] + 1) % 5  # prompt token of row 1
     changed[0, 7] = (changed[0, 7] + 1) % 5  # right pad of row 0
-    assert torch.equal(sequence_logps(logits, changed, SEQ_MASK), base)
+    assert torch.equal(logps_of(logits, changed), base)
     changed[0, 5] = (changed[0, 5] + 1) % 5  # a response token of row 0
-    assert sequence_logps(logits, changed, SEQ_MASK)[0] != base[0]
+    assert logps_of(logits, changed)[0].sum() != base[0].sum()
 
 
 def test_sft_loss_is_the_mean_token_nll():
     """sft_loss = -(sum of response-token log-probs) / (number of response tokens)."""
     logits, labels = seq_inputs()
     n = SEQ_MASK[:, 1:].sum().item()
-    assert sft_loss(logits, labels, SEQ_MASK).item() == pytest.approx(
+    assert sft_loss(logps_of(logits, labels), SEQ_MASK).item() == pytest.approx(
         -sum(brute_sequence_logps(logits, labels, SEQ_MASK)) / n, rel=1e-5)
 
 
@@ -307,9 +316,9 @@ def test_kl_penalty_estimates_the_true_kl():
         assert kl_penalty(p.log()[y], q.log()[y], estimator).mean().item() == pytest.approx(true, abs=0.01)
 
 
-def test_response_logprobs_agree_with_sequence_logps():
+def test_response_logprobs_agree_with_response_token_logps():
     """The PPO/evaluation path (left-padded prompt + response, logits at the temperature) and the
-    DPO/SFT path (sequence_logps over the response mask) give the same log pi(y | x)."""
+    DPO/SFT path (response_token_logps over the response mask) give the same log pi(y | x)."""
     import data
     from model import GPT, GPTConfig, response_logprobs
     torch.manual_seed(0)
@@ -318,6 +327,5 @@ def test_response_logprobs_agree_with_sequence_logps():
     P = 3
     with torch.no_grad():
         token_lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], P)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-    per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
-    torch.testing.assert_close(per_row, sequence_logps(logits, batch["input_ids"], batch["response_mask"]))
+        per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
+        torch.testing.assert_close(per_row, response_token_logps(model, batch).sum(-1))

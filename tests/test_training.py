@@ -8,7 +8,7 @@ import torch
 import data
 import training
 from dpo import DPOConfig
-from model import GPT, GPTConfig, response_logits, sft_loss
+from model import GPT, GPTConfig, response_token_logps, sft_loss
 from reward import RMConfig
 from sft import SFTConfig
 from training import FitConfig, batch_plan, epoch_steps, fit
@@ -46,7 +46,7 @@ def fit_once(tmp_path, accum, n=37):
     tokens = lambda batch: batch["response_mask"].sum().item()
     training.GRAD_ACCUM = accum
     try:
-        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(*response_logits(f, b)), {}),
+        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {}),
             cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens)
     finally:
         training.GRAD_ACCUM = 1

@@ -1,0 +1,74 @@
+"""Packed rows (packing.py): a padded batch's outputs and gradients at every real token are each
+row's alone, for both layouts and the scalar heads, in fewer positions."""
+import pytest
+import torch
+
+import data
+from llama import Llama, LlamaConfig
+from model import GPT, GPTConfig, ScalarModel
+from packing import first_fit, pack
+
+V = 61
+LAYOUTS = {
+    "gpt": lambda: GPT(GPTConfig(vocab_size=V, block_size=40, n_layer=2, n_head=2, n_embd=16)),
+    "llama": lambda: Llama(LlamaConfig(vocab_size=V, block_size=40, n_layer=2, n_head=4, n_embd=16, n_kv_head=2,
+                                       intermediate_size=24, tie_word_embeddings=False)),
+}
+
+
+def padded_batch(n, seed=0):
+    """data.collate's layout: prompts left-padded, responses right-padded, lengths drawn at random."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: torch.randint(2, V, (int(torch.randint(lo, hi, (), generator=g)),), generator=g).tolist()
+    return data.collate([draw(2, 12) for _ in range(n)], [draw(1, 20) for _ in range(n)], pad_id=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_packed_batch_gives_each_rows_own_outputs_and_gradients(layout):
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]()
+    batch = padded_batch(12)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    packed_ids, _, _, _ = pack(ids, mask)
+    assert packed_ids.numel() < 0.8 * ids.numel()  # it packs: fewer positions
+    weights = torch.randn(*ids.shape, V)
+    logits = model(ids, mask)
+    (logits * weights * mask[..., None]).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for b in range(len(ids)):  # each row alone, without padding: no mask, no packing
+        real = mask[b].bool()
+        alone = model(ids[b, real][None])[0]
+        torch.testing.assert_close(logits[b, real], alone, rtol=0, atol=2e-5)
+        (alone * weights[b, real]).sum().backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_the_reward_at_the_last_token_is_each_rows_own():
+    torch.manual_seed(0)
+    rm = ScalarModel(GPTConfig(vocab_size=V, block_size=40, n_layer=2, n_head=2, n_embd=16)).eval()
+    batch = padded_batch(9, seed=2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    values = rm(ids, mask)
+    for b in range(len(ids)):
+        real = mask[b].bool()
+        torch.testing.assert_close(values[b, real], rm(ids[b, real][None])[0], rtol=0, atol=2e-5)
+
+
+def test_batches_it_cannot_or_need_not_pack_run_as_they_are():
+    ids = torch.randint(0, V, (3, 8))
+    gaps = torch.tensor([[1, 1, 0, 1, 1, 0, 0, 0]] * 3)  # real tokens in two runs
+    full = torch.ones(3, 8, dtype=torch.long)
+    for mask in (gaps, full, None):
+        out_ids, out_mask, positions, unpack = pack(ids, mask)
+        assert out_ids is ids and out_mask is mask and positions is None and unpack(ids) is ids
+
+
+def test_first_fit_fills_rows_longest_first_without_overflow():
+    lengths = [7, 3, 5, 2, 7, 1, 4]
+    row_of, at = first_fit(lengths)
+    assert row_of == [0, 3, 2, 2, 1, 4, 3]  # rows 7 | 7 | 5 + 2 | 4 + 3 | 1, the longest placed first
+    for r in set(row_of):
+        spans = sorted((at[i], at[i] + lengths[i]) for i in range(len(lengths)) if row_of[i] == r)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= max(lengths)
