@@ -58,9 +58,10 @@ def kl_to(policy, sft, samples, pad_id, temperature, device, dtype):
         batch = {k: v.to(device) for k, v in collate(*zip(*chunk), pad_id).items()}
         P = max(len(p) for p, _ in chunk)
         with autocast(device, dtype):
-            logprobs, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], P, temperature)
-            sft_logprobs, _ = response_logprobs(sft, batch["input_ids"], batch["attention_mask"], P, temperature)
-        kl += (kl_penalty(logprobs, sft_logprobs) * batch["response_mask"][:, P:]).sum(-1).tolist()
+            mask = batch["response_mask"][:, P:]
+            logprobs, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], P, temperature, mask)
+            sft_logprobs, _ = response_logprobs(sft, batch["input_ids"], batch["attention_mask"], P, temperature, mask)
+        kl += (kl_penalty(logprobs, sft_logprobs) * mask).sum(-1).tolist()
     return kl
 
 

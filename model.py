@@ -356,12 +356,21 @@ def sft_loss(token_logps, mask):
     return -token_logps.sum() / mask[:, 1:].sum()
 
 
-def response_logprobs(model, seq, attn, P, temperature=1.0):
+def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None):
     """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
-    at the sampling temperature, and their logits (B, N, V): one forward pass, projecting only the
-    positions that predict a response token, the computation of the rollout and of the update."""
-    logits = model(seq, attn, logits_from=P - 1)[:, :-1] / temperature
-    return token_logprobs(logits, seq[:, P:]), logits
+    at the sampling temperature, and their logits: one forward pass, the computation of the rollout
+    and of the update. Only positions that predict a response token are projected: all N columns,
+    logits (B, N, V); with the response mask (B, N), only its tokens, logits (M, V), log-probs 0
+    elsewhere (PPO's responses are padded to the longest, most of their columns after an eos)."""
+    if mask is None:
+        logits = model(seq, attn, logits_from=P - 1)[:, :-1] / temperature
+        return token_logprobs(logits, seq[:, P:]), logits
+    mask = mask.bool()
+    scored = torch.zeros_like(seq, dtype=torch.bool)
+    scored[:, P - 1:-1] = mask
+    logits = model(seq, attn, logits_from=scored) / temperature
+    logps = token_logprobs(logits, seq[:, P:][mask])
+    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps), logits
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):

@@ -196,13 +196,14 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
     for mb in minibatches:
         mb = mb.to(seq.device)
         with autocast(device, dtype):
-            logprobs, logits = response_logprobs(policy, seq[mb], attn[mb], P, temperature)
+            logprobs, logits = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb])
             with torch.no_grad():
-                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature)
+                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature, mask[mb])
                 values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
-        logprobs, logits = logprobs.detach(), logits.detach()
+        logprobs, logits = logprobs.detach(), logits.detach()  # logits: the response tokens', (M, V)
         out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs, ref_logprobs, values
-        out["entropy"][mb] = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        out["entropy"][mb] = torch.zeros_like(logprobs).masked_scatter(mask[mb].bool(), entropy)
     return {k: v * mask for k, v in out.items()}
 
 
@@ -215,7 +216,7 @@ def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, 
     """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures)."""
     W, n = distributed.world_size(), distributed.total(mask.sum())
     with autocast(device, dtype):
-        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature)
+        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature, mask)
     loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
     figures = {"policy_loss": loss, "clipfrac": clipfrac, "approx_kl": approx_kl}
     return W * loss, {k: W * v.item() for k, v in figures.items()}

@@ -215,7 +215,10 @@ def test_logits_only_where_scored_equal_the_full_projection(model):
         full = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:]) * mask[:, 1:]
         cut = response_token_logps(model, batch)
         lp, _ = response_logprobs(model, ids, batch["attention_mask"], 4)
+        only, logits = response_logprobs(model, ids, batch["attention_mask"], 4, mask=mask[:, 4:])
     torch.testing.assert_close(cut[:, 1:], full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(only, lp * mask[:, 4:], rtol=0, atol=1e-5)
+    assert logits.shape == (mask.sum(), 97)  # with the mask: the response tokens' logits only
     assert torch.equal(cut != 0, mask.bool())  # a log-prob at each response token, nowhere else
     torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), full.sum(-1), rtol=0, atol=1e-5)
 
