@@ -337,6 +337,11 @@ def token_logprobs(logits, tokens):
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def spread(values, mask):
+    """The values (M,) of the M True positions of a boolean mask laid out in its shape, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 def response_token_logps(model, batch):
     """log pi(y_t | x, y_<t) of each response token of a collated batch: (B, T), 0 off the response.
     One forward pass, projecting to the vocabulary only the positions whose next token is a
@@ -346,8 +351,7 @@ def response_token_logps(model, batch):
     scored = torch.zeros_like(mask)
     scored[:, :-1] = mask[:, 1:]  # the position before a response token predicts it
     logits = model(batch["input_ids"], batch["attention_mask"], logits_from=scored)  # (N, V)
-    logps = token_logprobs(logits, batch["input_ids"][mask])
-    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
+    return spread(token_logprobs(logits, batch["input_ids"][mask]), mask)
 
 
 def sft_loss(token_logps, mask):
@@ -369,8 +373,7 @@ def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None):
     scored = torch.zeros_like(seq, dtype=torch.bool)
     scored[:, P - 1:-1] = mask
     logits = model(seq, attn, logits_from=scored) / temperature
-    logps = token_logprobs(logits, seq[:, P:][mask])
-    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps), logits
+    return spread(token_logprobs(logits, seq[:, P:][mask]), mask), logits
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):

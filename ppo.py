@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import distributed
 from data import append_jsonl, left_pad
-from model import generate, kl_penalty, response_logprobs
+from model import generate, kl_penalty, response_logprobs, spread
 from training import StepState, autocast, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
 
@@ -203,7 +203,7 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
         logprobs, logits = logprobs.detach(), logits.detach()  # logits: the response tokens', (M, V)
         out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs, ref_logprobs, values
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-        out["entropy"][mb] = torch.zeros_like(logprobs).masked_scatter(mask[mb].bool(), entropy)
+        out["entropy"][mb] = spread(entropy, mask[mb].bool())
     return {k: v * mask for k, v in out.items()}
 
 
