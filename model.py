@@ -348,10 +348,16 @@ def response_token_logps(model, batch):
     response token. Summed over a row: log pi(y | x) (DPO); averaged over tokens: the SFT loss."""
     mask = batch["response_mask"].bool().clone()
     mask[:, 0] = False  # the first token of a row has no logits before it
+    return logps_at(model, batch["input_ids"], batch["attention_mask"], mask)[0]
+
+
+def logps_at(model, seq, attn, mask, temperature=1.0):
+    """Log-probs of the tokens of seq (B, T) where mask (B, T) is True, laid out as mask (0
+    elsewhere), and their logits (M, V): one forward pass projecting only the positions before them."""
     scored = torch.zeros_like(mask)
-    scored[:, :-1] = mask[:, 1:]  # the position before a response token predicts it
-    logits = model(batch["input_ids"], batch["attention_mask"], logits_from=scored)  # (N, V)
-    return spread(token_logprobs(logits, batch["input_ids"][mask]), mask)
+    scored[:, :-1] = mask[:, 1:]  # the position before a token predicts it
+    logits = model(seq, attn, logits_from=scored) / temperature
+    return spread(token_logprobs(logits, seq[mask]), mask), logits
 
 
 def sft_loss(token_logps, mask):
@@ -369,11 +375,10 @@ def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None):
     if mask is None:
         logits = model(seq, attn, logits_from=P - 1)[:, :-1] / temperature
         return token_logprobs(logits, seq[:, P:]), logits
-    mask = mask.bool()
-    scored = torch.zeros_like(seq, dtype=torch.bool)
-    scored[:, P - 1:-1] = mask
-    logits = model(seq, attn, logits_from=scored) / temperature
-    return spread(token_logprobs(logits, seq[:, P:][mask]), mask), logits
+    full = torch.zeros_like(seq, dtype=torch.bool)
+    full[:, P:] = mask.bool()
+    logps, logits = logps_at(model, seq, attn, full, temperature)
+    return logps[:, P:], logits
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
