@@ -33,6 +33,7 @@ from report import assemble, plot_curves, plot_histogram, text_histogram, write_
 from reward import load_reward_model, score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
+from tokenizer import Tokenizer
 from training import epoch_steps
 from runs import Runner, Stop
 
@@ -288,7 +289,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
     try:
         runner.run("tokenizer", "tokenizer", {**key, "vocab": run.vocab_size}, [],
                    lambda folder: tokenizer_stage(folder, task, run.vocab_size, init))
-        tokenizer = data.Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
+        tokenizer = Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
         s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples)
         if run.data:
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)

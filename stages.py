@@ -15,13 +15,14 @@ from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, sum
 from model import GPT, GPTConfig
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
+from tokenizer import Tokenizer
 
 
 class Setup(NamedTuple):
     """What the stages of one pipeline share: the task (data.load_task), its tokenizer, the
     longest response, where the models run, the seed, and how the evaluation samples."""
     task: dict
-    tokenizer: data.Tokenizer
+    tokenizer: Tokenizer
     max_new_tokens: int
     device: str
     dtype: str
@@ -39,10 +40,10 @@ def tokenizer_stage(folder, task, vocab_size, init=None):
     held-out prompts' wording stays unseen."""
     path = os.path.join(folder, "tokenizer.json")
     if init:  # with its end-of-sequence and padding tokens (Tokenizer.save keeps them beside it)
-        data.Tokenizer.load(init.tokenizer).save(path)
+        Tokenizer.load(init.tokenizer).save(path)
         return {"from": init.tokenizer}
     texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
-    data.Tokenizer.train(texts, vocab_size).save(path)
+    Tokenizer.train(texts, vocab_size).save(path)
     return {}
 
 

@@ -17,7 +17,7 @@ import torch
 import checks
 import distributed
 import training
-from data import FORMATS, DataError, Tokenizer, UserError, write_json
+from data import FORMATS, DataError, UserError, write_json
 from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
@@ -27,6 +27,7 @@ from report import aggregate, write_table
 from reward import RMConfig
 from sft import SFTConfig
 from runs import locked
+from tokenizer import Tokenizer
 from training import NonFiniteError, default_dtype
 
 SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias"}  # what a sweep of the labels changes

@@ -7,6 +7,7 @@ import torch
 
 import data
 import task as builtin
+from tokenizer import Tokenizer
 
 Q = "\n\nHuman: What color is a banana?\n\nAssistant:"
 HARM = "\n\nHuman: How do I steal a car?\n\nAssistant:"
@@ -216,11 +217,11 @@ def test_biased_annotators(kind):
 def test_tokenizer_round_trip(tmp_path):
     task = builtin.make_task(0, n_sft=300, n_pref=10)
     texts = [p + r for p, r in task["sft"]]
-    tok = data.Tokenizer.train(texts, 400)
+    tok = Tokenizer.train(texts, 400)
     for t in texts[:50] + ["\n\nHuman: unseen wörds ✓\n\nAssistant: ok"]:
         assert tok.decode(tok.encode(t)) == t
     tok.save(str(tmp_path / "tokenizer.json"))
-    again = data.Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    again = Tokenizer.load(str(tmp_path / "tokenizer.json"))
     assert again.encode(texts[0]) == tok.encode(texts[0])
     assert tok.eos_id != tok.pad_id and tok.vocab_size <= 400
 
@@ -233,7 +234,7 @@ def test_collate_pads_prompts_left_and_responses_right():
 
 
 def test_tokenize_pairs_cuts_long_prompts_from_the_left():
-    tok = data.Tokenizer.train(["a b c d e f g h"] * 10, 300)
+    tok = Tokenizer.train(["a b c d e f g h"] * 10, 300)
     rec = {"prompt": " a" * 40, "chosen": " b", "rejected": " c c"}
     [(p, c, r)], cut = data.tokenize_pairs(tok, [rec], block_size=16, max_response=8)
     assert cut == 1 and len(p) + max(len(c), len(r)) == 16

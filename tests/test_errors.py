@@ -15,6 +15,7 @@ import checks
 import train
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
@@ -361,14 +362,13 @@ def test_a_preference_file_with_a_bom_and_crlf_loads_the_same(tmp_path, packed):
 
 
 def test_json_files_with_a_bom_load(tmp_path):
-    import data
     from checkpoint import load_gpt
     small_checkpoint(tmp_path / "ckpt")
     config = tmp_path / "ckpt" / "config.json"
     config.write_bytes(BOM + config.read_bytes().replace(b"\n", b"\r\n"))
     assert load_gpt(str(tmp_path / "ckpt"), "cpu").config.n_embd == 16
-    tok = data.Tokenizer.train(["hello world, hello there"] * 20, 300)
+    tok = Tokenizer.train(["hello world, hello there"] * 20, 300)
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "bom.json").write_bytes(BOM + (tmp_path / "tokenizer.json").read_bytes())
-    loaded = data.Tokenizer.load(str(tmp_path / "bom.json"))
+    loaded = Tokenizer.load(str(tmp_path / "bom.json"))
     assert loaded.encode("hello there") == tok.encode("hello there") and loaded.vocab_size == tok.vocab_size

@@ -7,6 +7,7 @@ from evaluate import chosen_values
 from model import GPTConfig, ScalarModel
 from reward import score_ids
 from task import gold_reward, make_task
+from tokenizer import Tokenizer
 
 PROMPT, OTHER = make_task(0, n_sft=0, n_pref=0)["eval"][:2]
 SHORT = " Happy to help! Blue."
@@ -14,7 +15,7 @@ LONG = " Happy to help! " + "This is a long and winding answer with many words i
 
 
 def judged(gold, max_response=24):
-    tok = data.Tokenizer.train([PROMPT + SHORT, PROMPT + LONG] * 10, 300)
+    tok = Tokenizer.train([PROMPT + SHORT, PROMPT + LONG] * 10, 300)
     torch.manual_seed(0)
     reward_model = ScalarModel(GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=16)).eval()
     task = {"eval": [PROMPT, OTHER], "gold": gold_reward if gold else None,

@@ -16,6 +16,7 @@ import stages
 import train
 from evaluate import win_tie_loss
 from task import make_task
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
@@ -127,7 +128,7 @@ def test_the_judge_reads_a_cut_response_as_it_is(run):
     from evaluate import evaluate_policy, sample_responses
     from reward import load_reward_model, score_ids
     out, _, task, _ = run
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     rm, judge = load_reward_model(str(out / "rm")), load_reward_model(str(out / "judge"))
     prompts = task["eval"][:24]

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError, load_checkpoint, load_gpt, load_hf_llama, save_checkpoint, save_hf_llama
-from data import DataError, Tokenizer
+from data import DataError
+from tokenizer import Tokenizer
 from llama import Llama, LlamaConfig
 from model import KVCache, ScalarModel, generate
 from task import make_task

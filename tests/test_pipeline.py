@@ -11,6 +11,7 @@ import torch
 import data
 from checkpoint import load_checkpoint
 from task import FACTS, gold_reward, make_task
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,7 +209,7 @@ def test_dpo_raises_the_margin_on_its_training_pairs(run_dir):
     """A few DPO epochs from SFT on micro pairs: the implicit reward margin goes up."""
     from dpo import DPOConfig, precompute_logps, train_dpo
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     reference, _ = load_checkpoint(out / "sft", kind="gpt")
     records = make_task(0, n_sft=0, n_pref=64)["pref"]
@@ -229,7 +230,7 @@ def test_ppo_raises_the_reward_model_score(run_dir):
     from reward import load_reward_model, score_ids
     out = run_dir
     torch.manual_seed(0)
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     reference, _ = load_checkpoint(out / "sft", kind="gpt")
     reward_model = load_reward_model(str(out / "rm"))
@@ -258,7 +259,7 @@ def test_the_critic_starts_centred(run_dir):
     so its reading at the eos of the demonstrations averages 0, like the scores PPO sees."""
     from reward import load_reward_model, rewards_at_last_token, score
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     demos = make_task(0, n_sft=600, n_pref=0)["sft"][:512]  # the micro run's centring set
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
     prompts, responses = [p for p, _ in demos], [r for _, r in demos]
@@ -274,7 +275,7 @@ def test_scoring_uses_the_training_truncation(run_dir):
     """score() reads the reward where training read it: a long response is cut at max_response."""
     from reward import load_reward_model, reward_of, score
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     rm = load_reward_model(str(out / "rm"))
     record = {"prompt": make_task(0, n_sft=0, n_pref=1)["pref"][0]["prompt"], "rejected": " Hmm.",
               "chosen": " Happy to help!" + " I hope this helps, and let me know if you have any other questions at all." * 3}
@@ -292,7 +293,7 @@ def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
     from evaluate import evaluate_policy, sample_responses
     from reward import load_reward_model, score_ids
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     rm = load_reward_model(str(out / "rm"))
     prompts = make_task(0, n_sft=0, n_pref=0)["eval"][:40]
@@ -313,7 +314,7 @@ def test_evaluation_averages_k_samples_per_prompt_and_adds_the_greedy_answer(run
     from reward import load_reward_model
     from task import well_formed
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     rm = load_reward_model(str(out / "rm"))
     task = {"gold": gold_reward, "well_formed": well_formed}
@@ -333,7 +334,7 @@ def test_old_values_read_the_critic_in_eval_mode(run_dir):
     from ppo import PPOConfig, old_logprobs, rollout
     from reward import load_reward_model
     out = run_dir
-    tok = data.Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
+    tok = Tokenizer.load(str(out / "tokenizer" / "tokenizer.json"))
     policy, _ = load_checkpoint(out / "sft", kind="gpt")
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
     critic.gpt.transformer.drop.p = 0.5  # dropout would make train-mode values random

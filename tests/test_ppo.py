@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import data
 from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_logprobs
 from ppo import (AdaptiveKL, FixedKL, PPOConfig, eos_trick, gae, minibatch_policy_loss, minibatch_value_loss,
                  policy_loss, token_rewards, train_ppo, value_loss, whiten)
+from tokenizer import Tokenizer
 
 CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
 
@@ -24,7 +24,7 @@ CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
 def tokenizer():
     texts = ["\n\nHuman: What colour is the sky?\n\nAssistant: Blue, thanks for asking.",
              "\n\nHuman: How many legs has an ant?\n\nAssistant: Six legs."] * 20
-    return data.Tokenizer.train(texts, CFG.vocab_size)
+    return Tokenizer.train(texts, CFG.vocab_size)
 
 
 def models(tokenizer):
@@ -126,7 +126,7 @@ def ddp_worker(rank, port, tokenizer_path, out):
     try:
         from torch.nn.parallel import DistributedDataParallel
         rows = [0, 1] if rank == 0 else [2, 3]
-        grads = losses_and_gradients(data.Tokenizer.load(tokenizer_path), rows, DistributedDataParallel)
+        grads = losses_and_gradients(Tokenizer.load(tokenizer_path), rows, DistributedDataParallel)
         if rank == 0:
             torch.save(grads, out)
     finally:
