@@ -3,6 +3,7 @@
     python bench.py                         # GPT-2 124M shape on CUDA (bf16), the tiny preset on a CPU
     python bench.py --preset tiny --figures sample,cache
     python bench.py --preset qwen2-0.5b     # the Llama layout (llama.py) at Qwen2.5-0.5B's shape, random weights
+    python bench.py --figures lm,dpo,sample,ppo --runs 3   # then each figure's minimum and median over the runs
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
@@ -14,8 +15,10 @@ MFU counts 6 x parameters (without position embeddings) per trained token agains
 models' shapes in that layout, with transformers' model of the same layout as the twin.
 """
 import argparse
+import collections
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from training import autocast, compiled, default_dtype, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+MEASURED = collections.defaultdict(list)  # (figure, anchor, unit) -> [(ours, theirs, ours / theirs)], one per run
 SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py keeps them equal)
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=1024),
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
@@ -62,6 +66,23 @@ def timed(fn, device, repeat=3):
         fn()
     sync(device)
     return (time.perf_counter() - t0) / repeat
+
+
+def versus(figure, anchor, unit, ours, theirs, speedup, fmt="{:12,.0f}"):
+    """Print the anchor's line under ours, and keep both for --runs' summary. speedup: how many times
+    faster ours is (theirs / ours for seconds, ours / theirs for a rate)."""
+    print(f"  {anchor:<12} {fmt.format(theirs)} {unit}  ours / theirs {speedup:.2f}x")
+    MEASURED[figure, anchor, unit, fmt].append((ours, theirs, speedup))
+
+
+def summary(runs):
+    """Each figure's minimum and median over the runs: ours, the anchor's, and the ratio (a ratio
+    is measured side by side within one run, then summarised)."""
+    print(f"== minimum and median of {runs} runs")
+    for (figure, anchor, unit, fmt), rows in MEASURED.items():
+        mm = lambda xs, f: f"{f.format(min(xs)).strip()} / {f.format(statistics.median(xs)).strip()}"
+        ours, theirs, ratio = zip(*rows)
+        print(f"{figure:<14} {mm(ours, fmt)} {unit}; {anchor} {mm(theirs, fmt)}; ours / theirs {mm(ratio, '{:.2f}x')}")
 
 
 def sync(device):
@@ -160,7 +181,7 @@ def bench_lm(model, train_model, cfg, a, dtype, peak):
     if hf is not None:
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=a.device == "cuda")
         s_hf = timed(lambda: lm_step(hf, ids, hf_opt, a.device, dtype, hf=True), a.device)
-        print(f"  transformers {B * T / s_hf:12,.0f} tokens/s  ours / theirs {s_hf / s:.2f}x")
+        versus("lm step", "transformers", "tokens/s", B * T / s, B * T / s_hf, s_hf / s)
 
 
 def bench_dpo(model, train_model, cfg, a, dtype, peak):
@@ -185,7 +206,7 @@ def bench_dpo(model, train_model, cfg, a, dtype, peak):
           f"{mfu(2 * B * T / s, n_params(model), peak)}")
     trl = trl_anchor("dpo", cfg, a, dtype)
     if trl:
-        print(f"  TRL {trl[0]:<8} {trl[1]:12,.1f} pairs/s   ours / theirs {B / s / trl[1]:.2f}x")
+        versus("dpo step", f"TRL {trl[0]}", "pairs/s", B / s, trl[1], B / s / trl[1], "{:12,.1f}")
 
 
 def bench_sample(model, cfg, a, dtype):
@@ -204,7 +225,7 @@ def bench_sample(model, cfg, a, dtype):
             s_hf = timed(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                              max_new_tokens=a.new, min_new_tokens=a.new, top_k=0,
                                              pad_token_id=0), a.device, repeat=1)
-        print(f"  transformers {n / s_hf:12,.0f} new tokens/s  ours / theirs {s_hf / s:.2f}x")
+        versus("sampling", "transformers", "new tokens/s", n / s, n / s_hf, s_hf / s)
 
 
 def bench_cache(model, cfg, a, dtype):
@@ -242,7 +263,7 @@ def bench_ppo(model, cfg, a, dtype):
           f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
     trl = trl_anchor("ppo", cfg, a, dtype)
     if trl:
-        print(f"  TRL {trl[0]:<8} {trl[1]:12.2f} s  ours / theirs {trl[1] / total:.2f}x")
+        versus("ppo iteration", f"TRL {trl[0]}", "s", total, trl[1], trl[1] / total, "{:12.2f}")
 
 
 def bench_logp(model, cfg, a):
@@ -303,7 +324,11 @@ def main():
     p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: the "
                    "memory of PPO's four models at MODELS' shapes")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
+    p.add_argument("--runs", type=int, default=1, help="run the figures this many times, one after the other, "
+                   "then print each one's minimum and median")
     a = p.parse_args()
+    if a.runs < 1:
+        p.error(f"--runs must be at least 1, not {a.runs}")
     if a.figures == "memory":  # from the shapes alone: no model is built
         return bench_memory()
     dtype = a.dtype or default_dtype(a.device)
@@ -323,6 +348,16 @@ def main():
     figures = a.figures.split(",")
     peak = a.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
                              if a.device == "cuda" else None)
+    for run in range(a.runs):
+        if a.runs > 1:
+            print(f"== run {run + 1}")
+        run_figures(cfg, a, dtype, figures, peak)
+    if a.runs > 1:
+        summary(a.runs)
+
+
+def run_figures(cfg, a, dtype, figures, peak):
+    """One run of the asked-for figures, on a model drawn from seed 0."""
     torch.manual_seed(0)
     model = (Llama if isinstance(cfg, LlamaConfig) else GPT)(cfg).to(a.device)
     training.COMPILE = a.compile
@@ -347,7 +382,6 @@ def main():
         bench_logp(model, cfg, a)
     if a.device == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:11.1f} GiB")
-
 
 if __name__ == "__main__":
     main()
