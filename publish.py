@@ -63,7 +63,10 @@ def svg_plot(series, xlabel, ylabel, title, width=560, height=300, xticks=None):
 
 LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo": "**MPO** (then PPO on hard, ref DPO)",
           "dpo": "DPO (all pairs, ref SFT)", "ppo": "PPO (all prompts, from and ref SFT)",
-          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)"}  # the others: their names in mpo.METHODS
+          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)",
+          "no_selection": "no selection (DPO on all pairs, PPO on all prompts)",
+          "random_split": "random split (random sets of MPO's sizes)",
+          "gold_split": "gold split (on the gold reward's gap)"}  # the others: their names in mpo.METHODS
 BLOCK_END = "<!-- /publish.py -->"  # README.md's generated blocks end here; each starts <!-- publish.py: NAME -->
 
 
@@ -173,7 +176,7 @@ def sweep_section(rel, meta, conditions):
              f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
     if meta.get("about"):
         lines += [meta["about"], ""]
-    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", ""]
+    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", "", sweep_table(runs_of), ""]
     for label, runs in zip(labels, runs_of):
         seeds = len(runs)
         split = aggregate(runs)["split"] if seeds > 1 else runs[0]["split"]
@@ -184,7 +187,39 @@ def sweep_section(rel, meta, conditions):
                   f"with the gold reward: easy {split['easy_label_agreement']:.3f}, hard {split['hard_label_agreement']:.3f}. "
                   f"DPO on the easy pairs (MPO stage 1) − DPO on all pairs: {interval_text(stage1)} "
                   f"(ahead on {stage1['wins']} of {stage1['n']} seeds).", ""]
+        if runs[0].get("samples"):
+            lines += [f"The first sample of each method on seed {runs[0]['config']['seed']} (gold reward in brackets):",
+                      "", samples_table(runs[0]), ""]
     return "\n".join(lines).rstrip()
+
+
+def sweep_table(runs_of):
+    """One column per condition (runs_of: in_order's list): MPO's gold reward, MPO minus every row
+    but SFT, paired over seeds (95% t interval, the seeds MPO is ahead on), DPO on the easy pairs minus
+    DPO on all pairs and the split's label agreement: the selection's effect beside its mechanism."""
+    res = [aggregate(runs) for runs in runs_of]
+    cell = lambda d: f"{interval_text(d, '{:+.2f}')}, {d['wins']}/{d['n']}"
+    lines = ["| | " + " | ".join(f"{condition_name(runs[0])} ({len(runs)} seeds)" for runs in runs_of) + " |",
+             "|---" * (len(runs_of) + 1) + "|",
+             "| MPO's gold reward | " + " | ".join(
+                 f"{r['methods']['mpo']['gold_reward']:+.2f} ± {r['methods']['mpo']['gold_reward_std']:.2f}"
+                 for r in res) + " |"]
+    for m in [m for m in res[0]["vs_mpo"] if m != "sft"]:
+        lines.append(f"| MPO − {LABELS.get(m, m)} | " + " | ".join(cell(r["vs_mpo"][m]) for r in res) + " |")
+    stage1 = [paired_interval([r["methods"]["mpo_stage1"]["gold_reward"] for r in runs],
+                              [r["methods"]["dpo"]["gold_reward"] for r in runs]) for runs in runs_of]
+    lines.append("| DPO on the easy pairs − DPO on all | " + " | ".join(map(cell, stage1)) + " |")
+    lines.append("| label agreement with gold, easy / hard | " + " | ".join(
+        f"{r['split']['easy_label_agreement']:.2f} / {r['split']['hard_label_agreement']:.2f}" for r in res) + " |")
+    return "\n".join(lines)
+
+
+def seed_range(conditions):
+    """The seeds every condition of a sweep holds, as "0-7" (or "0, 2, 5" when not a range)."""
+    seeds = sorted(set.intersection(*({r["config"]["seed"] for r in runs} for runs in conditions.values())))
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def sweep_figure(conditions):
@@ -234,6 +269,10 @@ def render(root="results"):
         if meta.get("sweep"):  # runs: {condition: its runs}
             sections.append(sweep_section(f"{rel}/{name}", meta, runs))
             out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs)
+            if meta.get("readme") == "sweep":  # README.md's block: the figure and the table of MPO minus each row
+                blocks[name] = (f"`{meta['command']}`, seeds {seed_range(runs)}:\n\n"
+                                f"![gold reward by condition]({rel}/{name}/gold-by-condition.svg)\n\n"
+                                f"{sweep_table(in_order(runs))}")
             continue
         sections.append(experiment_section(f"{rel}/{name}", meta, runs))
         curves, seed = runs[0].get("curves"), runs[0]["config"]["seed"]

@@ -88,3 +88,36 @@ def test_collect_files_a_run_without_weights(tmp_path):
     assert json.loads((tmp_path / "results" / "toy" / "experiment.json").read_text()) == {
         "title": "Toy", "command": "python3 train.py --seed 3"}
     shutil.rmtree(run)
+
+
+def test_a_sweeps_table_of_mpo_minus_each_row_computed_by_hand(tmp_path):
+    root = tmp_path / "results" / "sel"
+    meta = {"title": "Sel", "command": "python3 train.py --noise-sweep 4", "sweep": True, "readme": "sweep"}
+    root.mkdir(parents=True)
+    (root / "experiment.json").write_text(json.dumps(meta))
+    # per condition and seed: (MPO, random split, MPO stage 1, DPO)
+    golds = {(1, "default"): [(1.2, 1.0, 0.5, 0.6), (1.4, 1.0, 0.6, 0.8), (1.1, 0.8, 0.4, 0.5)],
+             (4, "noise-4"): [(0.9, 0.9, 0.5, 0.5), (1.0, 0.7, 0.5, 0.5), (0.8, 0.9, 0.5, 0.5)]}
+    for (tau, folder), rows in golds.items():
+        (root / folder).mkdir()
+        for seed, (mpo, random, stage1, dpo) in enumerate(rows):
+            run = fake_run(seed, -0.5, mpo, dpo)
+            run["methods"]["mpo_stage1"] = {**run["methods"]["dpo"], "gold_reward": stage1}
+            run["methods"]["random_split"] = {**run["methods"]["dpo"], "gold_reward": random}
+            run["config"] = {"seed": seed, "label_noise": tau, "annotator_bias": 0.0}
+            (root / folder / f"seed-{seed}.json").write_text(json.dumps(run))
+    (tmp_path / "README.md").write_text("<!-- publish.py: sel -->\n" + publish.BLOCK_END + "\n")
+    readme = publish.render(str(tmp_path / "results"))[str(tmp_path / "README.md")]
+    lines = readme.splitlines()
+    assert lines[1] == "`python3 train.py --noise-sweep 4`, seeds 0-2:"
+    assert lines[3] == "![gold reward by condition](results/sel/gold-by-condition.svg)"
+    assert lines[5] == "| | tau 1, bias 0 (3 seeds) | tau 4, bias 0 (3 seeds) |"
+    assert lines[7] == "| MPO's gold reward | +1.23 ± 0.15 | +0.90 ± 0.10 |"
+    # tau 1: MPO - random split 0.2, 0.4, 0.3: mean 0.3, sd 0.1, half width 4.303 * 0.1 / sqrt(3) = 0.248
+    # tau 4: 0.0, 0.3, -0.1: mean 0.067, sd 0.208, half width 0.517; MPO ahead on one seed (a tie is no win)
+    assert ("| MPO − random split (random sets of MPO's sizes) | +0.30 [+0.05, +0.55], 3/3 | "
+            "+0.07 [-0.45, +0.58], 1/3 |") in lines
+    # stage 1 - DPO: -0.1, -0.2, -0.1: mean -0.133, sd 0.0577, half width 0.143; at tau 4 every seed ties
+    assert "| DPO on the easy pairs − DPO on all | -0.13 [-0.28, +0.01], 0/3 | +0.00 [+0.00, +0.00], 0/3 |" in lines
+    assert lines[-2] == "| label agreement with gold, easy / hard | 0.90 / 0.70 | 0.90 / 0.70 |"
+    assert not any(line.startswith("| MPO − SFT") for line in lines)
