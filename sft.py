@@ -10,7 +10,8 @@ from training import FitConfig, fit, fit_field
 class SFTConfig(FitConfig):
     """fit()'s settings are FitConfig's, with SFT's own defaults. Each field's "range" is what
     checks.py accepts (an interval: [ and ] include the end)."""
-    steps: int = field(default=2000, metadata={"help": "optimizer steps (0: none, the weights as they start)",
+    # 1600: over seeds 0-4 of the built-in task, as well formed and as good at every stage as 2000, 20% sooner
+    steps: int = field(default=1600, metadata={"help": "optimizer steps (0: none, the weights as they start)",
                                                "range": "[0, inf)"})
     batch_size: int = fit_field("batch_size", 32, help="demonstrations per step")
     lr: float = fit_field("lr", 3e-3)
