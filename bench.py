@@ -36,7 +36,7 @@ from training import autocast, compiled, default_dtype, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
-MEASURED = collections.defaultdict(list)  # (figure, anchor, unit) -> [(ours, theirs, ours / theirs)], one per run
+MEASURED = collections.defaultdict(list)  # (figure, anchor, unit, format) -> [(ours, theirs, speed-up)], a row per run
 SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py keeps them equal)
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=1024),
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
