@@ -35,8 +35,9 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "discount", "range": "[0, 1]"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda", "range": "[0, 1]"})
     # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
-    # under target, then the policy overshot into reward hacking (README, "KL control")
-    kl_coef: float = field(default=0.5, metadata={"help": "beta_kl (initial beta_kl when adaptive)",
+    # under target, then the policy overshot into reward hacking; 1.0 rather than 0.5 halves the
+    # off-topic answers to harmful requests at about the same gold reward (results/kl-coef)
+    kl_coef: float = field(default=1.0, metadata={"help": "beta_kl (initial beta_kl when adaptive)",
                                                    "range": "[0, inf)"})
     kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl",
                                                      "range": "[0, inf)"})

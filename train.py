@@ -145,7 +145,7 @@ PRESETS = {
                        ppo=PPOConfig(iterations=8, rollouts=16, sample_every=0)),
     "gpt2": RunConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, n_sft=20000, n_pref=10000,
                       max_new_tokens=64, sft=SFTConfig(steps=1500, lr=3e-4, warmup=100), rm=RMConfig(lr=1e-5),
-                      dpo=DPOConfig(lr=5e-6), ppo=PPOConfig(iterations=200, lr=1e-6, critic_lr=1e-5)),
+                      dpo=DPOConfig(lr=5e-6), ppo=PPOConfig(iterations=200, lr=1e-6, critic_lr=1e-5, kl_coef=0.5)),
 }
 
 
