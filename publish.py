@@ -13,50 +13,8 @@ import os
 import statistics
 
 from data import read_json, write_json, write_text
-from report import REFERENCE_ROWS, aggregate, interval_text, paired_interval, t975, table_text
+from report import REFERENCE_ROWS, aggregate, interval_text, paired_interval, svg_plot, t975, table_text
 from task import gold_reward, prompt_kind, well_formed  # the built-in task's judges, for the samples
-
-
-# ----------------------------------------------------------------------------- figures
-
-def svg_plot(series, xlabel, ylabel, title, width=560, height=300, xticks=None):
-    """A line plot as SVG text, with no plotting library: series [(label, xs, ys, band)], band
-    None or (lows, highs) drawn as a shaded area; xticks, if given, labels x = 0, 1, ... by name.
-    Deterministic, so a regenerated figure is the same file byte for byte."""
-    colors = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#dd8452"]
-    left, right, top, bottom = 56, 150, 28, 40
-    xs = [x for _, sx, _, _ in series for x in sx]
-    ys = [y for _, _, sy, band in series for y in list(sy) + (list(band[0]) + list(band[1]) if band else [])]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)  # no line on the frame
-    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
-    py = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - bottom)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{title}</text>',
-           f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{xlabel}</text>',
-           f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylabel}</text>',
-           f'<path d="M{left} {top}V{height - bottom}H{width - right}" fill="none" stroke="black"/>']
-    for i in range(5):  # ticks
-        y, x = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
-        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-        if xticks is None:
-            label = f"{x:.0f}" if x1 - x0 >= 8 else f"{x:g}"
-            out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{label}</text>')
-    for x, name in enumerate(xticks or []):
-        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{name}</text>')
-    for i, (label, sx, sy, band) in enumerate(series):
-        color = colors[i % len(colors)]
-        if band:
-            ring = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
-            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in ring)}" fill="{color}" '
-                       f'fill-opacity="0.15"/>')
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        out.append(f'<text x="{width - right + 8}" y="{top + 14 * i + 4}" fill="{color}">{label}</text>')
-    return "\n".join(out + ["</svg>"]) + "\n"
-
 
 
 # ----------------------------------------------------------------------------- RESULTS.md
@@ -155,37 +113,54 @@ def experiment_section(folder, meta, runs):
     return "\n".join(lines)
 
 
-def condition_name(run):
-    """A sweep's condition by its labels: the label noise tau and the biased annotators' share."""
+def setting(run, vary):
+    """The value of a config field of a run: vary "ppo.kl_coef" is run["config"]["ppo"]["kl_coef"]."""
+    value = run["config"]
+    for key in vary.split("."):
+        value = value[key]
+    return value
+
+
+def condition_name(run, vary=None):
+    """A sweep's condition: by its labels (the label noise tau and the biased annotators' share), or
+    where the sweep varies one setting (experiment.json's "vary": a config field), by its flag."""
+    if vary:
+        return f"--{vary.replace('.', '-').replace('_', '-')} {setting(run, vary):g}"
     c = run["config"]
     return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}"
 
 
-def in_order(conditions):
-    """A sweep's runs ({condition folder: its runs}) as a list, by annotator bias, then label noise."""
-    key = lambda runs: (runs[0]["config"]["annotator_bias"], runs[0]["config"]["label_noise"])
+def in_order(conditions, vary=None):
+    """A sweep's runs ({condition folder: its runs}) as a list: by the varied setting, or by
+    annotator bias, then label noise."""
+    key = ((lambda runs: setting(runs[0], vary)) if vary else
+           (lambda runs: (runs[0]["config"]["annotator_bias"], runs[0]["config"]["label_noise"])))
     return sorted(conditions.values(), key=key)
 
 
 def sweep_section(rel, meta, conditions):
     """RESULTS.md's section of a sweep ({condition folder: its runs}): the figure of every row's gold
     reward by condition, then per condition its table and what the selection rests on."""
-    runs_of = in_order(conditions)
-    labels = [condition_name(runs[0]) for runs in runs_of]
+    vary = meta.get("vary")
+    runs_of = in_order(conditions, vary)
+    labels = [condition_name(runs[0], vary) for runs in runs_of]
     lines = [f"## {meta['title']}", "", f"`{meta['command']}`; per-seed data: `{rel}/CONDITION/`. "
              f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
     if meta.get("about"):
         lines += [meta["about"], ""]
-    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", "", sweep_table(runs_of), ""]
+    table = setting_table(runs_of, vary) if vary else sweep_table(runs_of)
+    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", "", table, ""]
     for label, runs in zip(labels, runs_of):
         seeds = len(runs)
         split = aggregate(runs)["split"] if seeds > 1 else runs[0]["split"]
-        stage1 = easy_vs_all(runs)
         lines += [f"### {label} ({seeds} seed{'s' * (seeds > 1)})", "", summary_table(runs), "",
                   f"Split (mean over seeds): easy {split['easy']:.0f}, hard {split['hard']:.0f} pairs; label agreement "
-                  f"with the gold reward: easy {split['easy_label_agreement']:.3f}, hard {split['hard_label_agreement']:.3f}. "
-                  f"DPO on the easy pairs (MPO stage 1) − DPO on all pairs: {interval_text(stage1)} "
-                  f"(ahead on {stage1['wins']} of {stage1['n']} seeds).", ""]
+                  f"with the gold reward: easy {split['easy_label_agreement']:.3f}, hard {split['hard_label_agreement']:.3f}."]
+        if "dpo" in runs[0]["methods"]:
+            stage1 = easy_vs_all(runs)
+            lines[-1] += (f" DPO on the easy pairs (MPO stage 1) − DPO on all pairs: {interval_text(stage1)} "
+                          f"(ahead on {stage1['wins']} of {stage1['n']} seeds).")
+        lines.append("")
         if runs[0].get("samples"):
             lines += [f"The first sample of each method on seed {runs[0]['config']['seed']} (gold reward in brackets):",
                       "", samples_table(runs[0]), ""]
@@ -219,6 +194,35 @@ def sweep_table(runs_of):
     return "\n".join(lines)
 
 
+def setting_table(runs_of, vary):
+    """One column per value of the varied setting (runs_of: in_order's list, each holding the same
+    seeds): MPO's gold reward and share well formed, each minus the first column's paired over seeds
+    (95% t interval, the seeds ahead), the share of the distance from SFT to the best possible it
+    closes, its KL to SFT and its length."""
+    seeds = [[r["config"]["seed"] for r in runs] for runs in runs_of]
+    assert all(s == seeds[0] for s in seeds), f"a setting's sweep pairs seeds: the conditions hold {seeds}"
+    mpo = lambda runs, key: [r["methods"]["mpo"][key] for r in runs]
+    mean = lambda runs, key: statistics.fmean(mpo(runs, key))
+
+    def versus_first(runs, key, fmt):
+        if runs is runs_of[0]:
+            return "—"
+        d = paired_interval(mpo(runs, key), mpo(runs_of[0], key))
+        return f"{interval_text(d, fmt)}, {d['wins']}/{d['n']}"
+    rows = [("MPO's gold reward", lambda runs: f"{mean(runs, 'gold_reward'):+.2f} ± "
+                                               f"{statistics.stdev(mpo(runs, 'gold_reward')):.2f}"),
+            ("MPO's gold − the first column's", lambda runs: versus_first(runs, "gold_reward", "{:+.2f}")),
+            ("MPO well formed (lowest seed)", lambda runs: f"{mean(runs, 'well_formed'):.3f} "
+                                                           f"({min(mpo(runs, 'well_formed')):.3f})"),
+            ("MPO well formed − the first column's", lambda runs: versus_first(runs, "well_formed", "{:+.3f}")),
+            ("MPO closes of SFT to best possible (lowest seed)",
+             lambda runs: f"{statistics.fmean(closing(runs)):.0%} ({min(closing(runs)):.0%})"),
+            ("MPO's KL to SFT, length", lambda runs: f"{mean(runs, 'kl_vs_sft'):.2f}, {mean(runs, 'length'):.1f}")]
+    lines = ["| | " + " | ".join(f"{condition_name(runs[0], vary)} ({len(runs)} seeds)" for runs in runs_of) + " |",
+             "|---" * (len(runs_of) + 1) + "|"]
+    return "\n".join(lines + [f"| {name} | " + " | ".join(map(cell, runs_of)) + " |" for name, cell in rows])
+
+
 def seed_range(conditions):
     """The seeds every condition of a sweep holds, as "0-7" (or "0, 2, 5" when not a range)."""
     seeds = sorted(set.intersection(*({r["config"]["seed"] for r in runs} for runs in conditions.values())))
@@ -227,9 +231,9 @@ def seed_range(conditions):
     return ", ".join(map(str, seeds))
 
 
-def sweep_figure(conditions):
+def sweep_figure(conditions, vary=None):
     """The SVG of each row's gold reward by condition: mean over seeds with its 95% t band."""
-    runs_of = in_order(conditions)
+    runs_of = in_order(conditions, vary)
     rows = [m for m in runs_of[0][0]["methods"] if all(m in runs[0]["methods"] for runs in runs_of)]
     series = []
     for m in rows:
@@ -241,7 +245,7 @@ def sweep_figure(conditions):
         means = [s for s, _ in stats]
         series.append((m, list(range(len(runs_of))), means, ([s - h for s, h in stats], [s + h for s, h in stats])))
     return svg_plot(series, "condition", "gold reward", "Gold reward by condition (mean over seeds, 95% t band)",
-                    width=720, height=360, xticks=[condition_name(runs[0]) for runs in runs_of])
+                    width=720, height=360, xticks=[condition_name(runs[0], vary) for runs in runs_of])
 
 
 def seed_files(folder):
@@ -273,7 +277,7 @@ def render(root="results"):
     for name, meta, runs in experiments(root):
         if meta.get("sweep"):  # runs: {condition: its runs}
             sections.append(sweep_section(f"{rel}/{name}", meta, runs))
-            out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs)
+            out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs, meta.get("vary"))
             if meta.get("readme") == "sweep":  # README.md's block: the figure and the table of MPO minus each row
                 blocks[name] = (f"`{meta['command']}`, seeds {seed_range(runs)}:\n\n"
                                 f"![gold reward by condition]({rel}/{name}/gold-by-condition.svg)\n\n"

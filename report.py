@@ -82,6 +82,47 @@ def plot_curves(metrics_path, x, keys, path, versus=None):
     return True
 
 
+# ----------------------------------------------------------------------------- figures without matplotlib
+
+def svg_plot(series, xlabel, ylabel, title, width=560, height=300, xticks=None):
+    """A line plot as SVG text, with no plotting library: series [(label, xs, ys, band)], band
+    None or (lows, highs) drawn as a shaded area; xticks, if given, labels x = 0, 1, ... by name.
+    Deterministic, so a regenerated figure is the same file byte for byte."""
+    colors = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#dd8452"]
+    left, right, top, bottom = 56, 150, 28, 40
+    xs = [x for _, sx, _, _ in series for x in sx]
+    ys = [y for _, _, sy, band in series for y in list(sy) + (list(band[0]) + list(band[1]) if band else [])]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)  # no line on the frame
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">{xlabel}</text>',
+           f'<text transform="translate(14 {(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylabel}</text>',
+           f'<path d="M{left} {top}V{height - bottom}H{width - right}" fill="none" stroke="black"/>']
+    for i in range(5):  # ticks
+        y, x = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+        if xticks is None:
+            label = f"{x:.0f}" if x1 - x0 >= 8 else f"{x:g}"
+            out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{label}</text>')
+    for x, name in enumerate(xticks or []):
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{name}</text>')
+    for i, (label, sx, sy, band) in enumerate(series):
+        color = colors[i % len(colors)]
+        if band:
+            ring = list(zip(sx, band[1])) + list(zip(sx, band[0]))[::-1]
+            out.append(f'<polygon points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in ring)}" fill="{color}" '
+                       f'fill-opacity="0.15"/>')
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        out.append(f'<text x="{width - right + 8}" y="{top + 14 * i + 4}" fill="{color}">{label}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 # ----------------------------------------------------------------------------- the results table
 
 COLUMNS = [("gold_reward", "gold reward", "{:+.3f}"), ("judge_score", "judge score", "{:+.3f}"),

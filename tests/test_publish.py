@@ -121,3 +121,33 @@ def test_a_sweeps_table_of_mpo_minus_each_row_computed_by_hand(tmp_path):
     assert "| DPO on the easy pairs − DPO on all | -0.13 [-0.28, +0.01], 0/3 | +0.00 [+0.00, +0.00], 0/3 |" in lines
     assert lines[-2] == "| label agreement with gold, easy / hard | 0.90 / 0.70 | 0.90 / 0.70 |"
     assert not any(line.startswith("| MPO − SFT") for line in lines)
+
+
+def test_a_sweep_of_one_setting_pairs_mpo_with_the_first_value_by_hand(tmp_path):
+    root = tmp_path / "results" / "kl"
+    meta = {"title": "KL", "command": "python3 train.py --ppo-kl-coef K", "sweep": True, "vary": "ppo.kl_coef"}
+    root.mkdir(parents=True)
+    (root / "experiment.json").write_text(json.dumps(meta))
+    # per value and seed: MPO's (gold, well formed); SFT's gold -0.5, the best possible 2.5
+    rows = {1.0: [(1.1, 0.93), (1.4, 0.94), (1.2, 0.92)], 0.5: [(1.2, 0.90), (1.4, 0.92), (1.1, 0.91)]}
+    for kl, seeds in rows.items():
+        (root / f"kl-{kl:g}").mkdir()
+        for seed, (gold, formed) in enumerate(seeds):
+            run = fake_run(seed, -0.5, gold, 0.0)
+            del run["methods"]["dpo"]  # no DPO row: no "DPO on the easy pairs − DPO on all"
+            run["methods"]["mpo"]["well_formed"] = formed
+            run["config"] = {"seed": seed, "label_noise": 1.0, "annotator_bias": 0.0, "ppo": {"kl_coef": kl}}
+            (root / f"kl-{kl:g}" / f"seed-{seed}.json").write_text(json.dumps(run))
+    lines = publish.render(str(tmp_path / "results"))[str(tmp_path / "RESULTS.md")].splitlines()
+    table = lines[lines.index("| | --ppo-kl-coef 0.5 (3 seeds) | --ppo-kl-coef 1 (3 seeds) |"):][:8]
+    assert table[2:] == [
+        "| MPO's gold reward | +1.23 ± 0.15 | +1.23 ± 0.15 |",
+        # gold -0.1, 0.0, +0.1: mean 0, sd 0.1, half width 4.303 * 0.1 / sqrt(3) = 0.248; ahead on one seed
+        "| MPO's gold − the first column's | — | +0.00 [-0.25, +0.25], 1/3 |",
+        "| MPO well formed (lowest seed) | 0.910 (0.900) | 0.930 (0.920) |",
+        # well formed +0.03, +0.02, +0.01: mean 0.02, sd 0.01, half width 0.0248
+        "| MPO well formed − the first column's | — | +0.020 [-0.005, +0.045], 3/3 |",
+        # (gold + 0.5) / 3: 0.567, 0.633, 0.533 at 0.5 and 0.533, 0.633, 0.567 at 1
+        "| MPO closes of SFT to best possible (lowest seed) | 58% (53%) | 58% (53%) |",
+        "| MPO's KL to SFT, length | 1.00, 12.0 | 1.00, 12.0 |"]
+    assert "### --ppo-kl-coef 1 (3 seeds)" in lines and not any("DPO on the easy pairs" in line for line in lines)
