@@ -7,59 +7,21 @@ in the documents is typed by hand; tests/test_publish.py checks that they are wh
     python3 publish.py --collect NAME --command CMD --runs RUN_FOLDER...   # file finished runs first
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 
-from data import read_json, write_json, write_text
-from report import REFERENCE_ROWS, aggregate, interval_text, paired_interval, svg_plot, t975, table_text
+from data import DataError, UserError, read_json, write_json, write_text
+from report import LABELS, aggregate, closing, interval_text, paired_interval, summary_table, svg_plot, t975, table_text
 from task import gold_reward, prompt_kind, well_formed  # the built-in task's judges, for the samples
+from train import PRESETS
 
 
 # ----------------------------------------------------------------------------- RESULTS.md
 
-LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo": "**MPO** (then PPO on hard, ref DPO)",
-          "dpo": "DPO (all pairs, ref SFT)", "ppo": "PPO (all prompts, from and ref SFT)",
-          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)",
-          "no_selection": "no selection (DPO on all pairs, PPO on all prompts)",
-          "random_split": "random split (random sets of MPO's sizes)",
-          "gold_split": "gold split (on the gold reward's gap)"}  # the others: their names in mpo.METHODS
 BLOCK_END = "<!-- /publish.py -->"  # README.md's generated blocks end here; each starts <!-- publish.py: NAME -->
-
-
-def summary_table(runs):
-    """The compact table of an experiment (one results.json per seed): the judge's score (the gold
-    reward, or on real data the judge reward model's; mean ± sd over seeds), the training reward
-    model's, well formed (mean, lowest seed), KL to SFT, length, what each row trained on, and MPO
-    minus the row with its 95% t interval, paired over seeds (over prompts for one seed), with the
-    units where MPO is ahead."""
-    res = aggregate(runs) if len(runs) > 1 else runs[0]
-    unit = "seeds" if len(runs) > 1 else "prompts"
-    judge = "gold_reward" if "gold_reward" in runs[0]["methods"]["sft"] else "judge_score"
-    lines = [f"| method | {'gold reward' if judge == 'gold_reward' else 'judge score'} | RM score | well formed "
-             f"(lowest seed) | KL vs SFT | length | DPO pairs | PPO rollouts | seconds | MPO − method (95% CI) | "
-             f"MPO ahead ({unit}) |", "|---" * 11 + "|"]
-    for m, row in res["methods"].items():
-        score = f"{row[judge]:+.3f}" + (f" ± {row[judge + '_std']:.3f}" if len(runs) > 1 else "")
-        formed = (f"{row['well_formed']:.2f} ({min(r['methods'][m]['well_formed'] for r in runs):.2f})"
-                  if "well_formed" in row else "")
-        counted = "dpo_pairs" in row  # results from before the costs were counted leave these blank
-        cost = " | ".join(f"{row[k]:.0f}" if counted else "" for k in ("dpo_pairs", "ppo_rollouts", "seconds"))
-        d = res["vs_mpo"].get(m)
-        ahead = "" if d is None else f"{d['wins']} of {d['n']}"
-        lines.append(f"| {LABELS.get(m, m)} | {score} | {row['rm_score']:+.3f} | {formed} | {row['kl_vs_sft']:.2f} | "
-                     f"{row['length']:.1f} | {cost} | {interval_text(d)} | {ahead} |")
-    for key, name in REFERENCE_ROWS:
-        if (res.get("reference") or {}).get(key) is not None:
-            lines.append(f"| *{name}* (no training) | {res['reference'][key]:+.3f} |" + " |" * 9)
-    return "\n".join(lines)
-
-
-def closing(runs):
-    """The share of the distance from SFT to the best possible gold that MPO closes, per seed."""
-    return [(r["methods"]["mpo"]["gold_reward"] - r["methods"]["sft"]["gold_reward"]) /
-            (r["reference"]["best_possible"] - r["methods"]["sft"]["gold_reward"]) for r in runs]
 
 
 def samples_table(run, kinds=("capital", "legs", "harm"), width=70):
@@ -86,10 +48,39 @@ def provenance_line(runs):
             f"{values('threads')} thread(s) per run")
 
 
+def since_defaults(meta, runs):
+    """The flags that make today's defaults the runs' again: every stage setting of the runs' config
+    (SFT, reward model, split, DPO, PPO) whose preset default has changed since, unless the
+    experiment's command sets it. "" when none has."""
+    flags = {}
+    for run in runs:
+        if run["config"].get("preset") not in PRESETS:  # a preset since removed: nothing to compare with
+            continue
+        today = dataclasses.asdict(PRESETS[run["config"]["preset"]])
+        for stage in ("sft", "rm", "split", "dpo", "ppo"):
+            for key, value in run["config"][stage].items():
+                flag = f"--{'' if stage == 'split' else stage + '-'}{key.replace('_', '-')}"
+                if today[stage][key] != value and flag not in meta["command"]:
+                    flags[flag] = f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return " ".join(flags.values())
+
+
+def main_runs(conditions):
+    """A sweep's runs at the command's own settings: its "default" condition's (the other conditions
+    of a noise or bias sweep also set the easy set's size), or every condition's."""
+    return conditions.get("default") or [r for runs in conditions.values() for r in runs]
+
+
+def command_text(meta, runs):
+    """The experiment's command in backquotes, and the flags that run it again at today's defaults."""
+    flags = since_defaults(meta, runs)
+    return f"`{meta['command']}`" + (f" with `{flags}`, the defaults when it ran" if flags else "")
+
+
 def experiment_section(folder, meta, runs):
     """RESULTS.md's section of one experiment folder."""
     seeds = [r["config"]["seed"] for r in runs]
-    lines = [f"## {meta['title']}", "", f"`{meta['command']}`, seeds {', '.join(map(str, seeds))} "
+    lines = [f"## {meta['title']}", "", f"{command_text(meta, runs)}, seeds {', '.join(map(str, seeds))} "
              f"({len(seeds)} seed{'s' * (len(seeds) > 1)}); per-seed data: `{folder}/`. {provenance_line(runs)}.", ""]
     if meta.get("about"):
         lines += [meta["about"], ""]
@@ -144,7 +135,8 @@ def sweep_section(rel, meta, conditions):
     vary = meta.get("vary")
     runs_of = in_order(conditions, vary)
     labels = [condition_name(runs[0], vary) for runs in runs_of]
-    lines = [f"## {meta['title']}", "", f"`{meta['command']}`; per-seed data: `{rel}/CONDITION/`. "
+    lines = [f"## {meta['title']}", "", f"{command_text(meta, main_runs(conditions))}; per-seed data: "
+             f"`{rel}/CONDITION/`. "
              f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
     if meta.get("about"):
         lines += [meta["about"], ""]
@@ -200,7 +192,8 @@ def setting_table(runs_of, vary):
     (95% t interval, the seeds ahead), the share of the distance from SFT to the best possible it
     closes, its KL to SFT and its length."""
     seeds = [[r["config"]["seed"] for r in runs] for runs in runs_of]
-    assert all(s == seeds[0] for s in seeds), f"a setting's sweep pairs seeds: the conditions hold {seeds}"
+    if any(s != seeds[0] for s in seeds):
+        raise DataError(f"a sweep of {vary} pairs seeds: every condition must hold the same ones, not {seeds}")
     mpo = lambda runs, key: [r["methods"]["mpo"][key] for r in runs]
     mean = lambda runs, key: statistics.fmean(mpo(runs, key))
 
@@ -279,7 +272,7 @@ def render(root="results"):
             sections.append(sweep_section(f"{rel}/{name}", meta, runs))
             out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs, meta.get("vary"))
             if meta.get("readme") == "sweep":  # README.md's block: the figure and the table of MPO minus each row
-                blocks[name] = (f"`{meta['command']}`, seeds {seed_range(runs)}:\n\n"
+                blocks[name] = (f"{command_text(meta, main_runs(runs))}, seeds {seed_range(runs)}:\n\n"
                                 f"![gold reward by condition]({rel}/{name}/gold-by-condition.svg)\n\n"
                                 f"{sweep_table(in_order(runs))}")
             continue
@@ -292,7 +285,7 @@ def render(root="results"):
                 series, "PPO iteration", "mean over the rollouts", f"MPO's stage 2 (PPO on the hard prompts), seed {seed}")
             sections[-1] += f"\n\n![MPO's stage 2, seed {seed}]({rel}/{name}/ppo-curves.svg)"
         if meta.get("readme") == "table":  # README.md's block: the table over seeds
-            blocks[name] = f"`{meta['command']}`, {len(runs)} seed{'s' * (len(runs) > 1)}:\n\n{summary_table(runs)}"
+            blocks[name] = f"{command_text(meta, runs)}, {len(runs)} seed{'s' * (len(runs) > 1)}:\n\n{summary_table(runs)}"
         elif meta.get("readme") == "excerpt":  # README.md's block: results.md of the first seed, and its figure
             blocks[name] = (f"```\n{table_text(runs[0]).rstrip()}\n```\n\n"
                             + (f"![MPO's stage 2]({rel}/{name}/ppo-curves.svg)" if curves else ""))
@@ -365,9 +358,13 @@ def main(argv=None):
     p.add_argument("--title", default="", help="with --collect: the experiment's heading")
     p.add_argument("--runs", nargs="+", default=[], help="with --collect: finished run folders, one per seed")
     a = p.parse_args(argv)
-    if a.collect:
-        collect(a.collect, a.command, a.title, a.runs, a.root)
-    for path, text in render(a.root).items():
+    try:
+        if a.collect:
+            collect(a.collect, a.command, a.title, a.runs, a.root)
+        generated = render(a.root)  # all of it before a file is written
+    except UserError as e:  # a results file: one line, status 2
+        p.exit(2, f"error: {e}\n")
+    for path, text in generated.items():
         write_text(path, text)
         print(f"wrote {path}")
 

@@ -236,6 +236,50 @@ def aggregate(runs):
             "seeds": [r["config"]["seed"] for r in runs], "config": runs[0]["config"]}
 
 
+# ----------------------------------------------------------------------------- over seeds
+
+LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo": "**MPO** (then PPO on hard, ref DPO)",
+          "dpo": "DPO (all pairs, ref SFT)", "ppo": "PPO (all prompts, from and ref SFT)",
+          "ppo_matched": "PPO matched (MPO's stage-2 rollouts)",
+          "no_selection": "no selection (DPO on all pairs, PPO on all prompts)",
+          "random_split": "random split (random sets of MPO's sizes)",
+          "gold_split": "gold split (on the gold reward's gap)"}  # the others: their names in mpo.METHODS
+
+
+def summary_table(runs):
+    """The compact table of an experiment (one results.json per seed): the judge's score (the gold
+    reward, or on real data the judge reward model's; mean ± sd over seeds), the training reward
+    model's, well formed (mean, lowest seed), KL to SFT, length, what each row trained on, and MPO
+    minus the row with its 95% t interval, paired over seeds (over prompts for one seed), with the
+    units where MPO is ahead."""
+    res = aggregate(runs) if len(runs) > 1 else runs[0]
+    unit = "seeds" if len(runs) > 1 else "prompts"
+    judge = "gold_reward" if "gold_reward" in runs[0]["methods"]["sft"] else "judge_score"
+    lines = [f"| method | {'gold reward' if judge == 'gold_reward' else 'judge score'} | RM score | well formed "
+             f"(lowest seed) | KL vs SFT | length | DPO pairs | PPO rollouts | seconds | MPO − method (95% CI) | "
+             f"MPO ahead ({unit}) |", "|---" * 11 + "|"]
+    for m, row in res["methods"].items():
+        score = f"{row[judge]:+.3f}" + (f" ± {row[judge + '_std']:.3f}" if len(runs) > 1 else "")
+        formed = (f"{row['well_formed']:.2f} ({min(r['methods'][m]['well_formed'] for r in runs):.2f})"
+                  if "well_formed" in row else "")
+        counted = "dpo_pairs" in row  # results from before the costs were counted leave these blank
+        cost = " | ".join(f"{row[k]:.0f}" if counted else "" for k in ("dpo_pairs", "ppo_rollouts", "seconds"))
+        d = res["vs_mpo"].get(m)
+        ahead = "" if d is None else f"{d['wins']} of {d['n']}"
+        lines.append(f"| {LABELS.get(m, m)} | {score} | {row['rm_score']:+.3f} | {formed} | {row['kl_vs_sft']:.2f} | "
+                     f"{row['length']:.1f} | {cost} | {interval_text(d)} | {ahead} |")
+    for key, name in REFERENCE_ROWS:
+        if (res.get("reference") or {}).get(key) is not None:
+            lines.append(f"| *{name}* (no training) | {res['reference'][key]:+.3f} |" + " |" * 9)
+    return "\n".join(lines)
+
+
+def closing(runs):
+    """The share of the distance from SFT to the best possible gold that MPO closes, per seed."""
+    return [(r["methods"]["mpo"]["gold_reward"] - r["methods"]["sft"]["gold_reward"]) /
+            (r["reference"]["best_possible"] - r["methods"]["sft"]["gold_reward"]) for r in runs]
+
+
 # ----------------------------------------------------------------------------- paired intervals
 
 # Student's t, the 97.5% quantile for 1..30 degrees of freedom (a two-sided 95% interval)

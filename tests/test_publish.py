@@ -1,6 +1,7 @@
 """publish.py: RESULTS.md, its figures and the README's tables are generated from the
 committed results/, so no number in them can drift from its data; and the generator itself on a
 small example computed by hand."""
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import pytest
 
 import publish
 from task import make_task, prompt_kind
+from train import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,3 +153,35 @@ def test_a_sweep_of_one_setting_pairs_mpo_with_the_first_value_by_hand(tmp_path)
         "| MPO closes of SFT to best possible (lowest seed) | 58% (53%) | 58% (53%) |",
         "| MPO's KL to SFT, length | 1.00, 12.0 | 1.00, 12.0 |"]
     assert "### --ppo-kl-coef 1 (3 seeds)" in lines and not any("DPO on the easy pairs" in line for line in lines)
+
+
+def test_a_setting_sweep_whose_conditions_hold_other_seeds_is_one_line_and_status_2(tmp_path, capsys):
+    root = tmp_path / "results" / "kl"
+    root.mkdir(parents=True)
+    (root / "experiment.json").write_text(json.dumps({"title": "KL", "command": "c", "sweep": True, "vary": "ppo.kl_coef"}))
+    for kl, seeds in {0.5: [0, 1], 1.0: [0, 1, 2]}.items():
+        (root / f"kl-{kl:g}").mkdir()
+        for seed in seeds:
+            run = fake_run(seed, -0.5, 1.0, 0.5)
+            run["config"] = {"seed": seed, "label_noise": 1.0, "annotator_bias": 0.0, "ppo": {"kl_coef": kl}}
+            (root / f"kl-{kl:g}" / f"seed-{seed}.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as e:
+        publish.main([str(tmp_path / "results")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: a sweep of ppo.kl_coef pairs seeds: every condition must hold the same ones, not [[0, 1], [0, 1, 2]]\n"
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_a_command_names_the_defaults_that_changed_since_its_runs(tmp_path):
+    config = dataclasses.asdict(PRESETS["tiny"])
+    config = {"preset": "tiny", "seed": 0, **{stage: config[stage] for stage in ("sft", "rm", "split", "dpo", "ppo")}}
+    config["sft"]["steps"] += 400
+    config["split"]["delta"] = 0.25
+    config["ppo"]["kl_coef"] = 0.25  # set by the command: not a default that changed
+    meta = {"command": "python3 train.py --ppo-kl-coef 0.25"}
+    assert publish.command_text(meta, [{"config": config}]) == (
+        f"`python3 train.py --ppo-kl-coef 0.25` with `--sft-steps {PRESETS['tiny'].sft.steps + 400} --delta 0.25`, "
+        "the defaults when it ran")
+    today = {**config, "sft": dataclasses.asdict(PRESETS["tiny"].sft), "split": dataclasses.asdict(PRESETS["tiny"].split)}
+    assert publish.command_text(meta, [{"config": today}]) == "`python3 train.py --ppo-kl-coef 0.25`"
