@@ -6,10 +6,11 @@
     python bench.py --figures lm,dpo,sample,ppo --runs 3   # then each figure's minimum and median over the runs
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
-sample (new tokens/s), ppo (one iteration, time by phase), cache (KV cache against recomputing
-the prefix), logp (the error of bf16 log-probs), and, when transformers is installed, its GPT-2
-of the same shape for lm and sample, and, when `python3 bench_anchors.py --install` has put them in
-.anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
+sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
+cache against recomputing the prefix), logp (the error of bf16 log-probs), and, when transformers
+is installed, its GPT-2 of the same shape for lm and sample, and, when `python3 bench_anchors.py
+--install` has put them in .anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and
+ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 --arch llama times the Llama layout at a preset's shape; the MODELS presets are real small open
 models' shapes in that layout, with transformers' model of the same layout as the twin.
@@ -17,6 +18,7 @@ models' shapes in that layout, with transformers' model of the same layout as th
 import argparse
 import collections
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -251,16 +253,18 @@ def bench_ppo(model, cfg, a, dtype):
     reward_model = ScalarModel(cfg, backbone).to(a.device).eval().requires_grad_(False)
     critic = ScalarModel(cfg, backbone).to(a.device)
     prompts = torch.randint(1, cfg.vocab_size, (4 * a.rollouts, a.prompt)).tolist()
-    ppo_cfg = PPOConfig(iterations=2, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
+    # a warm-up iteration, then the mean of two: as the TRL anchor times its iterations
+    ppo_cfg = PPOConfig(iterations=3, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        row = train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new,
-                        a.device, dtype)  # the second iteration's figures: the first warms up
-    total = row["seconds_rollout"] + row["seconds_update"]
-    print(f"ppo iteration  {total:12.2f} s  (generate {row['seconds_generate']:.2f}, score "
-          f"{row['seconds_rollout'] - row['seconds_generate']:.2f}, update {row['seconds_update']:.2f}; "
-          f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches)")
+        train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new, a.device, dtype)
+        rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    total = mean("seconds_rollout") + mean("seconds_update")
+    print(f"ppo iteration  {total:12.2f} s  (generate {mean('seconds_generate'):.2f}, score "
+          f"{mean('seconds_rollout') - mean('seconds_generate'):.2f}, update {mean('seconds_update'):.2f}; "
+          f"{a.rollouts} rollouts {a.prompt} -> {a.new}, 4 epochs x 4 minibatches, mean of {len(rows)} after a warm-up)")
     trl = trl_anchor("ppo", cfg, a, dtype)
     if trl:
         versus("ppo iteration", f"TRL {trl[0]}", "s", total, trl[1], trl[1] / total, "{:12.2f}")

@@ -1,9 +1,13 @@
-"""bench.py's summary over --runs: each figure's minimum and median, the ratio taken within each run."""
+"""bench.py's summary over --runs: each figure's minimum and median, the ratio taken within each run;
+and the PPO figure, timed as its TRL anchor times its own."""
+import argparse
+import json
 import os
 import subprocess
 import sys
 
 import bench
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,3 +29,18 @@ def test_the_summary_gives_each_figures_minimum_and_median(capsys):
 def test_runs_below_one_is_refused_before_any_work():
     proc = subprocess.run([sys.executable, "bench.py", "--runs", "0"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "--runs must be at least 1, not 0" in proc.stderr and not proc.stdout
+
+
+def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, monkeypatch):
+    def fake_train_ppo(*args):  # three iterations' seconds: the first, a warm-up, is left out
+        rows = [(9.0, 9.0, 9.0), (0.5, 1.0, 2.0), (0.5, 3.0, 4.0)]
+        with open(os.path.join(args[7], "metrics.jsonl"), "w") as f:
+            for it, (generate, rollout, update) in enumerate(rows):
+                f.write(json.dumps({"iteration": it, "seconds_generate": generate, "seconds_rollout": rollout,
+                                    "seconds_update": update}) + "\n")
+    monkeypatch.setattr(bench, "train_ppo", fake_train_ppo)
+    monkeypatch.setattr(bench, "trl_anchor", lambda *args: None)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    bench.bench_ppo(GPT(cfg), cfg, argparse.Namespace(device="cpu", rollouts=4, prompt=4, new=4), "fp32")
+    # rollout 2.0 + update 3.0 on average; generate 0.5, scoring the rest of the rollout phase
+    assert capsys.readouterr().out.startswith("ppo iteration          5.00 s  (generate 0.50, score 1.50, update 3.00;")
