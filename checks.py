@@ -13,15 +13,21 @@ import torch
 
 from mpo import ABLATIONS, BASELINES, STAGES
 
+
+def flag(stage, name):
+    """A setting's flag: --ppo-kl-coef for the ppo stage's kl_coef; the run's own fields (stage "")
+    and the split's have no prefix (--seed, --delta)."""
+    return "--" + ("" if stage in ("", "split") else stage + "-") + name.replace("_", "-")
+
+
 def settings(run):
     """(flag, value, metadata) of every field of the run and of its stage configs."""
     for f in dataclasses.fields(run):
         if not dataclasses.is_dataclass(getattr(run, f.name)):  # a stage's config: below
-            yield "--" + f.name.replace("_", "-"), getattr(run, f.name), f.metadata
+            yield flag("", f.name), getattr(run, f.name), f.metadata
     for name, cfg in run.stage_configs().items():
-        prefix = "" if name == "split" else name + "-"
         for f in dataclasses.fields(cfg):
-            yield "--" + prefix + f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata
+            yield flag(name, f.name), getattr(cfg, f.name), f.metadata
 
 
 def in_range(x, interval):

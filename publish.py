@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 
+from checks import flag
 from data import DataError, UserError, read_json, write_json, write_text
 from report import LABELS, aggregate, closing, interval_text, paired_interval, summary_table, svg_plot, t975, table_text
 from task import gold_reward, prompt_kind, well_formed  # the built-in task's judges, for the samples
@@ -59,9 +60,9 @@ def since_defaults(meta, runs):
         today = dataclasses.asdict(PRESETS[run["config"]["preset"]])
         for stage in ("sft", "rm", "split", "dpo", "ppo"):
             for key, value in run["config"][stage].items():
-                flag = f"--{'' if stage == 'split' else stage + '-'}{key.replace('_', '-')}"
-                if today[stage][key] != value and flag not in meta["command"]:
-                    flags[flag] = f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+                name = flag(stage, key)
+                if today[stage][key] != value and name not in meta["command"]:
+                    flags[name] = f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
     return " ".join(flags.values())
 
 
@@ -116,7 +117,8 @@ def condition_name(run, vary=None):
     """A sweep's condition: by its labels (the label noise tau and the biased annotators' share), or
     where the sweep varies one setting (experiment.json's "vary": a config field), by its flag."""
     if vary:
-        return f"--{vary.replace('.', '-').replace('_', '-')} {setting(run, vary):g}"
+        stage, _, name = vary.rpartition(".")
+        return f"{flag(stage, name)} {setting(run, vary):g}"
     c = run["config"]
     return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}"
 
