@@ -61,7 +61,7 @@ def since_defaults(meta, runs):
         for stage in ("sft", "rm", "split", "dpo", "ppo"):
             for key, value in run["config"][stage].items():
                 name = flag(stage, key)
-                if today[stage][key] != value and name not in meta["command"]:
+                if today[stage][key] != value and name not in meta["command"].split():
                     flags[name] = f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
     return " ".join(flags.values())
 

@@ -179,9 +179,11 @@ def test_a_command_names_the_defaults_that_changed_since_its_runs(tmp_path):
     config["sft"]["steps"] += 400
     config["split"]["delta"] = 0.25
     config["ppo"]["kl_coef"] = 0.25  # set by the command: not a default that changed
-    meta = {"command": "python3 train.py --ppo-kl-coef 0.25"}
+    config["ppo"]["clip"] = 0.5  # --ppo-clip-value in the command is another flag
+    meta = {"command": "python3 train.py --ppo-kl-coef 0.25 --ppo-clip-value 0.2"}
     assert publish.command_text(meta, [{"config": config}]) == (
-        f"`python3 train.py --ppo-kl-coef 0.25` with `--sft-steps {PRESETS['tiny'].sft.steps + 400} --delta 0.25`, "
+        f"`{meta['command']}` with `--sft-steps {PRESETS['tiny'].sft.steps + 400} --delta 0.25 --ppo-clip 0.5`, "
         "the defaults when it ran")
     today = {**config, "sft": dataclasses.asdict(PRESETS["tiny"].sft), "split": dataclasses.asdict(PRESETS["tiny"].split)}
-    assert publish.command_text(meta, [{"config": today}]) == "`python3 train.py --ppo-kl-coef 0.25`"
+    today["ppo"] = {**config["ppo"], "clip": PRESETS["tiny"].ppo.clip}
+    assert publish.command_text(meta, [{"config": today}]) == f"`{meta['command']}`"
