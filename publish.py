@@ -142,8 +142,7 @@ def sweep_section(rel, meta, conditions):
              f"{provenance_line([r for runs in runs_of for r in runs])}.", ""]
     if meta.get("about"):
         lines += [meta["about"], ""]
-    table = setting_table(runs_of, vary) if vary else sweep_table(runs_of)
-    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", "", table, ""]
+    lines += [f"![gold reward by condition]({rel}/gold-by-condition.svg)", "", conditions_table(runs_of, vary), ""]
     for label, runs in zip(labels, runs_of):
         seeds = len(runs)
         split = aggregate(runs)["split"] if seeds > 1 else runs[0]["split"]
@@ -218,6 +217,11 @@ def setting_table(runs_of, vary):
     return "\n".join(lines + [f"| {name} | " + " | ".join(map(cell, runs_of)) + " |" for name, cell in rows])
 
 
+def conditions_table(runs_of, vary=None):
+    """A sweep's table, one column per condition: of one varied setting, or of the labelings."""
+    return setting_table(runs_of, vary) if vary else sweep_table(runs_of)
+
+
 def seed_range(conditions):
     """The seeds every condition of a sweep holds, as "0-7" (or "0, 2, 5" when not a range)."""
     seeds = sorted(set.intersection(*({r["config"]["seed"] for r in runs} for runs in conditions.values())))
@@ -276,7 +280,7 @@ def render(root="results"):
             if meta.get("readme") == "sweep":  # README.md's block: the figure and the table of MPO minus each row
                 blocks[name] = (f"{command_text(meta, main_runs(runs))}, seeds {seed_range(runs)}:\n\n"
                                 f"![gold reward by condition]({rel}/{name}/gold-by-condition.svg)\n\n"
-                                f"{sweep_table(in_order(runs))}")
+                                f"{conditions_table(in_order(runs, meta.get('vary')), meta.get('vary'))}")
             continue
         sections.append(experiment_section(f"{rel}/{name}", meta, runs))
         curves, seed = runs[0].get("curves"), runs[0]["config"]["seed"]
