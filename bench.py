@@ -126,7 +126,8 @@ def logp_errors(model, seq, P, device):
     projection in float32 (model.GPT.output) and, as before it was, under autocast. -> (logits'
     standard deviation, errors with the float32 projection, errors with the bf16 one)."""
     attn = torch.ones_like(seq)
-    exact, logits = response_logprobs(model, seq, attn, P)
+    exact, _ = response_logprobs(model, seq, attn, P)
+    logits = model(seq, attn, logits_from=P - 1)[:, :-1]
     with autocast(device, "bf16"):
         mixed, _ = response_logprobs(model, seq, attn, P)
         rounded = torch.nn.functional.linear(model(seq, attn, hidden=True)[:, P - 1:-1], unembedding(model))

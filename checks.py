@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from lora import LORA_STAGES, TARGETS
 from mpo import ABLATIONS, BASELINES, STAGES
 
 
@@ -87,6 +88,8 @@ def device_problem(device):
 KINDS = {  # a kind -> what is wrong with a value of it, or None
     "stages": lambda v: unknown(v, STAGES, "stage"),
     "ablations": lambda v: unknown(v, [*ABLATIONS, *BASELINES, "all"], "row"),
+    "lora targets": lambda v: unknown(v, TARGETS, "projection") or (None if v.strip(",") else "name a projection"),
+    "lora stages": lambda v: unknown(v, LORA_STAGES, "stage") or (None if v.strip(",") else "name a stage"),
     "device": device_problem,
     "file": file_problem,
     "folder": folder_problem,

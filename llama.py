@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, attention_inputs, projected
+from model import adamw, attention_inputs, head_output, projected, run_block
 from packing import pack
 
 
@@ -168,6 +168,7 @@ class Llama(nn.Module):
         # state (training.py) stores a GPT's lm_head.weight once, as the tied wte it is.
         self.unembed = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.checkpointing = False  # model.run_block
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -182,10 +183,11 @@ class Llama(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - (self.model.embed_tokens.weight.numel() if self.unembed is not None else 0)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0):
+    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0,
+                targets=None, temperature=1.0, entropy=False):
         """As GPT.forward: idx (B, T) -> float32 logits (B, T - logits_from, vocab) (or (N, vocab) at a
-        boolean logits_from's positions), or the final hidden states (B, T, n_embd) with hidden=True;
-        attention_mask (B, S) over past + T."""
+        boolean logits_from's positions, or the log-probs of targets there), or the final hidden
+        states (B, T, n_embd) with hidden=True; attention_mask (B, S) over past + T."""
         idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache)
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (B or 1, T, head_dim / 2), float32
@@ -193,17 +195,14 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            x = run_block(self, block, x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += idx.size(1)
         x = unpack(self.model.norm(x))
-        return x if hidden else self.output(projected(x, logits_from))
-
-    def output(self, x):
-        """The vocabulary projection in float32 even under autocast (why: GPT.output)."""
+        if hidden:
+            return x
         weight = self.model.embed_tokens.weight if self.unembed is None else self.unembed.weight
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), weight.float())
+        return head_output(projected(x, logits_from), weight, targets, temperature, entropy)  # float32 (model.py)
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
         return adamw(self, lr, weight_decay, betas, device_type)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from packing import pack
 
@@ -131,6 +132,24 @@ def attention_inputs(idx, attention_mask=None, position_ids=None, cache=None):
     return position_ids, mask
 
 
+def run_block(model, block, x, *args):
+    """One transformer block; with model.checkpointing, while training with autograd on, under
+    activation checkpointing: only the block's input is kept, and the backward pass runs it again.
+    That keeps one hidden state (B, T, C) per block in place of the dozen or so tensors attention
+    and the MLP save (about 15x less at GPT-2's shape), for one more forward pass per step."""
+    if model.checkpointing and model.training and torch.is_grad_enabled():
+        return checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
+
+
+def set_checkpointing(model, on=True):
+    """Activation checkpointing per block for a GPT, a Llama or a ScalarModel's backbone."""
+    for m in model.modules():
+        if hasattr(m, "checkpointing"):
+            m.checkpointing = on
+    return model
+
+
 def projected(x, logits_from):
     """The final hidden states (B, T, C) a forward pass projects to the vocabulary: from column
     logits_from on, or at the True positions of a boolean (B, T) logits_from, as (N, C)."""
@@ -150,6 +169,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
+        self.checkpointing = False  # recompute each block in the backward pass (set_checkpointing)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale the residual projections by depth
@@ -167,10 +187,13 @@ class GPT(nn.Module):
         """Parameters without the position embeddings (the count MFU uses)."""
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0):
+    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0,
+                targets=None, temperature=1.0, entropy=False):
         """idx (B, T) -> float32 logits (B, T - logits_from, vocab) of the positions logits_from on
         (negative: counted from the end), or the final hidden states (B, T, n_embd) with hidden=True.
-        A boolean (B, T) logits_from picks the positions to project: logits (N, vocab) of its N Trues.
+        A boolean (B, T) logits_from picks the positions to project: logits (N, vocab) of its N Trues;
+        with targets (N,), the next tokens there, not logits but their log-probs at `temperature`
+        and, with entropy=True, the entropy of each position's distribution: scored_logps.
 
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
         Without it the batch has no padding and attention takes the fused causal path. A padded
@@ -180,20 +203,11 @@ class GPT(nn.Module):
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            x = run_block(self, block, x, mask, cache, i)
         if cache is not None:
             cache.pos += idx.size(1)
         x = unpack(self.transformer.ln_f(x))
-        return x if hidden else self.output(projected(x, logits_from))
-
-    def output(self, x):
-        """The vocabulary projection, in float32 even under autocast (the body may run in bf16):
-        bf16 keeps 8 bits, so a logit of size 16-32 is rounded by up to 1/16, and every log-prob
-        of PPO's ratio, its KL penalty and DPO's margin would carry that error (bench.py --figures
-        logp measures it). Callers project only the positions whose next token they score
-        (logits_from): at a vocabulary of 50k the logits are the largest tensor of a step."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.lm_head.weight.float())
+        return x if hidden else head_output(projected(x, logits_from), self.lm_head.weight, targets, temperature, entropy)
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
         return adamw(self, lr, weight_decay, betas, device_type)
@@ -233,12 +247,75 @@ class ScalarModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, attention_mask=None):
-        return self.head(self.gpt(idx, attention_mask, hidden=True)).squeeze(-1)
+        return scalar_head(self.head, self.gpt(idx, attention_mask, hidden=True))
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
         opt = self.gpt.configure_optimizers(lr, weight_decay, betas, device_type)
         opt.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0})
         return opt
+
+
+# ----------------------------------------------------------------------------- the vocabulary projection
+
+LOGIT_CHUNK_BYTES = 256 * 2**20  # the most memory one chunk of float32 logits takes (scored_logps)
+
+
+def vocabulary_logits(x, weight):
+    """The vocabulary projection x (N, C) -> (N, V), in float32 even under autocast (the body may
+    run in bf16): bf16 keeps 8 bits, so a logit of size 16-32 is rounded by up to 1/16, and every
+    log-prob of PPO's ratio, its KL penalty and DPO's margin would carry that error (bench.py
+    --figures logp measures it). Callers project only the positions whose next token they score
+    (logits_from): at a large vocabulary the logits are the largest tensor of a step."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+def head_output(x, weight, targets=None, temperature=1.0, entropy=False):
+    """A forward pass's output from its final hidden states x (..., C): the logits, or with targets
+    the log-probs of those tokens (scored_logps)."""
+    if targets is None:
+        return vocabulary_logits(x, weight)
+    return scored_logps(x, weight, targets, temperature, entropy)
+
+
+def scored_logps(x, weight, targets, temperature=1.0, entropy=False):
+    """log pi(y | h) of each target token y (N,) from its hidden state h (N, C), pi = softmax(h W^T /
+    temperature) in float32 -> (log-probs (N,), the entropy of pi at each position (N,) with
+    entropy=True, detached (PPO logs it), else None).
+
+    The logits are made over chunks of positions whose float32 logits take at most LOGIT_CHUNK_BYTES,
+    and with more than one chunk each runs under activation checkpointing: its logits are not kept
+    for the backward pass but recomputed there, so the peak is one chunk's logits (256 MiB: 441
+    positions at Qwen2.5's vocabulary of 152k), not N x V x 4 bytes (4.6 GiB at 32 rows of 250
+    response tokens). The tiny preset's steps fit in one chunk: the plain path, nothing recomputed.
+    """
+    rows = max(1, LOGIT_CHUNK_BYTES // (4 * weight.size(0)))
+    if x.size(0) <= rows:
+        return chunk_logps(x, weight, targets, temperature, entropy)
+    parts = [checkpoint(chunk_logps, x[i:i + rows], weight, targets[i:i + rows], temperature, entropy,
+                        use_reentrant=False) for i in range(0, x.size(0), rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if entropy else None
+
+
+def chunk_logps(x, weight, targets, temperature, entropy):
+    """scored_logps on one chunk of positions, the logits made once."""
+    logits = vocabulary_logits(x, weight)
+    if temperature != 1.0:  # no copy of the logits at temperature 1
+        logits = logits / temperature
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    if not entropy:
+        return logps, None
+    with torch.no_grad():
+        log_pi = logits.log_softmax(-1)  # one log-softmax serves pi and log pi
+        return logps, -(log_pi.exp() * log_pi).sum(-1)
+
+
+def scalar_head(head, x):
+    """A reward or value head on hidden states (B, T, C) -> (B, T), in float32 even under autocast,
+    as the vocabulary projection: bf16 would round a score of 2-4 to a step of 1/64, so reward gaps
+    would tie and the easy set's size (--easy-fraction) would no longer be exact."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -351,13 +428,15 @@ def response_token_logps(model, batch):
     return logps_at(model, batch["input_ids"], batch["attention_mask"], mask)[0]
 
 
-def logps_at(model, seq, attn, mask, temperature=1.0):
+def logps_at(model, seq, attn, mask, temperature=1.0, entropy=False):
     """Log-probs of the tokens of seq (B, T) where mask (B, T) is True, laid out as mask (0
-    elsewhere), and their logits (M, V): one forward pass projecting only the positions before them."""
+    elsewhere), and with entropy=True the entropy of the distribution each was drawn from (B, T),
+    else None: one forward pass projecting only the positions before them (scored_logps)."""
     scored = torch.zeros_like(mask)
     scored[:, :-1] = mask[:, 1:]  # the position before a token predicts it
-    logits = model(seq, attn, logits_from=scored) / temperature
-    return spread(token_logprobs(logits, seq[mask]), mask), logits
+    logps, entropies = model(seq, attn, logits_from=scored, targets=seq[mask], temperature=temperature,
+                             entropy=entropy)
+    return spread(logps, mask), None if entropies is None else spread(entropies, mask)
 
 
 def sft_loss(token_logps, mask):
@@ -366,19 +445,17 @@ def sft_loss(token_logps, mask):
     return -token_logps.sum() / mask[:, 1:].sum()
 
 
-def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None):
+def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None, entropy=False):
     """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
-    at the sampling temperature, and their logits: one forward pass, the computation of the rollout
-    and of the update. Only positions that predict a response token are projected: all N columns,
-    logits (B, N, V); with the response mask (B, N), only its tokens, logits (M, V), log-probs 0
-    elsewhere (PPO's responses are padded to the longest, most of their columns after an eos)."""
-    if mask is None:
-        logits = model(seq, attn, logits_from=P - 1)[:, :-1] / temperature
-        return token_logprobs(logits, seq[:, P:]), logits
+    at the sampling temperature (and, with entropy=True, the entropies there, else None): one
+    forward pass, the computation of the rollout and of the update. Only positions that predict a
+    response token of the response mask (B, N) are projected, log-probs 0 elsewhere (PPO's
+    responses are padded to the longest, most of their columns after an eos); without a mask, all
+    N columns."""
     full = torch.zeros_like(seq, dtype=torch.bool)
-    full[:, P:] = mask.bool()
-    logps, logits = logps_at(model, seq, attn, full, temperature)
-    return logps[:, P:], logits
+    full[:, P:] = True if mask is None else mask.bool()
+    logps, entropies = logps_at(model, seq, attn, full, temperature, entropy)
+    return logps[:, P:], None if entropies is None else entropies[:, P:]
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):

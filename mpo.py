@@ -12,6 +12,7 @@ evaluation, are in stages.py); evaluate.py judges the policies. This file adds n
 live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
 import collections
+import copy
 import dataclasses
 import json
 import math
@@ -28,13 +29,14 @@ import distributed
 from checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from data import read_json, write_json
 from dpo import train_dpo
+from lora import AdaptersOff, adapters, merge
 from ppo import train_ppo
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
 from reward import load_reward_model, score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from tokenizer import Tokenizer
-from training import epoch_steps
+from training import Memory, epoch_steps
 from runs import Runner, Stop
 
 
@@ -205,19 +207,25 @@ def select(records, split_dir, which, seed=0):
 
 # ----------------------------------------------------------------------------- the two stages
 
-def load_frozen(folder, kind, device):
-    model, _ = load_checkpoint(folder, kind=kind, device=device)
-    return model.eval().requires_grad_(False)
+def reference_of(policy, init_dir, reference_dir, memory, device):
+    """A stage's frozen KL reference. A policy with adapters that starts from its reference (MPO's
+    two stages) has it already: its base with the adapters off, exactly the weights the stage
+    started from, in no extra memory. Otherwise (full fine-tuning, or mpo_ref_sft's SFT reference
+    for a policy that starts from DPO) a second model, frozen, in the compute dtype."""
+    if adapters(policy) and init_dir == reference_dir:
+        return AdaptersOff(policy)  # the reference is the base with the adapters off
+    return memory.frozen(load_checkpoint(reference_dir, kind="gpt", device=device)[0])
 
 
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
-              device="cpu", dtype="fp32", seed=0, probe=None):
+              device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
-    policy, _ = load_checkpoint(init_dir, kind="gpt", device=device)
-    reference = load_frozen(reference_dir, "gpt", device)
+    policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "dpo")
+    reference = reference_of(policy, init_dir, reference_dir, memory, device)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe)
-    save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
+    # the adapter merged into the weights: stage 2 starts from, and is referenced to, this policy
+    save_checkpoint(merge(policy), out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy", "gold"],
                 os.path.join(out_dir, "curves.png"))
@@ -225,18 +233,21 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
 
 
 def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
-              device="cpu", dtype="fp32", seed=0, gold=None):
+              device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory()):
     """Stage 2: PPO from init_dir, KL to reference_dir (MPO: both the DPO policy, hard prompts).
 
-    The critic starts from the reward model; the reward model and the reference stay frozen.
+    The critic starts from the reward model; the reward model and the reference stay frozen. With
+    adapters, the critic trains its own adapter and value head on the reward model's backbone, and
+    the reward model is that backbone with the adapters off and its own head: one backbone for both.
     """
-    policy, _ = load_checkpoint(init_dir, kind="gpt", device=device)
-    reference = load_frozen(reference_dir, "gpt", device)
-    reward_model = load_reward_model(rm_dir, device)
-    critic, _ = load_checkpoint(rm_dir, kind="scalar", device=device)
+    policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "ppo")
+    reference = reference_of(policy, init_dir, reference_dir, memory, device)
+    critic = memory.trained(load_checkpoint(rm_dir, kind="scalar", device=device)[0], "ppo")
+    reward_model = (AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False)) if adapters(critic)
+                    else memory.frozen(load_reward_model(rm_dir, device)))
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                       out_dir, max_new_tokens, device, dtype, seed, gold)
-    save_checkpoint(policy, out_dir, init_sha256=file_sha256(init_dir),
+    save_checkpoint(merge(policy), out_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
                 os.path.join(out_dir, "curves.png"), versus=("kl", ["score", "gold"]))
@@ -290,12 +301,15 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
         runner.run("tokenizer", "tokenizer", {**key, "vocab": run.vocab_size}, [],
                    lambda folder: tokenizer_stage(folder, task, run.vocab_size, init))
         tokenizer = Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
-        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples)
+        memory = Memory(cfgs["lora"], run.checkpointing, run.dtype)
+        lora = lambda stage: {"lora": cfgs["lora"]} if cfgs["lora"].applies(stage) else {}  # in the fingerprint
+        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples, memory)
         if run.data:
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
-        runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"]}, ["tokenizer"],
+        runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"], **lora("sft")}, ["tokenizer"],
                    lambda folder: sft_stage(folder, s, cfgs["sft"], shape, init))
-        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"]}, ["sft"], lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
+        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"], **lora("rm")}, ["sft"],
+                   lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
 
         # the paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)
         split_of = lambda gap, easy=None: lambda folder: split_stage(
@@ -313,15 +327,16 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
         plan = policy_stages(methods, runner, task["pref"], cfgs)
         for name, kind, settings, upstream, subset, cfg in plan:
             init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
-            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe) if kind == "dpo" else
-                  partial(ppo_stage, init_dir, reference_dir, at("rm"), [r["prompt"] for r in subset], gold=task["gold"]))
-            runner.run(name, kind, settings, upstream, lambda folder, fn=fn, cfg=cfg: fn(
+            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory)
+                  if kind == "dpo" else partial(ppo_stage, init_dir, reference_dir, at("rm"), [r["prompt"] for r in subset],
+                                                gold=task["gold"], memory=memory))
+            runner.run(name, kind, {**settings, **lora(kind)}, upstream, lambda folder, fn=fn, cfg=cfg: fn(
                 cfg, folder, tokenizer, R, run.device, run.dtype, seed))
 
         # real data's judge: a second reward model on pairs nothing else saw (the built-in task has its gold reward)
         judge = None
         if task["judge"]:
-            judge = runner.run("judge", "judge", {"cfg": cfgs["rm"]}, ["sft"],
+            judge = runner.run("judge", "judge", {"cfg": cfgs["rm"], **lora("rm")}, ["sft"],
                                lambda folder: judge_stage(folder, s, at("sft"), cfgs["rm"]))
         policies = {"sft": "sft", **{m: method_stages(m)[1] for m in methods}}
         settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,

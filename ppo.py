@@ -4,6 +4,7 @@ docs/method.md, "Stage 2". In MPO the policy starts from the DPO model, the KL r
 model, and the prompts are those of the hard set; the critic starts from the reward model.
 Shapes: B rollouts, N response tokens; `mask` (B, N) is 1 on response tokens (a prefix of each row).
 """
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,8 +14,8 @@ from tqdm import tqdm
 
 import distributed
 from data import append_jsonl, left_pad
-from model import generate, kl_penalty, response_logprobs, spread
-from training import StepState, autocast, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
+from model import generate, kl_penalty, response_logprobs
+from training import StepState, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
 
 
@@ -51,6 +52,9 @@ class PPOConfig:
     no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)",
                                                          "range": "(-inf, inf)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
+    micro_batch: int = field(default=0, metadata={"help": "rollouts per forward pass in a minibatch (gradient "
+                                                  "accumulation) and in scoring: less memory, the same update (0: "
+                                                  "the whole minibatch at once)", "range": "[0, inf)"})
     save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: never)",
                                                   "range": "[0, inf)"})
     sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)",
@@ -177,9 +181,16 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
         seconds_generate = time.perf_counter() - t0
         seq, attn = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1)
-        scores = rewards_at_last_token(reward_model(seq, attn).float(), attn)  # centred already
+        rows = micro_batches(torch.arange(len(seq), device=seq.device), cfg.micro_batch)
+        scores = torch.cat([rewards_at_last_token(reward_model(seq[r], attn[r]).float(), attn[r])
+                            for r in rows])  # centred already
     return {"seq": seq, "attn": attn, "P": prompt.size(1), "tokens": tokens, "mask": mask.float(),
             "scores": scores, "seconds_generate": seconds_generate}
+
+
+def micro_batches(mb, size):
+    """The rows of a minibatch in forward passes of at most `size` rollouts (0: all at once)."""
+    return mb.split(size) if size else [mb]
 
 
 def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device, dtype):
@@ -189,7 +200,8 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
     rows together, the same autocast, train mode and autograd on (a compiled module runs another
     graph in eval mode or without grad, and another graph may round otherwise), then detached. So
     the first minibatch's ratio is exactly 1 in any precision. (The model has no dropout; with
-    dropout, train mode would make log pi_old noisy.)
+    dropout, train mode would make log pi_old noisy.) minibatches: the first epoch's, each split
+    into its micro-batches as the update splits it.
     """
     policy.train()
     critic.eval()  # V_old is read with dropout off, as the reward model reads the rollouts
@@ -198,14 +210,12 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
     for mb in minibatches:
         mb = mb.to(seq.device)
         with autocast(device, dtype):
-            logprobs, logits = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb])
+            logprobs, entropy = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb], entropy=True)
             with torch.no_grad():
                 ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature, mask[mb])
                 values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
-        logprobs, logits = logprobs.detach(), logits.detach()  # logits: the response tokens', (M, V)
-        out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs, ref_logprobs, values
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-        out["entropy"][mb] = spread(entropy, mask[mb].bool())
+        out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs.detach(), ref_logprobs, values
+        out["entropy"][mb] = entropy
     return {k: v * mask for k, v in out.items()}
 
 
@@ -214,9 +224,10 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
 # gradients: the update is the whole minibatch's token mean, whatever the ranks' response lengths.
 # The figures (the rank's share, times W) average over the ranks to the whole minibatch's.
 
-def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype):
-    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures)."""
-    W, n = distributed.world_size(), distributed.total(mask.sum())
+def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype, n=None):
+    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures). n: the
+    whole minibatch's token count, when these rows are one micro-batch of it."""
+    W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
     with autocast(device, dtype):
         logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature, mask)
     loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
@@ -224,13 +235,28 @@ def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, 
     return W * loss, {k: W * v.item() for k, v in figures.items()}
 
 
-def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype):
+def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype, n=None):
     """One minibatch's clipped value loss on this rank's rows -> (loss to backward, figures)."""
-    W, n = distributed.world_size(), distributed.total(mask.sum())
+    W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
     with autocast(device, dtype):
         values = critic(seq, attn)[:, P - 1:-1].float()
     loss = value_loss(values, old_values, returns, mask, cfg.clip_value, n)
     return W * loss, {"value_loss": W * loss.item()}
+
+
+def accumulate(forward, parts, scaler, step, loss_of):
+    """Gradient accumulation over a minibatch's micro-batches: backward each part's loss (its token
+    sum over the whole minibatch's count, so the parts add up to the minibatch's loss), DDP reducing
+    at the last part only. -> the figures, summed over the parts: the minibatch's."""
+    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)
+    figures = {}
+    for j, part in enumerate(parts):
+        with (contextlib.nullcontext() if j == len(parts) - 1 else no_sync()):
+            loss, row = loss_of(part)
+            backward(loss, scaler, step)
+        for k, v in row.items():
+            figures[k] = figures.get(k, 0.0) + v
+    return figures
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -275,7 +301,8 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
         # every epoch's minibatches, drawn now: the old log-probs are computed on the first epoch's
         epochs = [torch.randperm(len(idx), generator=g).chunk(cfg.minibatches) for _ in range(cfg.epochs)]
-        old = old_logprobs(policy_forward, reference, critic_forward, ro, epochs[0], cfg.temperature, device, dtype)
+        first = [part for mb in epochs[0] for part in micro_batches(mb, cfg.micro_batch)]
+        old = old_logprobs(policy_forward, reference, critic_forward, ro, first, cfg.temperature, device, dtype)
         # EOS trick: a response cut at the length limit gets a fixed penalty score
         scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
@@ -290,12 +317,14 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         for minibatches in epochs:
             for mb in minibatches:
                 mb = mb.to(device)
-                loss, policy_figures = minibatch_policy_loss(policy_forward, seq[mb], attn[mb], P, mask[mb],
-                                                             old["logprobs"][mb], advantages[mb], cfg, device, dtype)
-                optimizer_step(loss, policy_opt, cfg.grad_clip, policy_scaler, it)
-                loss, value_figures = minibatch_value_loss(critic_forward, seq[mb], attn[mb], P, mask[mb],
-                                                           old["values"][mb], returns[mb], cfg, device, dtype)
-                optimizer_step(loss, critic_opt, cfg.grad_clip, critic_scaler, it)
+                n = distributed.total(mask[mb].sum())  # the minibatch's response tokens, over all ranks
+                parts = micro_batches(mb, cfg.micro_batch)
+                policy_figures = accumulate(policy_forward, parts, policy_scaler, it, lambda r: minibatch_policy_loss(
+                    policy_forward, seq[r], attn[r], P, mask[r], old["logprobs"][r], advantages[r], cfg, device, dtype, n))
+                optimizer_step(None, policy_opt, cfg.grad_clip, policy_scaler, it)
+                value_figures = accumulate(critic_forward, parts, critic_scaler, it, lambda r: minibatch_value_loss(
+                    critic_forward, seq[r], attn[r], P, mask[r], old["values"][r], returns[r], cfg, device, dtype, n))
+                optimizer_step(None, critic_opt, cfg.grad_clip, critic_scaler, it)
                 for k, v in {**policy_figures, **value_figures}.items():
                     stats[k].append(v)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import collate, encode_response, pair_batch, tokenize_pairs
+from lora import merge
 from training import FitConfig, autocast, epoch_steps, fit
 
 
@@ -101,7 +102,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
     with torch.no_grad():
         model.head.bias -= offset
     summary = {"reward_offset": offset, **evaluate_pairs(model, tokenizer, held_out, max_response, device, dtype)}
-    save_checkpoint(model, out_dir)
+    save_checkpoint(merge(model), out_dir)  # with adapters (lora.py): folded into the weights
     return summary
 
 

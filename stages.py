@@ -12,15 +12,18 @@ import distributed
 from checkpoint import load_checkpoint, load_gpt, save_checkpoint
 from data import write_json
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
+from lora import merge
 from model import GPT, GPTConfig
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
 from tokenizer import Tokenizer
+from training import Memory
 
 
 class Setup(NamedTuple):
     """What the stages of one pipeline share: the task (data.load_task), its tokenizer, the
-    longest response, where the models run, the seed, and how the evaluation samples."""
+    longest response, where the models run, the seed, how the evaluation samples, and how the
+    stages hold their models (training.Memory: adapters, checkpointing, frozen models' dtype)."""
     task: dict
     tokenizer: Tokenizer
     max_new_tokens: int
@@ -29,6 +32,7 @@ class Setup(NamedTuple):
     seed: int
     temperature: float
     samples: int
+    memory: Memory = Memory()
 
     def mean_gold(self, model, show=0, prompts=None):
         return mean_gold(model, self.tokenizer, self.task, self.max_new_tokens, self.temperature, self.seed,
@@ -53,8 +57,9 @@ def sft_stage(folder, s, cfg, shape, init=None):
     model = (load_gpt(init.path, s.device) if init else
              GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape)).to(s.device))
     before = s.mean_gold(model) if task["gold"] else None
+    model = s.memory.trained(model, "sft")
     loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
-    save_checkpoint(model, folder)
+    save_checkpoint(merge(model), folder)
     if not task["gold"]:
         return {"final_loss": loss}
     after = s.mean_gold(model, show=4)
@@ -67,7 +72,7 @@ def sft_stage(folder, s, cfg, shape, init=None):
 def rm_stage(folder, s, sft_dir, cfg):
     """r_phi: the SFT model with a scalar head, Bradley-Terry on every pair."""
     task = s.task
-    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
+    model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
                                  folder, s.max_new_tokens, s.device, s.dtype, s.seed)
     if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
@@ -83,7 +88,7 @@ def judge_stage(folder, s, sft_dir, cfg):
     (data.load_task), which neither r_phi, the split, DPO, PPO nor SFT's default demonstrations
     see. Writes pairs.json, the line numbers of its pairs in --data."""
     task = s.task
-    model, _ = load_checkpoint(sft_dir, kind="scalar", device=s.device)
+    model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
                                  folder, s.max_new_tokens, s.device, s.dtype, s.seed)
     write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
@@ -93,12 +98,13 @@ def judge_stage(folder, s, sft_dir, cfg):
 def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
     """Every policy ({method: folder}) judged on the evaluation prompts, SFT first; with judge_dir
     (real data) the judge's reward model scores them too, beside the training reward model."""
-    sft, _ = load_checkpoint(policies["sft"], kind="gpt", device=s.device)
-    reward_model = load_reward_model(rm_dir, s.device)
-    judge = load_reward_model(judge_dir, s.device) if judge_dir else None
+    frozen = s.memory.frozen
+    sft = frozen(load_checkpoint(policies["sft"], kind="gpt", device=s.device)[0])
+    reward_model = frozen(load_reward_model(rm_dir, s.device))
+    judge = frozen(load_reward_model(judge_dir, s.device)) if judge_dir else None
     judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
     for method, policy_dir in policies.items():
-        policy, _ = load_checkpoint(policy_dir, kind="gpt", device=s.device)
+        policy = frozen(load_checkpoint(policy_dir, kind="gpt", device=s.device)[0])
         part = evaluate_policy(policy, sft, reward_model, s.tokenizer, mine, s.max_new_tokens, s.temperature,
                                s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype, judge)
         judged[method] = {key: distributed.gather(values) for key, values in part.items()}

@@ -21,6 +21,8 @@ from data import FORMATS, DataError, UserError, write_json
 from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
+from lora import LoRAConfig, missing_target
+from model import GPT, GPTConfig
 from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
 from ppo import PPOConfig
 from report import aggregate, write_table
@@ -31,7 +33,8 @@ from tokenizer import Tokenizer
 from training import NonFiniteError, default_dtype
 
 SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias"}  # what a sweep of the labels changes
-STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                 "lora": LoRAConfig}  # lora: flags --lora-*, the adapters of the stages it names
 
 
 def opt(default, help, **kw):
@@ -52,6 +55,8 @@ class RunConfig:
     compile: bool = opt(False, "torch.compile the training forward passes (pays on a GPU)")
     grad_accum: int = opt(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
                           "so a batch fits in less memory", range="[1, inf)")
+    checkpointing: bool = opt(False, "activation checkpointing: every trained model recomputes each transformer "
+                              "block in the backward pass (less memory, about a third more compute)")
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
     ablations: str = opt("", "comma list of further rows: ablations from " + ",".join(ABLATIONS) + " (or all), or "
                          "single baselines", kind="ablations")
@@ -106,6 +111,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     # derived from the fields above, never set
     @property
@@ -265,6 +271,20 @@ def check(run):
                 f"{ppo.rollouts / 5:g}, or one update can make the KL coefficient 0 or negative")
     if run.dpo.loss_type == "ipo" and run.dpo.label_smoothing:
         return "--dpo-label-smoothing is for --dpo-loss-type sigmoid: ipo has none"
+    lora = run.lora
+    if not lora.rank and lora != dataclasses.replace(preset.lora, rank=0):
+        given = next(f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(preset.lora, f.name))
+        return f"--lora-{given.replace('_', '-')} sets the adapters: it needs --lora-rank above 0"
+    if lora.applies("sft") and not run.init:
+        return "--lora-stages sft: adapters on a randomly initialised model would train little; give --init"
+    trains = {"sft", "rm", "dpo", "ppo", "judge"} & set(run.stage_list)
+    if run.checkpointing and not trains:
+        return f"--checkpointing saves memory in training: --stages {run.stages} trains nothing"
+    if lora.rank and not run.init:  # --init's layout is checked when it is loaded (check_init)
+        with torch.device("meta"):  # the shapes alone, no memory
+            wrong = missing_target(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), lora.targets)
+        if wrong:
+            return f"--lora-targets {lora.targets}: {wrong}"
     for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
                         ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep)):
         if given and "eval" not in run.stage_list:
@@ -287,6 +307,9 @@ def check_init(run):
     if not run.init:
         return None
     model = load_gpt(run.init, "cpu")
+    wrong = missing_target(model, run.lora.targets) if run.lora.rank else None
+    if wrong:
+        raise DataError(f"--lora-targets {run.lora.targets}: {wrong} ({run.init})")
     # the tokenizer the weights were trained with: beside them (Hugging Face), or the run's own
     candidates = [os.path.join(run.init, "tokenizer.json"), os.path.join(run.init, "..", "tokenizer", "tokenizer.json")]
     tok_path = next((c for c in candidates if os.path.exists(c)), None)

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,8 @@ import data
 import distributed
 from checkpoint import CheckpointError, load_weights
 from data import atomic_write, write_text
+from lora import LoRAConfig, add_adapters
+from model import set_checkpointing
 
 
 # ----------------------------------------------------------------------------- precision and steps
@@ -49,6 +52,31 @@ def autocast(device, dtype):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+class Memory(NamedTuple):
+    """How a run's stages hold their models (docs/running.md, "One GPU"): adapters (lora.py) on the
+    stages lora.stages names, activation checkpointing of every trained model, and frozen models
+    stored in the compute dtype."""
+    lora: LoRAConfig = LoRAConfig()
+    checkpointing: bool = False
+    dtype: str = "fp32"
+
+    def trained(self, model, stage):
+        """The model a stage trains: with adapters, its base frozen and stored in the compute dtype
+        (the adapters and a scalar model's head stay float32, the master copy); with
+        checkpointing, each block recomputed in the backward pass (model.run_block)."""
+        if self.lora.applies(stage):
+            add_adapters(model.to(DTYPES[self.dtype]), self.lora)
+            if hasattr(model, "head"):  # a scalar model's head is trained: float32, the master copy
+                model.head.float()
+        return set_checkpointing(model, self.checkpointing)
+
+    def frozen(self, model):
+        """A model that is only read (a reference, a reward model): eval mode, no gradients, stored in
+        the compute dtype (under bf16, half the bytes; its log-probs and scores still come from a
+        float32 head)."""
+        return model.eval().requires_grad_(False).to(DTYPES[self.dtype])
 
 
 def grad_scaler(device, dtype):
@@ -174,7 +202,7 @@ class StepState:
         if not self.every or step % self.every or step >= self.steps:
             return
         tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()
-                   for k, v in m.state_dict().items() if not k.endswith("lm_head.weight")}  # tied
+                   for k, v in trained_weights(m).items()}
         meta = {"step": step, "extra": extra or {}, "optimizers": {}}
         for n, opt in self.optimizers.items():
             sd = opt.state_dict()
@@ -202,9 +230,9 @@ class StepState:
         print(f"resuming from step {meta['step']}: {self.path}", flush=True)
         for n, m in self.modules.items():
             state = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
-            missing, unexpected = m.load_state_dict(state, strict=False)
-            if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+            if set(state) != set(trained_weights(m)):
                 raise CheckpointError(f"{self.path}: does not match the {n} being trained; delete it to start over")
+            m.load_state_dict(state, strict=False)
         for n, opt in self.optimizers.items():
             state = {}
             for k, v in tensors.items():
@@ -222,6 +250,13 @@ class StepState:
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
         return meta["step"], meta["extra"]
+
+
+def trained_weights(model):
+    """The parameters a stage trains, {name: tensor}: what a step state keeps. The rest is what the
+    stage started from, frozen (a reward model's unused vocabulary projection; with LoRA, the whole
+    base: a step state then holds the adapters and heads alone)."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
 def truncate_jsonl(path, key, below):

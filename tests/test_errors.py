@@ -129,6 +129,16 @@ def test_bad_init_folder(tmp_path, capsys, name, model_changes, files, message):
     assert not out.exists()
 
 
+def test_a_lora_target_the_init_model_lacks(tmp_path, capsys):
+    """--init's layout decides which projections exist: a GPT-2 folder has no q_proj."""
+    folder, out = tmp_path / "gpt", tmp_path / "run"
+    small_checkpoint(folder)
+    code, err = run_main(["--preset", "micro", "--init", str(folder), "--out", str(out), "--lora-rank", "4",
+                          "--lora-targets", "q_proj"], capsys)
+    check_one_line(code, err, "--lora-targets q_proj: a GPT has no projection 'q_proj'")
+    assert not out.exists()
+
+
 def test_the_real_command_line_prints_one_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(jsonl(GOOD, {"prompt": 1}))
@@ -184,6 +194,8 @@ KIND_BAD = {
     "stages": lambda d: ["sft,magic"],
     "ablations": lambda d: ["nope", "all,reversed"],
     "device": lambda d: ["tpu", "cuda:99"],
+    "lora targets": lambda d: ["attn,magic", ","],
+    "lora stages": lambda d: ["dpo,split", ""],
 }
 
 
@@ -308,6 +320,11 @@ CONTRADICTIONS = [
      "--dpo-label-smoothing is for --dpo-loss-type sigmoid"),
     (["--export-hf", "--stages", "tokenizer,sft"], "--export-hf runs after the eval stage: add eval to --stages"),
     (["--delta-sweep", "0,1", "--stages", "tokenizer"], "--delta-sweep runs after the eval stage"),
+    (["--lora-alpha", "8"], "--lora-alpha sets the adapters: it needs --lora-rank above 0"),
+    (["--lora-rank", "4", "--lora-stages", "sft"], "--lora-stages sft: adapters on a randomly initialised model"),
+    (["--lora-rank", "4", "--lora-targets", "q_proj"], "--lora-targets q_proj: a GPT has no projection 'q_proj'"),
+    (["--checkpointing", "--stages", "tokenizer,split,eval"], "--checkpointing saves memory in training: "
+                                                              "--stages tokenizer,split,eval trains nothing"),
 ]
 
 

@@ -215,10 +215,10 @@ def test_logits_only_where_scored_equal_the_full_projection(model):
         full = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:]) * mask[:, 1:]
         cut = response_token_logps(model, batch)
         lp, _ = response_logprobs(model, ids, batch["attention_mask"], 4)
-        only, logits = response_logprobs(model, ids, batch["attention_mask"], 4, mask=mask[:, 4:])
+        only, entropy = response_logprobs(model, ids, batch["attention_mask"], 4, mask=mask[:, 4:], entropy=True)
     torch.testing.assert_close(cut[:, 1:], full, rtol=0, atol=1e-5)
     torch.testing.assert_close(only, lp * mask[:, 4:], rtol=0, atol=1e-5)
-    assert logits.shape == (mask.sum(), 97)  # with the mask: the response tokens' logits only
+    assert torch.equal(entropy > 0, mask[:, 4:].bool())  # with the mask: the response tokens' only
     assert torch.equal(cut != 0, mask.bool())  # a log-prob at each response token, nowhere else
     torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), full.sum(-1), rtol=0, atol=1e-5)
 
@@ -262,8 +262,11 @@ def seq_inputs():
 
 
 def given_logits(logits):
-    """A stand-in model whose logits are given: the positions response_token_logps asks for."""
-    return lambda ids, attention_mask, logits_from: logits[logits_from]
+    """A stand-in model whose logits are given: its hidden states are the logits, at the positions
+    response_token_logps asks for, and its vocabulary projection the identity."""
+    from model import scored_logps
+    return lambda ids, attention_mask, logits_from, targets, **kw: scored_logps(
+        logits[logits_from], torch.eye(logits.size(-1)), targets, **kw)
 
 
 def logps_of(logits, labels):
@@ -332,3 +335,69 @@ def test_response_logprobs_agree_with_response_token_logps():
         token_lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], P)
         per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
         torch.testing.assert_close(per_row, response_token_logps(model, batch).sum(-1))
+
+
+# ----------------------------------------------------------------------------- memory: checkpointing, chunked log-probs
+
+def memory_models():
+    from llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    return {"gpt": GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)),
+            "llama": Llama(LlamaConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                                       intermediate_size=24, tie_word_embeddings=False))}
+
+
+def loss_and_gradients(model, entropy=False):
+    """The SFT loss of a padded batch (left and right padding: the packed path) and its gradients."""
+    import data
+    from model import logps_at
+    batch = data.collate([[3, 4, 5, 6], [7], [8, 9]], [[10, 11, 1], [12, 13, 14, 15, 1], [16, 1]], pad_id=0)
+    model.zero_grad()
+    mask = batch["response_mask"].bool().clone()
+    mask[:, 0] = False
+    logps, entropies = logps_at(model, batch["input_ids"], batch["attention_mask"], mask, 0.7, entropy)
+    loss = sft_loss(logps, batch["response_mask"])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], entropies
+
+
+@pytest.mark.parametrize("layout", ["gpt", "llama"])
+def test_checkpointed_blocks_give_the_plain_loss_and_gradients(layout):
+    from model import set_checkpointing
+    model = memory_models()[layout].train()
+    loss, grads, _ = loss_and_gradients(model)
+    set_checkpointing(model)
+    assert all(m.checkpointing for m in model.modules() if hasattr(m, "checkpointing"))
+    loss_c, grads_c, _ = loss_and_gradients(model)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(gc, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["gpt", "llama"])
+def test_chunked_log_probs_give_the_plain_loss_gradients_and_entropies(layout, monkeypatch):
+    """Logits made in chunks of 2 positions, each recomputed in the backward pass, against one chunk
+    (the plain path): the same loss, gradients and entropies to float order."""
+    import model as model_module
+    net = memory_models()[layout].train()
+    loss, grads, entropies = loss_and_gradients(net, entropy=True)
+    monkeypatch.setattr(model_module, "LOGIT_CHUNK_BYTES", 2 * 4 * 97)  # 2 positions of 97 float32 logits
+    calls = []
+    chunk = model_module.chunk_logps
+    monkeypatch.setattr(model_module, "chunk_logps", lambda *a: calls.append(a[0].size(0)) or chunk(*a))
+    loss_c, grads_c, entropies_c = loss_and_gradients(net, entropy=True)
+    assert max(calls) == 2 and sum(calls) > 10  # in chunks, each run again in the backward pass
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(entropies_c, entropies, rtol=1e-5, atol=1e-6)
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(gc, g, rtol=1e-5, atol=1e-7)
+
+
+def test_the_entropy_is_that_of_the_sampling_distribution():
+    """scored_logps' entropy, -sum pi log pi of softmax(logits / temperature), by hand."""
+    from model import scored_logps
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    logps, entropy = scored_logps(logits, torch.eye(3), torch.tensor([1, 2]), temperature=2.0, entropy=True)
+    pi = (logits / 2).softmax(-1)
+    torch.testing.assert_close(entropy, -(pi * pi.log()).sum(-1))
+    torch.testing.assert_close(logps, pi[[0, 1], [1, 2]].log())

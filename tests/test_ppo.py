@@ -54,6 +54,30 @@ def test_the_first_ratio_is_exactly_one(tokenizer, tmp_path, dtype):
     assert row["kl"] == 0.0
 
 
+def test_micro_batches_give_the_minibatches_update(tokenizer, tmp_path):
+    """Gradient accumulation over micro-batches of 3 rollouts (minibatches of 6 and 4 rows are cut
+    3 + 3 and 3 + 1): the same figures and the same trained policy and critic as whole minibatches,
+    to float order; and the first ratio is still exactly 1 (log pi_old on the same micro-batches)."""
+    prompts = ["\n\nHuman: What colour is the sky?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
+    trained = []
+    for micro_batch in (0, 3):
+        policy, reference, reward_model, critic = models(tokenizer)
+        cfg = PPOConfig(iterations=2, rollouts=10, epochs=2, minibatches=2, sample_every=0, save_every=0,
+                        micro_batch=micro_batch)
+        row = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
+                        str(tmp_path / f"ppo-{micro_batch}"), max_new_tokens=12)
+        trained.append((row, torch.cat([p.flatten() for p in policy.parameters()]),
+                        torch.cat([p.flatten() for p in critic.parameters()])))
+    (row, policy, critic), (row_m, policy_m, critic_m) = trained
+    assert not torch.allclose(policy, torch.cat([p.flatten() for p in models(tokenizer)[0].parameters()]))  # it trained
+    for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "score", "kl"):
+        assert row_m[k] == pytest.approx(row[k], rel=1e-4, abs=1e-6), k
+    torch.testing.assert_close(policy_m, policy, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(critic_m, critic, rtol=1e-4, atol=1e-6)
+    first = run(tokenizer, tmp_path / "lr0", lr=0.0, critic_lr=0.0, micro_batch=3)
+    assert first["approx_kl"] == 0.0 and first["clipfrac"] == 0.0
+
+
 class Rounding(torch.nn.Module):
     """A stand-in for a compiled or DDP-wrapped module whose float rounding differs from the plain
     model's and depends on the batch's size, as kernels chosen by shape do on a GPU."""
@@ -64,7 +88,8 @@ class Rounding(torch.nn.Module):
 
     def forward(self, idx, attention_mask=None, **kw):
         out = self.model(idx, attention_mask, **kw)
-        return out + 1e-3 * idx.size(0) * torch.linspace(0, 1, out.size(-1))
+        rounded = lambda x: x + 1e-3 * idx.size(0) * torch.linspace(0, 1, x.size(-1))
+        return (rounded(out[0]), out[1]) if isinstance(out, tuple) else rounded(out)  # log-probs, entropy
 
 
 def test_the_old_log_probs_come_from_the_updates_own_forward(tokenizer, tmp_path, monkeypatch):

@@ -1,0 +1,162 @@
+"""Low-rank adapters (lora.py): the base with the adapters off is the base exactly, a fresh adapter
+changes nothing, a merged adapter gives the unmerged logits, only adapters and heads train, each
+MPO stage's reference is its starting policy, and a killed LoRA stage resumes exactly."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint
+from llama import Llama, LlamaConfig
+from lora import AdaptersOff, LoRAConfig, add_adapters, adapters, merge, switched_off
+from model import GPT, GPTConfig, ScalarModel, response_logprobs
+from mpo import reference_of
+from training import Memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = {"gpt": lambda: GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16)),
+           "llama": lambda: Llama(LlamaConfig(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                                              n_embd=16, intermediate_size=24, qkv_bias=True, tie_word_embeddings=False))}
+
+
+def batch():
+    """Left-padded prompts and right-padded responses: the packed path and the padded one."""
+    torch.manual_seed(1)
+    seq = torch.randint(3, 61, (3, 12))
+    attn = torch.ones_like(seq)
+    attn[0, :3] = 0
+    attn[1, 10:] = 0
+    return seq, attn
+
+
+def trained_adapters(model, seed=0):
+    """Adapters as after training: B no longer zero."""
+    g = torch.Generator().manual_seed(seed)
+    for m in adapters(model):
+        m.lora_B.data = 0.1 * torch.randn(m.lora_B.shape, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_adapters_off_are_the_base_exactly_and_a_fresh_adapter_changes_nothing(layout):
+    torch.manual_seed(0)
+    base = LAYOUTS[layout]().eval()
+    seq, attn = batch()
+    with torch.no_grad():
+        want = base(seq, attn)
+        adapted = add_adapters(copy.deepcopy(base), LoRAConfig(rank=4))
+        assert torch.equal(adapted(seq, attn), want)  # B starts at zero
+        trained_adapters(adapted)
+        assert not torch.allclose(adapted(seq, attn), want)
+        with switched_off(adapted):
+            assert torch.equal(adapted(seq, attn), want)
+        assert torch.equal(AdaptersOff(adapted)(seq, attn), want)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_merged_adapter_gives_the_unmerged_logits(layout):
+    torch.manual_seed(0)
+    model = trained_adapters(add_adapters(LAYOUTS[layout]().eval(), LoRAConfig(rank=4, alpha=8.0)))
+    seq, attn = batch()
+    with torch.no_grad():
+        unmerged = model(seq, attn)
+        merged = merge(model)
+        assert not adapters(merged)
+        torch.testing.assert_close(merged(seq, attn), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("targets", ["attn,mlp", "attn", "mlp"])
+def test_only_the_targeted_adapters_and_the_head_train(layout, targets):
+    model = ScalarModel(LAYOUTS[layout]().config, type(LAYOUTS[layout]()))
+    add_adapters(model, LoRAConfig(rank=2, targets=targets))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or name.startswith("head.") for name in trained)
+    assert {"head.weight", "head.bias"} <= trained
+    adapted = {name.rsplit(".", 1)[0] for name in trained if "lora_" in name}
+    in_attn = {n for n in adapted if ".attn." in n or ".self_attn." in n}
+    in_mlp = {n for n in adapted if ".mlp." in n}
+    per_layer = {"gpt": (2, 2), "llama": (4, 3)}[layout]  # GPT-2's fused qkv and output; q, k, v, o
+    assert (len(in_attn), len(in_mlp)) == tuple(2 * n if kind in targets else 0 for n, kind in zip(per_layer, ("attn", "mlp")))
+    assert adapted == in_attn | in_mlp
+
+
+def test_each_stage_reference_is_the_policy_it_starts_from(tmp_path):
+    """A LoRA stage's reference is its own policy with the adapters off: its log-probs equal those of
+    the starting policy loaded separately, exactly. A reference other than the start (mpo_ref_sft's
+    SFT in stage 2) is a second model; so is every reference without adapters."""
+    torch.manual_seed(0)
+    start, other = str(tmp_path / "dpo"), str(tmp_path / "sft")
+    save_checkpoint(LAYOUTS["gpt"](), start)
+    save_checkpoint(LAYOUTS["gpt"](), other)
+    memory = Memory(LoRAConfig(rank=4))
+    policy = trained_adapters(memory.trained(load_checkpoint(start, kind="gpt")[0], "ppo"))
+    reference = reference_of(policy, start, start, memory, "cpu")
+    assert isinstance(reference, AdaptersOff)
+    seq, attn = batch()
+    mask = attn[:, 5:].float()
+    separate = load_checkpoint(start, kind="gpt")[0].eval()
+    with torch.no_grad():
+        assert torch.equal(response_logprobs(reference, seq, attn, 5, mask=mask)[0],
+                           response_logprobs(separate, seq, attn, 5, mask=mask)[0])
+    assert not isinstance(reference_of(policy, start, other, memory, "cpu"), AdaptersOff)
+    full = Memory().trained(load_checkpoint(start, kind="gpt")[0], "ppo")
+    assert not isinstance(reference_of(full, start, start, Memory(), "cpu"), AdaptersOff)
+
+
+def test_a_lora_base_is_stored_in_the_compute_dtype_and_its_adapters_in_float32():
+    model = Memory(LoRAConfig(rank=2, stages="rm"), dtype="bf16").trained(ScalarModel(LAYOUTS["llama"]().config, Llama), "rm")
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or n.startswith("head."))
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n and not n.startswith("head."))
+    frozen = Memory(dtype="bf16").frozen(LAYOUTS["gpt"]())
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in frozen.parameters())
+
+
+def micro(out, *flags):
+    return subprocess.run([sys.executable, "train.py", "--preset", "micro", "--out", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_exactly(tmp_path):
+    """Adapters on the reward model, DPO and PPO (policy and critic), with checkpointing: the whole
+    pipeline runs; a PPO stage killed after a step state resumes to the same policy as one run
+    straight through, and its step state holds the adapters and heads alone."""
+    flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2"]
+    whole = micro(tmp_path / "whole", *flags)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert (tmp_path / "whole" / "results.json").exists()
+    # the same run, killed in PPO right after its step state at iteration 2
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP_STATE, str(tmp_path / "killed"), *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 7, killed.stderr[-2000:]
+    state = load_file_keys(tmp_path / "killed" / "ppo" / "step_state.safetensors")
+    model_keys = [k for k in state if k.startswith(("policy.", "critic."))]
+    assert model_keys and all("lora_" in k or k.startswith("critic.head.") for k in model_keys)
+    resumed = micro(tmp_path / "killed", *flags)
+    assert resumed.returncode == 0 and "resuming from step 2" in resumed.stdout, resumed.stderr[-2000:]
+    a = load_checkpoint(str(tmp_path / "whole" / "ppo"))[0].state_dict()
+    b = load_checkpoint(str(tmp_path / "killed" / "ppo"))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_file_keys(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+# runs train.py's main in this process and exits with 7 right after PPO's first step state is saved
+KILL_AFTER_STEP_STATE = """
+import sys, training, train
+save = training.StepState.save
+def save_then_die(self, step, extra=None):
+    save(self, step, extra)
+    if "ppo" in self.path and step == 2:
+        sys.exit(7)
+training.StepState.save = save_then_die
+train.main(["--preset", "micro", "--out", sys.argv[1], *sys.argv[2:]])
+"""
