@@ -96,6 +96,14 @@ def load_weights(path, device="cpu"):
         raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def check_finite(state, path):
+    """Weights with a NaN or an infinity would surface only as SFT's first loss: name them now."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {key!r} holds non-finite values (NaN or inf)")
+    return state
+
+
 def load_checkpoint(folder, kind=None, device="cpu"):
     """Load a folder written by save_checkpoint. kind="scalar" from a "gpt" folder gives a
     scalar model whose backbone is that GPT (the reward model starts from SFT); kind="gpt" from
@@ -109,7 +117,8 @@ def load_checkpoint(folder, kind=None, device="cpu"):
         config = check_config(Config(**info["model"]), f"{folder}/config.json")
     except TypeError as e:
         raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
-    state = load_weights(os.path.join(folder, "model.safetensors"), device)
+    state = check_finite(load_weights(os.path.join(folder, "model.safetensors"), device),
+                         os.path.join(folder, "model.safetensors"))
     kind = kind or info["kind"]
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
@@ -151,7 +160,7 @@ def load_hf_gpt2(path, device="cpu"):
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
         raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
                               "activation_function gelu_new are supported")
-    hf_state = load_weights(files["model.safetensors"])
+    hf_state = check_finite(load_weights(files["model.safetensors"]), files["model.safetensors"])
     model = GPT(config)
     state = {}
     for key, ours in model.state_dict().items():
@@ -261,7 +270,7 @@ def load_hf_llama(path, device="cpu"):
     files = weight_files(path)
     hf_state, where = {}, {}
     for f in files:
-        for k, v in load_weights(f).items():
+        for k, v in check_finite(load_weights(f), f).items():
             hf_state[k], where[k] = v, f
     model = Llama(config)
     named = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")

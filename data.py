@@ -203,7 +203,8 @@ def load_demonstrations(path, format="auto", log=print):
     lines = read_lines(path)
     if "response" not in _json(*lines[0], path):
         return [(r["prompt"], r["chosen"]) for r in load_preferences(path, format, log)]
-    return [(_field(row, "prompt", f"{path}:{n}", True), _field(row, "response", f"{path}:{n}"))
+    # an empty prompt is refused: the first response token would be scored from padding before it
+    return [(_field(row, "prompt", f"{path}:{n}"), _field(row, "response", f"{path}:{n}"))
             for n, row in ((n, _json(n, text, path)) for n, text in lines)]
 
 
@@ -230,8 +231,8 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
     the same name (train.py)."""
     if not data:
         task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs)
-        if eval_split == "valid":  # choosing settings: the test prompts stay unseen
-            task["eval"] = task["valid"]
+        if eval_split == "valid":  # choosing settings: the test prompts stay unseen, held-out pairs too
+            task["eval"], task["held_out"] = task["valid"], task["held_out_valid"]
         if eval_prompts:
             task["eval"] = task["eval"][:eval_prompts]
         return {**task, "gold": gold_reward, "well_formed": well_formed, "reference": reference_scores,

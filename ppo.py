@@ -188,6 +188,12 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
             "scores": scores, "seconds_generate": seconds_generate}
 
 
+def minibatch_indices(n, m, generator):
+    """One epoch's minibatches: a random order of the n rollouts cut into m parts whose sizes differ
+    by one at most (10 into 4: 3, 3, 2, 2), so --ppo-minibatches is what runs."""
+    return torch.randperm(n, generator=generator).tensor_split(m)
+
+
 def micro_batches(mb, size):
     """The rows of a minibatch in forward passes of at most `size` rollouts (0: all at once)."""
     return mb.split(size) if size else [mb]
@@ -300,7 +306,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                      device, dtype, sample_g)
         seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
         # every epoch's minibatches, drawn now: the old log-probs are computed on the first epoch's
-        epochs = [torch.randperm(len(idx), generator=g).chunk(cfg.minibatches) for _ in range(cfg.epochs)]
+        epochs = [minibatch_indices(len(idx), cfg.minibatches, g) for _ in range(cfg.epochs)]
         first = [part for mb in epochs[0] for part in micro_batches(mb, cfg.micro_batch)]
         old = old_logprobs(policy_forward, reference, critic_forward, ro, first, cfg.temperature, device, dtype)
         # EOS trick: a response cut at the length limit gets a fixed penalty score

@@ -305,7 +305,8 @@ def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="lon
               P(a preferred) = sigmoid((r*(a) - r*(b)) / tau), so a larger tau means noisier labels;
               a share `bias` of them come from biased annotators instead (see preference_pairs).
     held_out: preference records on the test prompts, made alike (reward-model and DPO accuracy,
-              and the win rate against the chosen responses).
+              and the win rate against the chosen responses); held_out_valid: on the validation
+              prompts, the same for a run that chooses settings (--eval-split valid).
     eval:     the test prompts; valid: the validation prompts, for choosing settings.
     """
     rng = random.Random(seed + 1)
@@ -316,6 +317,8 @@ def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="lon
     return {"sft": sft, "pref": preference_pairs(pools["pref"], n_pref, tau, rng, bias, bias_kind, crowd),
             "held_out": preference_pairs(pools["eval"], max(32, n_pref // 10), tau, random.Random(seed + 2),
                                          bias, bias_kind, crowd),
+            "held_out_valid": preference_pairs(pools["valid"], max(32, n_pref // 10), tau, random.Random(seed + 3),
+                                               bias, bias_kind, crowd),
             "eval": [p for p, _, _ in pools["eval"]], "valid": [p for p, _, _ in pools["valid"]]}
 
 

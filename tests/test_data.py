@@ -251,3 +251,6 @@ def test_eval_split_valid_evaluates_on_the_validation_prompts():
     test, valid = (data.load_task(0, 1.0, eval_split=split, n_sft=1) for split in ("test", "valid"))
     assert valid["eval"] == test["valid"] and not set(test["eval"]) & set(valid["eval"])
     assert all(builtin.held_out_part(p) == "valid" for p in valid["eval"])
+    # the pairs behind held_out_accuracy (reward model, DPO) and the win rate: on the split used
+    assert all(builtin.held_out_part(r["prompt"]) == "valid" for r in valid["held_out"])
+    assert all(builtin.held_out_part(r["prompt"]) == "eval" for r in test["held_out"])

@@ -82,6 +82,14 @@ def test_demonstrations_from_prompt_response_lines_or_chosen(tmp_path):
     assert data.load_demonstrations(prefs, log=lambda m: None) == [("Q", " A")]
 
 
+def test_an_empty_prompt_in_demonstrations_is_one_clear_error(tmp_path):
+    """With no prompt, nothing comes before a row's first response token: it would be scored from
+    padding (packed: a copy of the token itself). So the line is refused, naming file and line."""
+    demos = write(tmp_path / "d.jsonl", [{"prompt": "Q", "response": " A"}, {"prompt": " ", "response": " B"}])
+    with pytest.raises(data.DataError, match=r"d.jsonl:2: field 'prompt' is empty"):
+        data.load_demonstrations(demos)
+
+
 @pytest.mark.skipif(not os.path.exists(HH_FILE), reason="the HH-RLHF file beside the project is absent")
 def test_real_hh_file_rebuilds_every_dialogue():
     logs = []

@@ -129,6 +129,22 @@ def test_bad_init_folder(tmp_path, capsys, name, model_changes, files, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_init_weights_stop_before_any_work(tmp_path, capsys, bad):
+    """A NaN or inf in --init's weights: one line naming the file and the tensor, nothing written
+    (before, SFT's first step stopped with a NaN loss and a hint about the learning rate)."""
+    from safetensors.torch import load_file, save_file
+    folder, out = tmp_path / "gpt", tmp_path / "run"
+    small_checkpoint(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["transformer.h.0.mlp.c_fc.weight"][3, 5] = bad
+    save_file(state, str(folder / "model.safetensors"))
+    code, err = run_main(["--preset", "micro", "--init", str(folder), "--out", str(out)], capsys)
+    check_one_line(code, err, f"{folder / 'model.safetensors'}: tensor 'transformer.h.0.mlp.c_fc.weight' holds "
+                              "non-finite values")
+    assert not out.exists()
+
+
 def test_a_lora_target_the_init_model_lacks(tmp_path, capsys):
     """--init's layout decides which projections exist: a GPT-2 folder has no q_proj."""
     folder, out = tmp_path / "gpt", tmp_path / "run"

@@ -54,6 +54,15 @@ def test_the_first_ratio_is_exactly_one(tokenizer, tmp_path, dtype):
     assert row["kl"] == 0.0
 
 
+@pytest.mark.parametrize("n, m, sizes", [(10, 4, [3, 3, 2, 2]), (6, 4, [2, 2, 1, 1]), (64, 2, [32, 32]), (5, 5, [1] * 5)])
+def test_every_epoch_runs_the_minibatches_asked_for(n, m, sizes):
+    """chunk(m) gave 10 rollouts in 4 minibatches as 3, 3, 3, 1 and 6 in 4 as three minibatches."""
+    from ppo import minibatch_indices
+    parts = minibatch_indices(n, m, torch.Generator().manual_seed(0))
+    assert [len(p) for p in parts] == sizes
+    assert sorted(torch.cat(parts).tolist()) == list(range(n))
+
+
 def test_micro_batches_give_the_minibatches_update(tokenizer, tmp_path):
     """Gradient accumulation over micro-batches of 3 rollouts (minibatches of 6 and 4 rows are cut
     3 + 3 and 3 + 1): the same figures and the same trained policy and critic as whole minibatches,
