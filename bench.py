@@ -31,7 +31,8 @@ import torch
 from checkpoint import hf_llama_config
 from dpo import pair_logps
 from llama import Llama, LlamaConfig
-from model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, token_logprobs
+from model import GPT, GPTConfig, ScalarModel, response_logprobs, token_logprobs
+from sampling import generate
 from ppo import PPOConfig, train_ppo
 import training
 from training import autocast, compiled, default_dtype, optimizer_step

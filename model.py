@@ -1,5 +1,5 @@
-"""GPT policy, scalar heads (reward and value), KV-cache sampling, and the log-probabilities of
-responses that every stage shares (SFT loss, DPO, PPO, the evaluation's KL).
+"""GPT policy, scalar heads (reward and value), and the log-probabilities of responses that every
+stage shares (SFT loss, DPO, PPO, the evaluation's KL). Sampling with a KV cache: sampling.py.
 
 The parameter layout follows GPT-2 (and nanoGPT), so Hugging Face GPT-2 weights map onto it
 with a transpose of the attention and MLP matrices (checkpoint.load_hf_gpt2). llama.py is the
@@ -74,25 +74,6 @@ class Block(nn.Module):
     def forward(self, x, mask, cache=None, layer=0):
         x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer))
         return x + self.drop(self.mlp(self.ln_2(x)))
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated once: (n_layer, B, H, max_len, head_dim)."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        # GPT has a key/value head per query head; llama.Llama's grouped-query attention has fewer
-        heads = getattr(config, "n_kv_head", config.n_head)
-        head_dim = getattr(config, "head_dim", config.n_embd // config.n_head)
-        shape = (config.n_layer, batch_size, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # how many positions are filled
-
-    def update(self, layer, k, v):
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 def position_ids_from_mask(attention_mask):
@@ -316,94 +297,6 @@ def scalar_head(head, x):
     would tie and the easy set's size (--easy-fraction) would no longer be exact."""
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), head.weight.float(), head.bias.float()).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf the logits outside the top k, and outside the smallest set of mass top_p."""
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def autocast_dtype(device_type):
-    """The dtype autocast computes in on this device type ("cuda", "cpu"), or None outside autocast."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4; the older calls below are deprecated there
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    if device_type == "cuda":
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    if device_type == "cpu":
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-    return None
-
-
-@torch.no_grad()
-def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
-             top_p=None, eos_id=None, pad_id=0, generator=None, check_every=8):
-    """Sample responses with a KV cache (temperature 0: greedy).
-
-    prompt (B, P) left-padded token ids, prompt_mask (B, P) 1 on real tokens.
-    Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is 1 up to and including
-    the first eos, and tokens are pad_id after it. Log-probs are recomputed by a full forward pass
-    (response_logprobs), the computation every later use makes.
-    """
-    B, P = prompt.shape
-    device = prompt.device
-    if prompt_mask is not None and bool(prompt_mask.all()):
-        prompt_mask = None  # no padding: the fused attention path
-    dtype = autocast_dtype(device.type) or next(model.parameters()).dtype  # the keys' and values' dtype
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
-    mask = None
-    if prompt_mask is not None:
-        mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
-        mask[:, :P] = prompt_mask
-    positions = (prompt_mask.sum(-1, keepdim=True) if prompt_mask is not None
-                 else torch.full((B, 1), P, device=device))
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits = model(prompt, prompt_mask, cache=cache, logits_from=-1)[:, -1]
-    n = max_new_tokens
-    for t in range(max_new_tokens):
-        if temperature == 0:  # greedy
-            next_token = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            next_token = categorical(probs, generator)
-        tokens[:, t] = torch.where(alive, next_token, pad_id)
-        if eos_id is not None:
-            alive = alive & (next_token != eos_id)
-        if t == max_new_tokens - 1 or (eos_id is not None and t % check_every == check_every - 1
-                                       and not bool(alive.any())):
-            n = t + 1
-            break
-        step_mask = None if mask is None else mask[:, :P + t + 1]
-        logits = model(tokens[:, t:t + 1], step_mask, position_ids=positions + t, cache=cache)[:, -1]
-    tokens = tokens[:, :n]
-    return tokens, response_mask(tokens, eos_id, pad_id)
-
-
-def categorical(probs, generator=None):
-    """One sample per row of probs (B, V) -> (B,), by the exponential race: argmax_i p_i / E_i with
-    E_i ~ Exp(1) (Gumbel-max), no host-device sync. E = -log U from uniform noise: on the CPU
-    about 5x cheaper than torch's exponential_, which took a third of sampling's time."""
-    uniform = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return (probs / -uniform.log()).argmax(-1)
-
-
-def response_mask(tokens, eos_id, pad_id):
-    """1 up to and including the first eos of each row, 0 after: (B, N) -> (B, N)."""
-    if eos_id is None:
-        return torch.ones_like(tokens)
-    is_eos = (tokens == eos_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    return (~after_eos).long()
 
 
 # ----------------------------------------------------------------------------- log-probabilities

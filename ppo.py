@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 import distributed
 from data import append_jsonl, left_pad
-from model import generate, kl_penalty, response_logprobs
+from model import kl_penalty, response_logprobs
 from training import StepState, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
+from sampling import generate
 
 
 @dataclass

@@ -14,7 +14,8 @@ from checkpoint import CheckpointError, load_checkpoint, load_gpt, load_hf_llama
 from data import DataError
 from tokenizer import Tokenizer
 from llama import Llama, LlamaConfig
-from model import KVCache, ScalarModel, generate
+from model import ScalarModel
+from sampling import KVCache, generate
 from task import make_task
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, ScalarModel, generate, kl_penalty, response_mask, response_token_logps, sft_loss
+from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_token_logps, sft_loss
+from sampling import generate, response_mask
 from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -20,7 +21,7 @@ def model():
 
 def test_kv_cache_matches_full_forward(model):
     """Feeding tokens one at a time through the cache gives the logits of one full pass."""
-    from model import KVCache
+    from sampling import KVCache
     idx = torch.randint(0, 97, (3, 12))
     full = model(idx)
     cache = KVCache(CFG, 3, 12, "cpu", torch.float32)
@@ -31,7 +32,7 @@ def test_kv_cache_matches_full_forward(model):
 
 def test_kv_cache_with_left_padding(model):
     """Incremental decoding of a left-padded row equals a full pass over its real tokens."""
-    from model import KVCache
+    from sampling import KVCache
     real = torch.randint(0, 97, (1, 9))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), real], 1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
@@ -225,7 +226,7 @@ def test_logits_only_where_scored_equal_the_full_projection(model):
 
 def test_categorical_samples_by_the_probabilities():
     """The exponential race with E = -log U draws each index with its probability."""
-    from model import categorical
+    from sampling import categorical
     probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]]).expand(200000, 4)
     drawn = categorical(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(drawn, minlength=4).float() / len(drawn)

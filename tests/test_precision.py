@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as model_module
+import sampling
 import train
 import training
-from model import GPT, GPTConfig, autocast_dtype, categorical, generate
+from model import GPT, GPTConfig
+from sampling import autocast_dtype, categorical, generate
 from training import autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -82,11 +83,11 @@ def test_autocast_dtype_without_deprecated_calls_and_the_kv_cache_follows_it(mon
     """generate() keeps its KV cache in the dtype autocast computes in, on the CPU as on CUDA."""
     dtypes = []
 
-    class RecordingCache(model_module.KVCache):
+    class RecordingCache(sampling.KVCache):
         def __init__(self, config, batch_size, max_len, device, dtype):
             dtypes.append(dtype)
             super().__init__(config, batch_size, max_len, device, dtype)
-    monkeypatch.setattr(model_module, "KVCache", RecordingCache)
+    monkeypatch.setattr(sampling, "KVCache", RecordingCache)
     model = GPT(CFG).eval()
     prompt = torch.randint(0, CFG.vocab_size, (2, 5))
     with warnings.catch_warnings():

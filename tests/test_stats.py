@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evaluate import summarize, win_tie_loss
-from model import GPT, GPTConfig, generate
+from model import GPT, GPTConfig
+from sampling import generate
 from report import T975, aggregate, paired_interval, t975
 
 
