@@ -222,7 +222,7 @@ def _json(n, text, path):
 
 def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft_data="", eval_prompts=0,
               eval_split="test", n_sft=4000, n_pref=2000, annotator_bias=0.0, bias_kind="longer", on_policy_pairs=False,
-              judge_fraction=0.2):
+              label_flips=0.0, judge_fraction=0.2):
     """The built-in task (its settings: n_sft to on_policy_pairs, tau the label noise), or the
     records of the preference file `data` with a held-out part (or the file eval_data) and the
     judge's part: a seeded share judge_fraction of the remaining pairs, "judge", that trains the
@@ -230,7 +230,7 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
     DPO and PPO use, and SFT's default demonstrations are the rest. Each setting is the flag of
     the same name (train.py)."""
     if not data:
-        task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs)
+        task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs, label_flips)
         if eval_split == "valid":  # choosing settings: the test prompts stay unseen, held-out pairs too
             task["eval"], task["held_out"] = task["valid"], task["held_out_valid"]
         if eval_prompts:
@@ -240,7 +240,8 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                 "key": {"seed": seed, "task": {"n_sft": n_sft, "n_pref": n_pref,
                                                **({"bias": annotator_bias, "bias_kind": bias_kind}
                                                   if annotator_bias else {}),
-                                               **({"on_policy": True} if on_policy_pairs else {})}},
+                                               **({"on_policy": True} if on_policy_pairs else {}),
+                                               **({"flips": label_flips} if label_flips else {})}},
                 "judge": None}
     records = load_preferences(data, format, log)
     rng = random.Random(seed)

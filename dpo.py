@@ -19,9 +19,10 @@ class DPOConfig(FitConfig):
     checks.py accepts (an interval: [ and ] include the end)."""
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward",
                                                "range": "(0, inf)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO (sigmoid loss): assumed label "
-                                                          "flip rate", "range": "[0, 0.5)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo", "choices": ["sigmoid", "ipo"]})
+    label_smoothing: float = field(default=0.0, metadata={"help": "the assumed label flip rate eps: conservative DPO "
+                                                          "(sigmoid loss) or robust DPO", "range": "[0, 0.5)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), robust (robust DPO) or ipo",
+                                                        "choices": ["sigmoid", "robust", "ipo"]})
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
     lr: float = fit_field("lr", 1e-4)
 
@@ -30,18 +31,23 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, beta, label_smoothing=0.0, loss_type="sigmoid"):
     """The DPO loss and implicit rewards; every argument and result is (B,).
 
-    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
-    sigmoid: L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)  (eps > 0: conservative DPO)
+    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)],  l(h) = -log sigmoid(beta h)
+    sigmoid: L = (1 - eps) l(h) + eps l(-h)             (eps > 0: conservative DPO, Mitchell 2023)
+    robust:  L = [(1 - eps) l(h) - eps l(-h)] / (1 - 2 eps)    (Chowdhury et al. 2024: unbiased under
+             labels flipped with probability eps, since E[L] over the flip is l(h) of the true label)
     ipo:     L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023)
     Implicit rewards (detached): beta (log pi(y) - log pi_ref(y)) for chosen and rejected.
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid or ipo)")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid, robust or ipo)")
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards

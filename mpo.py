@@ -64,13 +64,16 @@ class Method(NamedTuple):
     budget: a PPO step's iterations, "pool" (--ppo-iterations times the share of all prompts it
     trains on: every prompt is visited as often, so PPO on the hard set costs less) or "mpo" (as
     many as MPO's stage 2, whatever the pool).
-    role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations)."""
+    role: "method" (always run), "baseline" (--compare) or "ablation" (--ablations).
+    dpo_loss: "" (the run's --dpo-* settings), or a DPO loss that knows the labels' flip rate:
+    "sigmoid" (conservative DPO) or "robust", its eps the built-in task's true --label-flips."""
     steps: tuple
     folders: tuple
     reference: str = "policy"
     split: str = "rm"
     budget: str = "pool"
     role: str = "method"
+    dpo_loss: str = ""
 
 
 # The paper's comparison and ablations. Adding one is adding a row.
@@ -98,6 +101,9 @@ METHODS = {
                                 role="ablation"),                                          # stage 2 vs SFT
     "ppo_hard":          Method(("ppo hard",), ("ppo_hard",), role="ablation"),            # stage 2 alone, from SFT
     "dpo_then_dpo_hard": Method(("dpo easy", "dpo hard"), ("dpo", "dpo_then_dpo_hard"), role="ablation"),  # offline
+    # DPO on every pair with a loss built for labels flipped at random, told the true flip rate
+    "cdpo":              Method(("dpo all",), ("dpo_all_cdpo",), role="ablation", dpo_loss="sigmoid"),  # conservative
+    "rdpo":              Method(("dpo all",), ("dpo_all_rdpo",), role="ablation", dpo_loss="robust"),   # robust DPO
 }
 BASELINES = [name for name, m in METHODS.items() if m.role == "baseline"]
 ABLATIONS = [name for name, m in METHODS.items() if m.role == "ablation"]
@@ -111,7 +117,8 @@ def method_stages(name):
     for step, folder in zip(method.steps, method.folders):
         kind, subset = step.split()
         recipe = {"kind": kind, "subset": subset, "init": policy, "reference": policy if method.reference == "policy"
-                  else "sft", "split": SPLITS[method.split], **({"budget": method.budget} if kind == "ppo" else {})}
+                  else "sft", "split": SPLITS[method.split], **({"budget": method.budget} if kind == "ppo" else {}),
+                  **({"loss": method.dpo_loss} if method.dpo_loss and kind == "dpo" else {})}
         stages.append((folder, kind, recipe))
         policy = folder
     return stages, policy
@@ -180,6 +187,9 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
                "easy_label_agreement": label_agreement([records[i] for i in easy]),
                "hard_label_agreement": label_agreement([records[i] for i in hard]),
                "all_label_agreement": label_agreement(records)}
+    if any(r.get("flipped") for r in records):  # the labels flipped at random (--label-flips), by set
+        summary["flipped_share"] = {name: sum(bool(records[i].get("flipped")) for i in subset) / len(subset)
+                                    for name, subset in (("easy", easy), ("hard", hard), ("all", range(len(records))))}
     if any(r.get("biased") for r in records):  # the labels of biased annotators, by set
         summary["biased_share"] = {name: sum(bool(records[i].get("biased")) for i in subset) / len(subset)
                                    for name, subset in (("easy", easy), ("hard", hard), ("all", range(len(records))))}
@@ -254,11 +264,12 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     return final
 
 
-def policy_stages(methods, runner, pairs, cfgs):
+def policy_stages(methods, runner, pairs, cfgs, flips=0.0):
     """Every DPO and PPO stage of `methods`, DPO first (a run asked to stop after dpo has all of
     them): [(name, kind, settings, upstream, the pairs it trains on, its config)]. A PPO step
     visits each prompt of its pool as often, so its iterations scale with the pool's share of the
-    pairs; budget "mpo" takes MPO's stage 2's share instead."""
+    pairs; budget "mpo" takes MPO's stage 2's share instead. A DPO step with a loss of its own
+    (Method.dpo_loss) takes the labels' true flip rate, `flips`, as its eps."""
     share = lambda subset: len(subset) / len(pairs)
     mpo_share = share(select(pairs, runner.path("split"), "hard"))
     steps = [step for method in methods for step in method_stages(method)[0]]
@@ -267,6 +278,8 @@ def policy_stages(methods, runner, pairs, cfgs):
         subset = select(pairs, runner.path(recipe["split"]), recipe["subset"], runner.seed)
         upstream = sorted({recipe["init"], recipe["reference"], recipe["split"]})
         cfg = cfgs[kind]
+        if "loss" in recipe:
+            cfg = dataclasses.replace(cfg, loss_type=recipe["loss"], label_smoothing=flips)
         if kind == "ppo":
             budget = mpo_share if recipe["budget"] == "mpo" else share(subset)
             cfg, upstream = dataclasses.replace(cfg, iterations=max(1, round(cfg.iterations * budget))), upstream + ["rm"]
@@ -278,7 +291,7 @@ def policy_stages(methods, runner, pairs, cfgs):
 
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "judge", "eval"]  # judge: real data only, for eval
 TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eval_split", "n_sft", "n_pref",
-                 "annotator_bias", "bias_kind", "on_policy_pairs",
+                 "annotator_bias", "bias_kind", "on_policy_pairs", "label_flips",
                  "judge_fraction"]  # RunConfig's fields that data.load_task reads
 
 
@@ -324,7 +337,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
         # stage 1 and stage 2 of every method; DPO logs a held-out gold probe, where hacking shows first
         probe_prompts = (task.get("valid") or task["eval"])[:64]  # validation prompts
         probe = (lambda policy: {"gold": s.mean_gold(policy, prompts=probe_prompts)}) if task["gold"] else None
-        plan = policy_stages(methods, runner, task["pref"], cfgs)
+        plan = policy_stages(methods, runner, task["pref"], cfgs, run.label_flips)
         for name, kind, settings, upstream, subset, cfg in plan:
             init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
             fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory)
@@ -390,6 +403,7 @@ def probe_seconds(folder):
 def run_record(run, seed, tau, cfgs, eval_prompts):
     """The settings a results.json records."""
     return {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
+            **({"label_flips": run.label_flips} if run.label_flips else {}),
             "bias_kind": run.bias_kind, "max_new_tokens": run.max_new_tokens, "eval_prompts": eval_prompts,
             "eval_temperature": run.eval_temperature,
             "eval_samples": run.eval_samples, "eval_split": run.eval_split, "on_policy_pairs": run.on_policy_pairs,

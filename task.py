@@ -296,14 +296,15 @@ def split_prompts(seed, n_eval=240):
             "eval": pools["eval"][:n_eval], "valid": pools["valid"][:n_eval]}
 
 
-def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="longer", on_policy=False):
+def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="longer", on_policy=False, flips=0.0):
     """The built-in task, a pure function of its arguments.
 
     sft:      n_sft (prompt, demonstration) pairs of mixed quality, from the "sft" crowd.
     pref:     n_pref preference records on other prompts, responses from the "pairs" crowd (from
               the SFT crowd with on_policy); the label is drawn by Bradley-Terry on the gold reward,
               P(a preferred) = sigmoid((r*(a) - r*(b)) / tau), so a larger tau means noisier labels;
-              a share `bias` of them come from biased annotators instead (see preference_pairs).
+              a share `bias` of them come from biased annotators instead (see preference_pairs);
+              then each label is flipped with probability `flips` (flip_labels).
     held_out: preference records on the test prompts, made alike (reward-model and DPO accuracy,
               and the win rate against the chosen responses); held_out_valid: on the validation
               prompts, the same for a run that chooses settings (--eval-split valid).
@@ -314,7 +315,9 @@ def make_task(seed=0, n_sft=4000, n_pref=2000, tau=1.0, bias=0.0, bias_kind="lon
     crowd = "sft" if on_policy else "pairs"
     sft = [(p, demonstrate(kind, s, rng)) for p, kind, s in
            (rng.choice(pools["sft"]) for _ in range(n_sft))]
-    return {"sft": sft, "pref": preference_pairs(pools["pref"], n_pref, tau, rng, bias, bias_kind, crowd),
+    pref = flip_labels(preference_pairs(pools["pref"], n_pref, tau, rng, bias, bias_kind, crowd), flips,
+                       random.Random(seed + 4))
+    return {"sft": sft, "pref": pref,
             "held_out": preference_pairs(pools["eval"], max(32, n_pref // 10), tau, random.Random(seed + 2),
                                          bias, bias_kind, crowd),
             "held_out_valid": preference_pairs(pools["valid"], max(32, n_pref // 10), tau, random.Random(seed + 3),
@@ -351,6 +354,23 @@ def preference_pairs(pool, n, tau, rng, bias=0.0, bias_kind="longer", crowd="pai
         pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "gold_chosen": ra, "gold_rejected": rb,
                       **({"biased": True} if biased else {})})
     return pairs
+
+
+def flip_labels(pairs, eps, rng):
+    """Uniform label noise, as the robust-DPO literature studies it: each pair's chosen and
+    rejected responses swap with probability eps, whatever the gold gap and the annotator
+    ("flipped": True). From a generator of its own, and no draw at eps 0: the pairs are those of
+    eps 0 but for the flips, and the task at eps 0 is unchanged. Only the training pairs are
+    flipped; the held-out pairs that measure accuracy keep their labels."""
+    if eps == 0:
+        return pairs
+    out = []
+    for r in pairs:
+        if rng.random() < eps:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "gold_chosen": r["gold_rejected"],
+                 "gold_rejected": r["gold_chosen"], "flipped": True}
+        out.append(r)
+    return out
 
 
 def label_agreement(records):

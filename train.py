@@ -32,7 +32,7 @@ from runs import locked
 from tokenizer import Tokenizer
 from training import NonFiniteError, default_dtype
 
-SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias"}  # what a sweep of the labels changes
+SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias", "flip": "label_flips"}  # what a sweep of the labels changes
 STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": DPOConfig, "ppo": PPOConfig,
                  "lora": LoRAConfig}  # lora: flags --lora-*, the adapters of the stages it names
 
@@ -66,8 +66,12 @@ class RunConfig:
                            "the easy set kept at the main run's size", kind="numbers", range="(0, inf)")
     bias_sweep: str = opt("", "comma list of biased annotators' shares: every method (and DPO) once per share, "
                           "SFT shared, the easy set kept at the main run's size", kind="numbers", range="[0, 1]")
+    flip_sweep: str = opt("", "comma list of label flip rates: every method (and DPO) once per rate, SFT shared, "
+                          "the easy set kept at the main run's size", kind="numbers", range="[0, 0.5)")
     label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)",
                              range="(0, inf)")
+    label_flips: float = opt(0.0, "built-in task: each training pair's label is flipped with this probability, "
+                             "whatever the gold gap and the annotator", range="[0, 0.5)")
     annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
                                 "the longer (or more polite) response whatever its correctness", range="[0, 1]")
     bias_kind: str = opt("longer", "what biased annotators prefer", choices=["longer", "polite"])
@@ -126,7 +130,7 @@ class RunConfig:
     def methods(self):
         extra = ABLATIONS if self.ablations == "all" else [a for a in self.ablations.split(",") if a]
         # a sweep of the labels compares DPO on the easy pairs (stage 1) with DPO on all of them
-        dpo = ["dpo"] if self.noise_sweep or self.bias_sweep else []
+        dpo = ["dpo"] if self.noise_sweep or self.bias_sweep or self.flip_sweep else []
         wanted = set(extra + dpo + (BASELINES if self.compare else []))
         return [m for m, row in METHODS.items() if m != "sft" and (row.role == "method" or m in wanted)]
 
@@ -134,7 +138,8 @@ class RunConfig:
     def sweeps(self):
         return {"delta": [float(x) for x in self.delta_sweep.split(",") if x],
                 "noise": [float(x) for x in self.noise_sweep.split(",") if x],
-                "bias": [float(x) for x in self.bias_sweep.split(",") if x]}
+                "bias": [float(x) for x in self.bias_sweep.split(",") if x],
+                "flip": [float(x) for x in self.flip_sweep.split(",") if x]}
 
     def stage_configs(self):
         return {name: getattr(self, name) for name in STAGE_CONFIGS}
@@ -216,7 +221,7 @@ KINDS = {**checks.KINDS, "preset": lambda v: None if v in PRESETS else f"not a p
 
 
 BUILTIN_TASK = ["n_sft", "n_pref", "label_noise", "noise_sweep", "bias_sweep", "annotator_bias", "bias_kind",
-                "on_policy_pairs", "eval_split"]  # settings of the built-in task: meaningless with --data
+                "on_policy_pairs", "eval_split", "label_flips", "flip_sweep"]  # settings of the built-in task: meaningless with --data
 MODEL_SHAPE = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]  # --init's config.json has its own
 
 
@@ -286,7 +291,8 @@ def check(run):
         if wrong:
             return f"--lora-targets {lora.targets}: {wrong}"
     for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
-                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep)):
+                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep),
+                        ("--flip-sweep", run.flip_sweep)):
         if given and "eval" not in run.stage_list:
             return f"{flag} runs after the eval stage: add eval to --stages"
     return None

@@ -193,6 +193,27 @@ def test_noise_grows_with_tau():
     assert agree[0] > agree[1] > agree[2]
 
 
+def test_label_flips_swap_labels_at_their_rate_whatever_the_gold_gap():
+    """--label-flips eps swaps chosen and rejected with probability eps, independent of the gold gap:
+    the same pairs as eps 0 but for the swaps, flipped ones marked; the held-out pairs keep their
+    labels; eps 0 is today's task, draw for draw."""
+    eps, n = 0.3, 4000
+    clean = builtin.make_task(0, n_sft=0, n_pref=n)
+    noisy = builtin.make_task(0, n_sft=0, n_pref=n, flips=eps)
+    flipped = [r.get("flipped", False) for r in noisy["pref"]]
+    for c, r, f in zip(clean["pref"], noisy["pref"], flipped):
+        assert (r["chosen"], r["rejected"]) == ((c["rejected"], c["chosen"]) if f else (c["chosen"], c["rejected"]))
+        assert r["gold_chosen"] - r["gold_rejected"] == (-1 if f else 1) * (c["gold_chosen"] - c["gold_rejected"])
+    assert abs(sum(flipped) / n - eps) < 4 * math.sqrt(eps * (1 - eps) / n)
+    # as often on clear pairs (a large gold gap) as on close ones
+    gaps = [abs(c["gold_chosen"] - c["gold_rejected"]) for c in clean["pref"]]
+    median = sorted(gaps)[n // 2]
+    for side in ([f for f, g in zip(flipped, gaps) if g > median], [f for f, g in zip(flipped, gaps) if g <= median]):
+        assert abs(sum(side) / len(side) - eps) < 4 * math.sqrt(eps * (1 - eps) / len(side))
+    assert noisy["held_out"] == clean["held_out"]
+    assert builtin.make_task(0, n_sft=20, n_pref=50, flips=0.0) == builtin.make_task(0, n_sft=20, n_pref=50)
+
+
 @pytest.mark.parametrize("kind", ["longer", "polite"])
 def test_biased_annotators(kind):
     """A share `bias` of labels come from annotators who always prefer the longer (or politer)

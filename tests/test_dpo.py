@@ -74,3 +74,18 @@ def test_dpo_unknown_loss_type_raises():
     """An unknown loss_type is a ValueError."""
     with pytest.raises(ValueError):
         dpo_loss(*dpo_args(), beta=0.1, loss_type="hinge-ish")
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_robust_dpo_loss_hand_values_and_unbiasedness(beta, eps):
+    """robust = [(1 - eps) l(h) - eps l(-h)] / (1 - 2 eps), l(h) = -log sig(beta h) (Chowdhury et
+    al. 2024); averaged over a label flipped with probability eps it is l(h) of the true label."""
+    losses, _, _ = dpo_loss(*dpo_args(), beta=beta, label_smoothing=eps, loss_type="robust")
+    swapped, _, _ = dpo_loss(*[dpo_args()[i] for i in (1, 0, 3, 2)], beta=beta, label_smoothing=eps,
+                             loss_type="robust")  # the same pairs with chosen and rejected swapped: -h
+    for i in range(2):
+        h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+        l = lambda x: -log_sigmoid(beta * x)
+        assert losses[i].item() == pytest.approx(((1 - eps) * l(h) - eps * l(-h)) / (1 - 2 * eps), rel=1e-9)
+        assert ((1 - eps) * losses[i] + eps * swapped[i]).item() == pytest.approx(l(h), rel=1e-9)
