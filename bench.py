@@ -34,7 +34,9 @@ from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel, response_logprobs, token_logprobs
 from sampling import generate
 from ppo import PPOConfig, train_ppo
+import bench_memory
 import training
+from bench_memory import MODELS  # real small open models of the Llama layout: their shapes
 from training import autocast, compiled, default_dtype, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,19 +47,7 @@ SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py ke
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=1024),
 }
-MODELS = {  # real small open models of the Llama layout, from their config.json: the shape only, random weights
-    "qwen2-0.5b": LlamaConfig(vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_embd=896, n_kv_head=2,
-                              intermediate_size=4864, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
-                              tie_word_embeddings=True, model_type="qwen2"),  # Qwen2.5-0.5B
-    "qwen2-1.5b": LlamaConfig(vocab_size=151936, block_size=32768, n_layer=28, n_head=12, n_embd=1536, n_kv_head=2,
-                              intermediate_size=8960, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
-                              tie_word_embeddings=True, model_type="qwen2"),  # Qwen2.5-1.5B
-    "llama3.2-1b": LlamaConfig(vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_embd=2048, n_kv_head=8,
-                               head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                               tie_word_embeddings=True),  # Llama-3.2-1B
-}
+
 
 
 def timed(fn, device, repeat=3):
@@ -289,27 +279,6 @@ def bench_logp(model, cfg, a):
         final_norm.weight.fill_(1.0)
 
 
-def bench_memory():
-    """GiB of weights and optimizer state of PPO's four models at MODELS' shapes, from the shapes alone
-    (the meta device: nothing is allocated). As training.py keeps them: float32 weights (bf16 only
-    autocasts the forward passes); a trained model adds a float32 gradient and AdamW's two moments."""
-    GiB = 2 ** 30
-    print("memory of weights and optimizer state (activations, KV cache and logits come on top)")
-    print("| model | parameters | policy (trained) | reference | reward model | critic (trained) | PPO stage, all four "
-          "| DPO stage |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, cfg in MODELS.items():
-        with torch.device("meta"):
-            P = sum(p.numel() for p in Llama(cfg).parameters())
-            S = sum(p.numel() for p in ScalarModel(cfg, Llama).parameters())
-        row = [16 * P, 4 * P, 4 * S, 16 * S]  # trained: 4 (weights) + 4 (gradient) + 8 (AdamW) bytes each
-        print(f"| {name} | {P / 1e6:,.1f}M | " + " | ".join(f"{b / GiB:.1f} GiB" for b in row)
-              + f" | {sum(row) / GiB:.1f} GiB | {(16 * P + 4 * P) / GiB:.1f} GiB |")
-    for name, cfg in MODELS.items():  # the largest tensor of a PPO update besides: float32 logits
-        print(f"{name}: float32 logits of 64 rollouts x 65 scored positions: "
-              f"{64 * 65 * cfg.vocab_size * 4 / GiB:.2f} GiB")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -327,16 +296,16 @@ def main():
     p.add_argument("--new", type=int, default=256 if cuda else 48)
     p.add_argument("--rollouts", type=int, default=64, help="PPO rollouts per iteration; sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
-    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: the "
-                   "memory of PPO's four models at MODELS' shapes")
+    p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: each "
+                   "stage's peak memory at real shapes (bench_memory.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     p.add_argument("--runs", type=int, default=1, help="run the figures this many times, one after the other, "
                    "then print each one's minimum and median")
     a = p.parse_args()
     if a.runs < 1:
         p.error(f"--runs must be at least 1, not {a.runs}")
-    if a.figures == "memory":  # from the shapes alone: no model is built
-        return bench_memory()
+    if a.figures == "memory":  # measured on fake tensors at real shapes: bench_memory.py
+        return bench_memory.main([])
     dtype = a.dtype or default_dtype(a.device)
     if a.preset in MODELS:
         if a.arch == "gpt":

@@ -8,9 +8,11 @@ import os
 from dataclasses import asdict
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data import DataError, UserError, atomic_write, read_json, write_text
+from tokenizer import Tokenizer
 from llama import Llama, LlamaConfig, rope_scaling_problem
 from model import GPT, GPTConfig, ScalarModel
 
@@ -45,6 +47,21 @@ def file_sha256(folder):
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def storage_dtype(path):
+    """The dtype a folder's weights are stored in, its first floating-point tensor's (bf16 for most
+    checkpoints on the Hugging Face hub): what an export of a model trained from it writes."""
+    for file in weight_files(path):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                kind = f.get_slice(key).get_dtype()
+                if kind in SAFETENSORS_DTYPES:
+                    return SAFETENSORS_DTYPES[kind]
+    return torch.float32
 
 
 def read_config_json(path):
@@ -200,6 +217,7 @@ def save_hf_gpt2(gpt, path, eos_id=None):
               "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None, "layer_norm_epsilon": 1e-5,
               "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
               "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
+              "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix("torch."),
               "bos_token_id": eos_id, "eos_token_id": eos_id}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
@@ -295,7 +313,7 @@ def load_hf_llama(path, device="cpu"):
     return model.to(device)
 
 
-def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None):
+def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None, dtype=torch.float32):
     """The Hugging Face config.json (a dict) of a LlamaConfig, in the layout of its model_type."""
     qwen2 = c.model_type == "qwen2"
     if c.model_type not in HF_LLAMA:
@@ -309,15 +327,15 @@ def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None):
             "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
             "max_position_embeddings": c.block_size, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
             "rope_scaling": c.rope_scaling, "hidden_act": "silu", "attention_dropout": 0.0,
-            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "float32",
+            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
             **({"use_sliding_window": False} if qwen2 else {"attention_bias": c.qkv_bias, "mlp_bias": False}),
             "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
 def save_hf_llama(model, path, eos_id=None, bos_id=None, pad_id=None):
     """Write a Llama as a Hugging Face folder of its model_type (llama or qwen2) that
-    AutoModelForCausalLM.from_pretrained reads: config.json and model.safetensors (float32)."""
-    config = hf_llama_config(model.config, eos_id, bos_id, pad_id)
+    AutoModelForCausalLM.from_pretrained reads: config.json and model.safetensors, in the model's dtype."""
+    config = hf_llama_config(model.config, eos_id, bos_id, pad_id, next(model.parameters()).dtype)
     os.makedirs(path, exist_ok=True)
     state = {("lm_head.weight" if k == "unembed.weight" else k): v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}  # tied: no lm_head, transformers ties it
@@ -347,3 +365,16 @@ def load_gpt(path, device="cpu"):
     if model_type != "gpt2":
         raise CheckpointError(f"{file}: model_type {model_type!r} is not supported: gpt2, {', '.join(HF_LLAMA)}")
     return load_hf_gpt2(path, device=device)
+
+
+def export_hf(out, policies, dtype=torch.float32):
+    """Each final policy ({method: stage folder}) as a folder that transformers loads, OUT/hf/METHOD:
+    GPT-2's layout for a GPT, llama or qwen2 (as imported) for a Llama, in `dtype` (--init's: bf16
+    in, bf16 out)."""
+    tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
+    for method, stage in policies.items():
+        folder = os.path.join(out, "hf", method)
+        policy = load_checkpoint(os.path.join(out, stage), kind="gpt")[0].to(dtype)
+        save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")

@@ -120,14 +120,16 @@ def condition_name(run, vary=None):
         stage, _, name = vary.rpartition(".")
         return f"{flag(stage, name)} {setting(run, vary):g}"
     c = run["config"]
-    return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}"
+    flips = f", flips {c['label_flips']:g}" if "label_flips" in c else ""  # recorded where above 0
+    return f"tau {c['label_noise']:g}, bias {c['annotator_bias']:g}" + flips
 
 
 def in_order(conditions, vary=None):
     """A sweep's runs ({condition folder: its runs}) as a list: by the varied setting, or by
     annotator bias, then label noise."""
     key = ((lambda runs: setting(runs[0], vary)) if vary else
-           (lambda runs: (runs[0]["config"]["annotator_bias"], runs[0]["config"]["label_noise"])))
+           (lambda runs: (runs[0]["config"]["annotator_bias"], runs[0]["config"]["label_noise"],
+                          runs[0]["config"].get("label_flips", 0.0))))
     return sorted(conditions.values(), key=key)
 
 
@@ -184,6 +186,10 @@ def sweep_table(runs_of):
     lines.append("| DPO on the easy pairs − DPO on all | " + " | ".join(map(cell, easy)) + " |")
     lines.append("| label agreement with gold, easy / hard | " + " | ".join(
         f"{r['split']['easy_label_agreement']:.2f} / {r['split']['hard_label_agreement']:.2f}" for r in res) + " |")
+    if any("label_flips" in runs[0]["config"] for runs in runs_of):  # labels flipped at random: where they went
+        share = lambda runs, part: statistics.fmean(r["split"].get("flipped_share", {}).get(part, 0.0) for r in runs)
+        lines.append("| flipped labels' share, easy / hard | " + " | ".join(
+            f"{share(runs, 'easy'):.2f} / {share(runs, 'hard'):.2f}" for runs in runs_of) + " |")
     return "\n".join(lines)
 
 
@@ -346,6 +352,9 @@ def collect_one(run, folder, curves=True):
     """One run folder's results.json, with its samples and (curves) MPO's PPO curve, as FOLDER/seed-S.json."""
     results = read_json(os.path.join(run, "results.json"))
     results["samples"] = first_of_each_kind(read_json(os.path.join(run, "eval", "samples.json")), results)
+    summary = os.path.join(run, "split", "summary.json")  # runs from before results.json kept the flipped share
+    if "flipped_share" not in results["split"] and os.path.exists(summary) and "flipped_share" in read_json(summary):
+        results["split"]["flipped_share"] = read_json(summary)["flipped_share"]
     ppo = os.path.join(run, results.get("policies", {}).get("mpo", "ppo"), "metrics.jsonl")
     if curves and os.path.exists(ppo):
         keep = ("iteration", "score", "rm_score", "gold", "kl")

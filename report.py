@@ -199,7 +199,8 @@ def assemble(table, costs, runner, task, split, policies, config, judge=None):
                 f"the judge, a reward model trained on {len(task['judge'])} held-out pairs that no policy or training "
                 "RM saw (judge score; RM score is the training reward model's, which PPO optimised)"),
             **({"judge": judge} if judge else {}),
-            "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement")},
+            "split": {k: split.get(k) for k in ("delta", "easy", "hard", "easy_label_agreement", "hard_label_agreement",
+                                                "flipped_share") if k in split or k != "flipped_share"},
             "seconds": runner.seconds, "reused": runner.reused, "policies": policies, "config": config,
             "provenance": provenance()}
 
@@ -222,8 +223,9 @@ def aggregate(runs):
             xs = [r["methods"][m][key] for r in runs]
             out[m][key] = statistics.mean(xs)
             out[m][f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    split = {k: statistics.mean(r["split"][k] for r in runs) if runs[0]["split"][k] is not None else None
-             for k in runs[0]["split"]}
+    mean = lambda xs: ({k: statistics.mean(x[k] for x in xs) for k in xs[0]} if isinstance(xs[0], dict)
+                       else None if xs[0] is None else statistics.mean(xs))  # flipped_share: a share per set
+    split = {k: mean([r["split"][k] for r in runs]) for k in runs[0]["split"]}
     reference = None
     if runs[0].get("reference"):  # the evaluation prompts differ by seed
         reference = {k: statistics.mean(r["reference"][k] for r in runs) for k, _ in REFERENCE_ROWS}
@@ -243,7 +245,9 @@ LABELS = {"sft": "SFT", "mpo_stage1": "MPO stage 1 (DPO on easy, ref SFT)", "mpo
           "ppo_matched": "PPO matched (MPO's stage-2 rollouts)",
           "no_selection": "no selection (DPO on all pairs, PPO on all prompts)",
           "random_split": "random split (random sets of MPO's sizes)",
-          "gold_split": "gold split (on the gold reward's gap)"}  # the others: their names in mpo.METHODS
+          "gold_split": "gold split (on the gold reward's gap)",
+          "cdpo": "conservative DPO (all pairs, told the flip rate)",
+          "rdpo": "robust DPO (all pairs, told the flip rate)"}  # the others: their names in mpo.METHODS
 
 
 def summary_table(runs):

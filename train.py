@@ -18,7 +18,7 @@ import checks
 import distributed
 import training
 from data import FORMATS, DataError, UserError, write_json
-from checkpoint import file_sha256, load_checkpoint, load_gpt, save_hf
+from checkpoint import export_hf, file_sha256, load_gpt, storage_dtype
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from lora import LoRAConfig, missing_target
@@ -300,11 +300,13 @@ def check(run):
 
 class Init(NamedTuple):
     """--init, checked before anything is written: its folder, the tokenizer its weights were
-    trained with, its context and the content hash of its weights (part of every fingerprint)."""
+    trained with, its context, the content hash of its weights (part of every fingerprint) and the
+    dtype they are stored in (--export-hf writes that one)."""
     path: str
     tokenizer: str
     block_size: int
     sha256: str
+    dtype: torch.dtype = torch.float32
 
 
 def check_init(run):
@@ -332,7 +334,7 @@ def check_init(run):
     name = tokenizer.tok.id_to_token
     print(f"--init {run.init}: {type(model).__name__}, end of sequence {name(tokenizer.eos_id)!r} "
           f"({tokenizer.eos_id}), padding {name(tokenizer.pad_id)!r} ({tokenizer.pad_id})")
-    return Init(run.init, tok_path, model.config.block_size, file_sha256(run.init))
+    return Init(run.init, tok_path, model.config.block_size, file_sha256(run.init), storage_dtype(run.init))
 
 
 # ----------------------------------------------------------------------------- main
@@ -347,7 +349,7 @@ def experiment(run, init):
         return
     if run.export_hf:
         for s, results in zip(seeds, runs):
-            export_hf(folder(s), results["policies"])
+            export_hf(folder(s), results["policies"], init.dtype if init else torch.float32)
     if len(runs) > 1:
         agg = aggregate(runs)
         write_json(os.path.join(run.out, "results.json"), agg)
@@ -369,17 +371,6 @@ def experiment(run, init):
                                            {n: folder(s) for n in shared}))
             print(f"{sweep} = {v:g}:")
             write_table(aggregate(sweep_runs), os.path.join(run.out, f"{sweep}-{v:g}.md"))
-
-
-def export_hf(out, policies):
-    """Each final policy ({method: stage folder}) as a folder that transformers loads, OUT/hf/METHOD:
-    GPT-2's layout for a GPT, llama or qwen2 (as imported) for a Llama."""
-    tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
-    for method, stage in policies.items():
-        folder = os.path.join(out, "hf", method)
-        save_hf(load_checkpoint(os.path.join(out, stage), kind="gpt")[0], folder, tokenizer.eos_id, tokenizer.pad_id)
-        tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
 
 
 def main(argv=None):

@@ -309,9 +309,9 @@ def test_a_tokenizer_without_end_of_sequence_is_a_one_line_error(tmp_path):
 
 # ----------------------------------------------------------------------------- the micro pipeline from a Qwen2 folder
 
-def qwen2_folder(init):
+def qwen2_folder(init, dtype=torch.float32):
     """A tiny random Qwen2 folder whose tokenizer.json was trained here and whose config.json names
-    an end-of-sequence token other than this project's <|endoftext|>: its id."""
+    an end-of-sequence token other than this project's <|endoftext|>: its id. Stored in `dtype`."""
     tokenizer = small_tokenizer()
     eos = tokenizer.tok.token_to_id("<|im_end|>")
     torch.manual_seed(0)
@@ -319,7 +319,7 @@ def qwen2_folder(init):
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=96, tie_word_embeddings=True, eos_token_id=eos,
                                       bos_token_id=None)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(init)
+    transformers.Qwen2ForCausalLM(config).to(dtype).save_pretrained(init)
     tokenizer.tok.save(str(init / "tokenizer.json"))
     assert json.loads((init / "config.json").read_text())["eos_token_id"] == eos
     return eos
@@ -352,3 +352,30 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
     ids = torch.tensor([Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json").encode("\n\nHuman: Hi?\n\nAssistant:")])
     with torch.no_grad():
         assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+
+
+def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
+    """Adapters on SFT, the reward model, DPO and PPO from a bf16 Qwen2 folder, under bf16: the run
+    completes, the LoRA stages' checkpoints keep the bf16 base (half the bytes of float32), and
+    --export-hf writes bf16, which transformers loads with our logits."""
+    init, out = tmp_path / "qwen2", tmp_path / "run"
+    qwen2_folder(init, torch.bfloat16)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "micro", "--init", str(init),
+                           "--out", str(out), "--dtype", "bf16", "--lora-rank", "4", "--lora-stages", "sft,rm,dpo,ppo",
+                           "--checkpointing", "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf",
+                           "--n-sft", "200", "--n-pref", "100", "--sft-steps", "10", "--rm-epochs", "1",
+                           "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        assert {t.dtype for t in load_file(out / stage / "model.safetensors").values()} <= {torch.bfloat16, torch.float32}
+        assert load_file(out / stage / "model.safetensors")["model.layers.0.mlp.up_proj.weight" if stage != "rm" else
+                                                             "gpt.model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    exported = load_file(out / "hf" / "mpo" / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert json.loads((out / "hf" / "mpo" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf" / "mpo").eval()
+    ours = load_checkpoint(out / "ppo", kind="gpt")[0].eval().to(torch.bfloat16)
+    ids = torch.tensor([Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json").encode("\n\nHuman: Hi?\n\nAssistant:")])
+    with torch.no_grad():
+        assert (hf(ids).logits.float() - ours(ids)).abs().max() < 0.05
