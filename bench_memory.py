@@ -297,9 +297,11 @@ def table(rows):
     every stage with MARGIN."""
     lines = ["| model | setting | SFT | RM | DPO | PPO | fits (with the margin) |", "|---|---|---|---|---|---|---|"]
     for (model, setting), peaks in rows.items():
-        cells = [f"{peaks[s]:.1f}" if s in peaks else "" for s in STAGES]
+        cells = [f"{peaks[s]:.1f}" if s in peaks else "not yet" for s in STAGES]
         worst = max(peaks.values()) * MARGIN
         fits = next((f"{c} GB" for c in CARDS if worst <= c), "none of " + "/".join(map(str, CARDS)))
+        if len(peaks) < len(STAGES):  # a stage not measured yet: what the others rule out only
+            fits = "not 24 GB" if worst > CARDS[0] else "(a stage not measured)"
         lines.append(f"| {model} | {setting} | " + " | ".join(cells) + f" | {fits} |")
     return "\n".join(lines)
 

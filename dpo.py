@@ -21,21 +21,26 @@ class DPOConfig(FitConfig):
                                                "range": "(0, inf)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "the assumed label flip rate eps: conservative DPO "
                                                           "(sigmoid loss) or robust DPO", "range": "[0, 0.5)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), robust (robust DPO) or ipo",
-                                                        "choices": ["sigmoid", "robust", "ipo"]})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), robust (robust DPO), ipo (log-ratios "
+                                                        "per token, as IPO's authors and TRL) or ipo_sum (per sequence)",
+                                                        "choices": ["sigmoid", "robust", "ipo", "ipo_sum"]})
     epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
     lr: float = fit_field("lr", 1e-4)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-             reference_rejected_logps, beta, label_smoothing=0.0, loss_type="sigmoid"):
-    """The DPO loss and implicit rewards; every argument and result is (B,).
+             reference_rejected_logps, beta, label_smoothing=0.0, loss_type="sigmoid",
+             chosen_tokens=None, rejected_tokens=None):
+    """The DPO loss and implicit rewards; every argument and result is (B,); the token counts of the
+    chosen and rejected responses are needed by ipo alone.
 
     h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)],  l(h) = -log sigmoid(beta h)
     sigmoid: L = (1 - eps) l(h) + eps l(-h)             (eps > 0: conservative DPO, Mitchell 2023)
     robust:  L = [(1 - eps) l(h) - eps l(-h)] / (1 - 2 eps)    (Chowdhury et al. 2024: unbiased under
              labels flipped with probability eps, since E[L] over the flip is l(h) of the true label)
-    ipo:     L = (h - 1 / (2 beta))^2                                         (Azar et al. 2023)
+    ipo:     L = (h' - 1 / (2 beta))^2, h' as h with each log-ratio divided by its response's token
+             count: the form IPO's results used (Azar et al. 2023) and TRL computes
+    ipo_sum: L = (h - 1 / (2 beta))^2, the margin 1 / (2 beta) on whole sequences
     Implicit rewards (detached): beta (log pi(y) - log pi_ref(y)) for chosen and rejected.
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
@@ -45,9 +50,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     elif loss_type == "robust":
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "ipo":
+        per_token = ((policy_chosen_logps - reference_chosen_logps) / chosen_tokens
+                     - (policy_rejected_logps - reference_rejected_logps) / rejected_tokens)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo_sum":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid, robust or ipo)")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid, robust, ipo or ipo_sum)")
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -90,8 +99,9 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
 
     def step_loss(forward, batch):
         chosen, rejected = pair_logps(forward, batch)
+        tokens = batch["response_mask"][:, 1:].sum(-1).float().chunk(2)  # each response's scored tokens
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
-                                                cfg.beta, cfg.label_smoothing, cfg.loss_type)
+                                                cfg.beta, cfg.label_smoothing, cfg.loss_type, *tokens)
         return losses.mean(), {"margin": (chosen_r - rejected_r).mean().item(),
                                "accuracy": (chosen_r > rejected_r).float().mean().item(),
                                "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}

@@ -274,8 +274,8 @@ def check(run):
     if ppo.kl_target and 5 * ppo.kl_horizon <= ppo.rollouts:
         return (f"--ppo-kl-horizon {ppo.kl_horizon}: with --ppo-kl-target, needs more than --ppo-rollouts / 5 = "
                 f"{ppo.rollouts / 5:g}, or one update can make the KL coefficient 0 or negative")
-    if run.dpo.loss_type == "ipo" and run.dpo.label_smoothing:
-        return "--dpo-label-smoothing is for --dpo-loss-type sigmoid: ipo has none"
+    if run.dpo.loss_type.startswith("ipo") and run.dpo.label_smoothing:
+        return f"--dpo-label-smoothing is for --dpo-loss-type sigmoid: {run.dpo.loss_type} has none"
     lora = run.lora
     if not lora.rank and lora != dataclasses.replace(preset.lora, rank=0):
         given = next(f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(preset.lora, f.name))

@@ -61,13 +61,21 @@ def test_dpo_implicit_rewards_are_detached():
     assert not chosen_r.requires_grad and not rejected_r.requires_grad
 
 
+NC, NR = [4.0, 10.0], [2.0, 5.0]  # the chosen and rejected responses' token counts
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_ipo_loss(beta):
-    """ipo loss = (h - 1 / (2 beta))^2."""
-    losses, _, _ = dpo_loss(*dpo_args(), beta=beta, loss_type="ipo")
+def test_dpo_ipo_losses(beta):
+    """ipo = (h' - 1 / (2 beta))^2 with each log-ratio per token (IPO's results, TRL);
+    ipo_sum = (h - 1 / (2 beta))^2 on the sequences' sums."""
+    counts = [torch.tensor(x, dtype=torch.float64) for x in (NC, NR)]
+    per_token, _, _ = dpo_loss(*dpo_args(), beta=beta, loss_type="ipo", chosen_tokens=counts[0], rejected_tokens=counts[1])
+    summed, _, _ = dpo_loss(*dpo_args(), beta=beta, loss_type="ipo_sum")
     for i in range(2):
         h = (PC[i] - RC[i]) - (PR[i] - RR[i])
-        assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-9)
+        h_token = (PC[i] - RC[i]) / NC[i] - (PR[i] - RR[i]) / NR[i]
+        assert summed[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-9)
+        assert per_token[i].item() == pytest.approx((h_token - 1 / (2 * beta)) ** 2, rel=1e-9)
 
 
 def test_dpo_unknown_loss_type_raises():
