@@ -187,12 +187,11 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
                "easy_label_agreement": label_agreement([records[i] for i in easy]),
                "hard_label_agreement": label_agreement([records[i] for i in hard]),
                "all_label_agreement": label_agreement(records)}
-    if any(r.get("flipped") for r in records):  # the labels flipped at random (--label-flips), by set
-        summary["flipped_share"] = {name: sum(bool(records[i].get("flipped")) for i in subset) / len(subset)
-                                    for name, subset in (("easy", easy), ("hard", hard), ("all", range(len(records))))}
-    if any(r.get("biased") for r in records):  # the labels of biased annotators, by set
-        summary["biased_share"] = {name: sum(bool(records[i].get("biased")) for i in subset) / len(subset)
-                                   for name, subset in (("easy", easy), ("hard", hard), ("all", range(len(records))))}
+    sets = (("easy", easy), ("hard", hard), ("all", range(len(records))))
+    for mark in ("flipped", "biased"):  # labels flipped at random (--label-flips), or from biased annotators, by set
+        if any(r.get(mark) for r in records):
+            summary[f"{mark}_share"] = {name: sum(bool(records[i].get(mark)) for i in subset) / len(subset)
+                                        for name, subset in sets}
     if kind_of:
         summary["kinds"] = {name: dict(sorted(collections.Counter(kind_of(records[i]["prompt"]) for i in subset).items()))
                             for name, subset in (("easy", easy), ("hard", hard))}
