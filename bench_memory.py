@@ -165,11 +165,11 @@ def step_dpo(config, memory, tracker, generator):
     """One DPO step: the policy trained against the reference's precomputed log-probs, the reference
     resident (with adapters it is the policy's base: nothing more)."""
     from dpo import dpo_loss, pair_logps
-    from lora import AdaptersOff, adapters
+    from mpo import reference_of
     from training import autocast, backward, optimizer_step
     with unset_fake_temporarily():  # built on the meta device, cast and adapted as mpo.dpo_stage does
         policy = memory.trained(build(config, "gpt"), "dpo").train()
-        reference = AdaptersOff(policy) if adapters(policy) else memory.frozen(build(config, "gpt"))
+        reference = reference_of(policy, True, lambda: build(config, "gpt"), memory)
     materialize(tracker, policy, reference)
     opt = policy.configure_optimizers(1e-6)
     batch = text_batch(Sizes.pairs, config.vocab_size, generator, pairs=True)
@@ -197,15 +197,13 @@ def step_ppo(config, memory, tracker, generator, folder, epochs=None):
     reference log-probs and values, and the update's epochs x minibatches. epochs=1 measures the
     first epoch alone: the others repeat its minibatches' shapes on the same optimizer state, so
     they reach the same peak (check_method compares the two)."""
-    import copy
-    from lora import AdaptersOff, adapters
+    from mpo import reference_of, reward_model_of
     from ppo import PPOConfig, train_ppo
     with unset_fake_temporarily():  # built on the meta device, cast and adapted as mpo.ppo_stage does
         policy = memory.trained(build(config, "gpt"), "ppo")
-        reference = AdaptersOff(policy) if adapters(policy) else memory.frozen(build(config, "gpt"))
+        reference = reference_of(policy, True, lambda: build(config, "gpt"), memory)
         critic = memory.trained(build(config, "scalar"), "ppo")
-        reward_model = (AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False)) if adapters(critic)
-                        else memory.frozen(build(config, "scalar")))
+        reward_model = reward_model_of(critic, lambda: build(config, "scalar"), memory)
     cfg = PPOConfig(iterations=1, rollouts=Sizes.rollouts, epochs=epochs or Sizes.epochs, minibatches=Sizes.minibatches,
                     save_every=0, sample_every=0, micro_batch=Sizes.micro_batch)
     prompts = [str(k) for k in lengths(Sizes.rollouts, Sizes.prompt, generator)]

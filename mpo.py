@@ -216,21 +216,30 @@ def select(records, split_dir, which, seed=0):
 
 # ----------------------------------------------------------------------------- the two stages
 
-def reference_of(policy, init_dir, reference_dir, memory, device):
+def reference_of(policy, starts_from_it, load, memory):
     """A stage's frozen KL reference. A policy with adapters that starts from its reference (MPO's
-    two stages) has it already: its base with the adapters off, exactly the weights the stage
-    started from, in no extra memory. Otherwise (full fine-tuning, or mpo_ref_sft's SFT reference
-    for a policy that starts from DPO) a second model, frozen, in the compute dtype."""
-    if adapters(policy) and init_dir == reference_dir:
+    two stages: starts_from_it) has it already: its base with the adapters off, exactly the weights
+    the stage started from, in no extra memory. Otherwise (full fine-tuning, or mpo_ref_sft's SFT
+    reference for a policy that starts from DPO) a second model, load(), frozen in the compute dtype."""
+    if adapters(policy) and starts_from_it:
         return AdaptersOff(policy)  # the reference is the base with the adapters off
-    return memory.frozen(load_checkpoint(reference_dir, kind="gpt", device=device)[0])
+    return memory.frozen(load())
+
+
+def reward_model_of(critic, load, memory):
+    """Stage 2's frozen reward model. With adapters it is the critic's backbone with the adapters off
+    under the reward model's own head (the critic's, copied before training); else a second model."""
+    if adapters(critic):
+        return AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False))
+    return memory.frozen(load())
 
 
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
               device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
     policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "dpo")
-    reference = reference_of(policy, init_dir, reference_dir, memory, device)
+    reference = reference_of(policy, init_dir == reference_dir,
+                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe)
     # the adapter merged into the weights: stage 2 starts from, and is referenced to, this policy
@@ -250,10 +259,10 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     the reward model is that backbone with the adapters off and its own head: one backbone for both.
     """
     policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "ppo")
-    reference = reference_of(policy, init_dir, reference_dir, memory, device)
+    reference = reference_of(policy, init_dir == reference_dir,
+                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
     critic = memory.trained(load_checkpoint(rm_dir, kind="scalar", device=device)[0], "ppo")
-    reward_model = (AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False)) if adapters(critic)
-                    else memory.frozen(load_reward_model(rm_dir, device)))
+    reward_model = reward_model_of(critic, lambda: load_reward_model(rm_dir, device), memory)
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                       out_dir, max_new_tokens, device, dtype, seed, gold)
     save_checkpoint(merge(policy), out_dir, init_sha256=file_sha256(init_dir),

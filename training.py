@@ -55,7 +55,7 @@ def autocast(device, dtype):
 
 
 class Memory(NamedTuple):
-    """How a run's stages hold their models (docs/running.md, "One GPU"): adapters (lora.py) on the
+    """How a run's stages hold their models (docs/running.md, "Fitting the GPU you have"): adapters (lora.py) on the
     stages lora.stages names, activation checkpointing of every trained model, and frozen models
     stored in the compute dtype."""
     lora: LoRAConfig = LoRAConfig()

@@ -94,7 +94,8 @@ def test_each_stage_reference_is_the_policy_it_starts_from(tmp_path):
     save_checkpoint(LAYOUTS["gpt"](), other)
     memory = Memory(LoRAConfig(rank=4))
     policy = trained_adapters(memory.trained(load_checkpoint(start, kind="gpt")[0], "ppo"))
-    reference = reference_of(policy, start, start, memory, "cpu")
+    load = lambda folder: lambda: load_checkpoint(folder, kind="gpt")[0]
+    reference = reference_of(policy, True, load(start), memory)
     assert isinstance(reference, AdaptersOff)
     seq, attn = batch()
     mask = attn[:, 5:].float()
@@ -102,9 +103,9 @@ def test_each_stage_reference_is_the_policy_it_starts_from(tmp_path):
     with torch.no_grad():
         assert torch.equal(response_logprobs(reference, seq, attn, 5, mask=mask)[0],
                            response_logprobs(separate, seq, attn, 5, mask=mask)[0])
-    assert not isinstance(reference_of(policy, start, other, memory, "cpu"), AdaptersOff)
+    assert not isinstance(reference_of(policy, False, load(other), memory), AdaptersOff)
     full = Memory().trained(load_checkpoint(start, kind="gpt")[0], "ppo")
-    assert not isinstance(reference_of(full, start, start, Memory(), "cpu"), AdaptersOff)
+    assert not isinstance(reference_of(full, True, load(start), Memory()), AdaptersOff)
 
 
 def test_a_lora_base_is_stored_in_the_compute_dtype_and_its_adapters_in_float32():
