@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from checkpoint import hf_llama_config
+from hf import hf_llama_config
 from dpo import pair_logps
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel, response_logprobs, token_logprobs

@@ -1,6 +1,7 @@
 """TRL's DPO and PPO as anchors for bench.py: one figure per process, never imported by the project.
 
     python3 bench_anchors.py --install   # TRL 1.16 (DPO), TRL 0.29.1 (PPO) and what they import, under .anchors/
+    python3 bench_anchors.py --install --wheels .whl   # the same offline, from wheels (gpu_check.py)
     python3 bench_anchors.py dpo         # TRL 1.16 DPOTrainer pairs/s, reference log-probs precomputed (its best)
     python3 bench_anchors.py ppo         # TRL 0.29.1 PPOTrainer seconds per iteration (after a warm-up one)
 
@@ -24,7 +25,8 @@ ANCHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".anchors")
 SITE = os.path.join(ANCHORS, "site-packages")
 TRL = {"dpo": "1.16.0", "ppo": "0.29.1"}  # 0.29.1: the last TRL with PPOTrainer (trl.experimental.ppo)
 DEPS = ["accelerate==1.15.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "pandas==3.1.1",
-        "psutil==7.2.2", "pyarrow==26.0.1", "xxhash==4.1.0"]  # what TRL imports beyond requirements.txt
+        "psutil==7.2.2", "pyarrow==26.0.1", "python-dateutil==2.9.0.post0", "six==1.17.0",
+        "xxhash==4.1.0"]  # what TRL imports beyond requirements-dev.txt (dateutil and six: pandas')
 FOLDERS = {**{f"trl-{v}": [f"trl=={v}"] for v in TRL.values()}, "deps": DEPS}
 FIRST_CHAR = 0x4E00  # token id i is the character chr(FIRST_CHAR + i)
 
@@ -33,10 +35,23 @@ def installed():
     return all(os.path.isdir(os.path.join(SITE, name)) for name in FOLDERS)
 
 
-def install():
+def present(pin):
+    """Whether pin's distribution is installed already, at any version."""
+    from importlib import metadata
+    try:
+        return bool(metadata.version(pin.split("==")[0]))
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def install(wheels=None):
     """pip install --no-deps --target each folder; one already there with the same pins is kept.
-    A folder is built beside its place and moved in when complete, so a failed run leaves none."""
+    A folder is built beside its place and moved in when complete, so a failed run leaves none.
+    wheels: a folder of wheels to install from, offline (a GPU machine without a registry); then a
+    dependency the environment has already, at whatever version, is used as it is."""
     for name, pins in FOLDERS.items():
+        if wheels and name == "deps":
+            pins = [pin for pin in pins if not present(pin)]
         folder = os.path.join(SITE, name)
         pins_file = os.path.join(folder, "PINS")
         if os.path.exists(pins_file) and open(pins_file).read().split() == pins:
@@ -44,8 +59,11 @@ def install():
             continue
         part = folder + ".partial"
         shutil.rmtree(part, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", part, *pins],
-                       check=True)
+        offline = ["--no-index", "--find-links", wheels] if wheels else []
+        if pins:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *offline, "--target", part,
+                            *pins], check=True)
+        os.makedirs(part, exist_ok=True)
         with open(os.path.join(part, "PINS"), "w") as f:
             f.write("\n".join(pins) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
@@ -163,6 +181,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", nargs="?", choices=list(TRL))
     p.add_argument("--install", action="store_true", help="install the anchors under .anchors/ (re-runnable)")
+    p.add_argument("--wheels", help="with --install: offline, from this folder of wheels")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=128)
@@ -178,7 +197,7 @@ def main():
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed after a warm-up iteration")
     a = p.parse_args()
     if a.install:
-        install()
+        install(a.wheels)
     if a.figure is None:
         return
     if not installed():

@@ -16,6 +16,7 @@ storages under the same mode with real tensors, and the process's resident-set g
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from llama import LlamaConfig
-from peak_memory import PeakMemory, fake_world
+from peak_memory import CudaPeak, PeakMemory, fake_world, materialize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GiB = 2 ** 30
@@ -112,25 +113,6 @@ def build(config, kind):
         return ScalarModel(config, backbone) if kind == "scalar" else backbone(config)
 
 
-def materialize(tracker, *models):
-    """The meta tensors of built models as tensors of the tracker's world (fake, or real for the
-    check), on the CPU: shapes, dtypes, requires_grad and tied weights kept; counted from now."""
-    made = {}
-    for model in models:
-        for module in model.modules():
-            for group in (module._parameters, module._buffers):
-                for name, t in list(group.items()):
-                    if t is None or not t.is_meta:
-                        continue
-                    if id(t) not in made:
-                        new = torch.empty(t.shape, dtype=t.dtype)
-                        if tracker.fake_mode is None:  # real tensors: values as the weights would be
-                            torch.nn.init.normal_(new, std=0.02) if new.is_floating_point() else new.zero_()
-                        made[id(t)] = torch.nn.Parameter(new, t.requires_grad) if group is module._parameters else new
-                    group[name] = made[id(t)]
-    tracker.count_now(made.values())
-
-
 def memory_of(setting):
     from lora import LoRAConfig
     from training import Memory
@@ -151,7 +133,7 @@ def step_sft(config, memory, tracker, generator, stage="sft"):
     with tracker:
         batch = {k: tracker.fake_of(v) for k, v in batch.items()}
         for _ in range(2):  # the second step has AdamW's state
-            with autocast("cpu", memory.dtype):
+            with autocast(tracker.device, memory.dtype):
                 if stage == "rm":
                     chosen, rejected = reward_of(model, batch).chunk(2)
                     loss = bt_loss(chosen, rejected)
@@ -175,9 +157,9 @@ def step_dpo(config, memory, tracker, generator):
     batch = text_batch(Sizes.pairs, config.vocab_size, generator, pairs=True)
     with tracker:
         batch = {k: tracker.fake_of(v) for k, v in batch.items()}
-        ref = torch.zeros(Sizes.pairs)
+        ref = torch.zeros(Sizes.pairs, device=tracker.device)
         for _ in range(2):
-            with autocast("cpu", memory.dtype):
+            with autocast(tracker.device, memory.dtype):
                 chosen, rejected = pair_logps(policy, batch)
                 loss = dpo_loss(chosen, rejected, ref, ref, 0.1)[0].mean()
             backward(loss)
@@ -210,20 +192,29 @@ def step_ppo(config, memory, tracker, generator, folder, epochs=None):
     materialize(tracker, policy, reference, critic, reward_model)
     with tracker:
         train_ppo(policy, reference, reward_model, critic, Tokens(), prompts, cfg, folder, Sizes.response,
-                  "cpu", memory.dtype, 0)
+                  tracker.device, memory.dtype, 0)
 
 
-def measure(config, setting, stage, folder, fake=True, epochs=1):
+def measure(config, setting, stage, folder, fake=True, epochs=1, device="cpu"):
     """Peak GiB of one stage's step for a model config under `setting`: on fake tensors, or with
-    fake=False for real (the check of the method). PPO runs `epochs` of the update (None: all)."""
+    fake=False for real (the check of the method); device "cuda": for real on the GPU, the
+    allocator's peak. PPO runs `epochs` of the update (None: all)."""
     memory, generator = memory_of(setting), torch.Generator().manual_seed(0)
-    with (fake_world() if fake else contextlib.nullcontext(PeakMemory())) as tracker:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    world = CudaPeak() if device == "cuda" else fake_world() if fake else contextlib.nullcontext(PeakMemory())
+    with world as tracker:
         if stage in ("sft", "rm"):
             step_sft(config, memory, tracker, generator, stage)
         elif stage == "dpo":
             step_dpo(config, memory, tracker, generator)
         else:
             step_ppo(config, memory, tracker, generator, os.path.join(folder, "ppo-memory"), epochs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / GiB
     return tracker.peak / GiB
 
 
@@ -290,13 +281,18 @@ STAGES = ["sft", "rm", "dpo", "ppo"]
 CARDS = [24, 40, 80]  # GiB of the cards people have
 
 
+def row_order(row):
+    """(model, setting) in the order of shapes() and SETTINGS: the table's rows."""
+    return list(shapes()).index(row[0]), list(SETTINGS).index(row[1])
+
+
 def table(rows):
     """Markdown: model x setting -> the peak GiB of each stage, and the smallest card that holds
     every stage with MARGIN."""
     lines = ["| model | setting | SFT | RM | DPO | PPO | fits (with the margin) |", "|---|---|---|---|---|---|---|"]
-    for (model, setting), peaks in rows.items():
-        cells = [f"{peaks[s]:.1f}" if s in peaks else "not yet" for s in STAGES]
-        worst = max(peaks.values()) * MARGIN
+    for (model, setting), peaks in sorted(rows.items(), key=lambda item: row_order(item[0])):
+        cells = [("OOM" if peaks[s] is None else f"{peaks[s]:.1f}") if s in peaks else "not yet" for s in STAGES]
+        worst = max(math.inf if p is None else p for p in peaks.values()) * MARGIN
         fits = next((f"{c} GB" for c in CARDS if worst <= c), "none of " + "/".join(map(str, CARDS)))
         if len(peaks) < len(STAGES):  # a stage not measured yet: what the others rule out only
             fits = "not 24 GB" if worst > CARDS[0] else "(a stage not measured)"
@@ -309,17 +305,26 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(shapes()), help="comma list of: " + ",".join(shapes()))
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ",".join(SETTINGS))
     p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--out", default=os.path.join(HERE, "results", "bench", "memory.json"),
-                   help="each measurement is added to this file as it finishes; a rerun measures what is missing")
+    p.add_argument("--out", help="each measurement is added to this file as it finishes; a rerun measures what "
+                   "is missing (default: results/bench/memory.json, with --device cuda memory-cuda.json)")
     p.add_argument("--check", action="store_true", help="only the check of the method at a small shape")
+    p.add_argument("--no-check", action="store_true", help="measure without checking the method first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: each step for real on the GPU, torch.cuda.max_memory_allocated")
     a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "bench_memory.py: error: --device cuda: torch sees no CUDA device\n")
+    a.out = a.out or os.path.join(HERE, "results", "bench", "memory-cuda.json" if a.device == "cuda" else "memory.json")
     for name, allowed in (("models", shapes()), ("settings", SETTINGS), ("stages", STAGES)):
         wrong = [x for x in getattr(a, name).split(",") if x not in allowed]
         if wrong:
             p.exit(2, f"bench_memory.py: error: --{name} {wrong[0]!r}: choose from {', '.join(allowed)}\n")
     folder = tempfile.mkdtemp()
     done = json.load(open(a.out)) if os.path.exists(a.out) else {"measured": {}, "check": None}
-    if a.check or done["check"] is None:
+    if a.device == "cuda":  # the allocator's own figures: no method to check, the GPU to name
+        done["device"] = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                          f"{time.strftime('%Y-%m-%d')}")
+    elif a.check or (done["check"] is None and not a.no_check):
         done["check"] = check_method(folder)
         write(a.out, done)
     for model in a.models.split(","):
@@ -328,8 +333,12 @@ def main(argv=None):
                 key = f"{model} | {setting} | {stage}"
                 if key not in done["measured"] and not a.check:
                     t0 = time.time()
-                    done["measured"][key] = measure(shapes()[model], setting, stage, folder)
-                    print(f"{key}: {done['measured'][key]:.2f} GiB ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+                    try:
+                        done["measured"][key] = measure(shapes()[model], setting, stage, folder, device=a.device)
+                    except torch.cuda.OutOfMemoryError:  # recorded: the card does not hold it
+                        done["measured"][key] = None
+                    figure = "out of memory" if done["measured"][key] is None else f"{done['measured'][key]:.2f} GiB"
+                    print(f"{key}: {figure} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
                     write(a.out, done)
     text = report(done)
     print(text)
@@ -344,12 +353,24 @@ def write(path, done):
     os.replace(tmp, path)
 
 
-def report(done):
-    """What bench.py --figures memory prints, and results/bench/memory.txt holds, from the JSON."""
+def by_row(done):
+    """memory.json's measurements as {(model, setting): {stage: peak GiB}}."""
     rows = {}
     for key, peak in done["measured"].items():
         model, setting, stage = key.split(" | ")
         rows.setdefault((model, setting), {})[stage] = peak
+    return rows
+
+
+def report(done):
+    """What bench.py --figures memory prints, and results/bench/memory.txt holds, from the JSON."""
+    rows = by_row(done)
+    if "device" in done:  # --device cuda
+        return (f"# python3 bench_memory.py --device cuda: torch.cuda.max_memory_allocated per stage (GiB), on\n"
+                f"# {done['device']}, at the sizes of bench_memory.Sizes; PPO is one whole iteration.\n"
+                f"# Fits: the largest stage times {MARGIN} (fragmentation, workspaces) within the card.\n" + table(rows))
+    if done["check"] is None:  # --no-check
+        return table(rows)
     cell = lambda x: "" if x is None else f"{x:.3f}"
     check = "\n".join(f"| {stage} | " + " | ".join(cell(x) for x in figures) + " |" for stage, *figures in done["check"])
     return (f"# python3 bench_memory.py: peak GiB of live tensor storage per stage, measured on fake tensors\n"

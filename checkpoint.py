@@ -1,6 +1,6 @@
-"""A model's weights on disk, through safetensors only (never pickle): this project's checkpoint
-folders (model.safetensors + config.json) and Hugging Face folders of the GPT-2, Llama and Qwen2
-layouts, both ways.
+"""This project's checkpoint folders, through safetensors only (never pickle): model.safetensors
+(or, for a stage on a frozen base, adapter.safetensors) and config.json. Hugging Face folders,
+both ways, are in hf.py.
 """
 import hashlib
 import json
@@ -8,12 +8,11 @@ import os
 from dataclasses import asdict
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data import DataError, UserError, atomic_write, read_json, write_text
-from tokenizer import Tokenizer
 from llama import Llama, LlamaConfig, rope_scaling_problem
+from lora import LoRALinear, adapters, merge
 from model import GPT, GPTConfig, ScalarModel
 
 
@@ -26,42 +25,85 @@ class CheckpointError(UserError):
 ARCHS = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}  # config.json's "arch": the backbone
 
 
-def save_checkpoint(model, folder, **extra):
-    """model.safetensors + config.json. extra (e.g. a reward offset) goes into config.json."""
+def save_checkpoint(model, folder, base=None, **extra):
+    """model.safetensors + config.json. extra (e.g. a reward offset) goes into config.json.
+
+    A model with adapters (lora.py) on a frozen base that is the folder `base` as loaded (cast to
+    the dtype it is held in) keeps its trained weights alone, adapter.safetensors (the adapters and
+    a scalar model's head), and config.json says where its base is: a stage on a 1.5B model then
+    writes megabytes, not gigabytes. Without `base` its adapters are merged into the weights first."""
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not k.endswith("lm_head.weight")}  # tied to wte: stored once
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
     arch = "llama" if isinstance(model.config, LlamaConfig) else "gpt"
-    atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state, p))
     config = {"kind": kind, "arch": arch, "model": asdict(model.config), **extra}
+    if base is not None and adapters(model):
+        names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+        first = adapters(model)[0]
+        config["adapter"] = {"base": os.path.relpath(base, folder), "base_sha256": file_sha256(base),
+                             "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
+                             "rank": first.lora_A.shape[0], "alpha": first.alpha, "modules": names}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if ".lora_" in k or k.startswith("head.")}
+        file = ADAPTER_FILE
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in merge(model).state_dict().items()
+                 if not k.endswith("lm_head.weight")}  # tied to wte: stored once
+        file = "model.safetensors"
+    atomic_write(os.path.join(folder, file), lambda p: save_file(state, p))
     write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
+
+
+ADAPTER_FILE = "adapter.safetensors"  # an adapter folder's weights: the adapters and a scalar model's head
+
+
+def adapter_info(folder):
+    """config.json's "adapter" entry of an adapter folder (save_checkpoint), or None."""
+    path = os.path.join(folder, "config.json")
+    return read_config_json(path).get("adapter") if os.path.isfile(path) else None
+
+
+def load_adapted(folder, info, kind, device):
+    """An adapter folder's model: its base folder loaded (recursively: stage 2's base is stage 1's
+    adapter folder), cast to the dtype the base was held in, the adapters put back and merged. The
+    merged weights are the very ones merging at the end of the stage would have stored."""
+    a = info["adapter"]
+    base = os.path.normpath(os.path.join(folder, a["base"]))
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise CheckpointError(f"{folder}/config.json: its base folder {base} is missing (an adapter folder "
+                              "is read beside the stage folder it was trained on)")
+    if file_sha256(base) != a["base_sha256"]:
+        raise CheckpointError(f"{folder}: its base folder {base} has changed since the adapter was trained on it")
+    model, _ = load_checkpoint(base, kind=kind, device=device)
+    model.to(getattr(torch, a["base_dtype"]))
+    rename = lambda k: k if kind == info["kind"] else k.removeprefix("gpt.") if kind == "gpt" else "gpt." + k
+    if hasattr(model, "head"):
+        model.head.float()
+    with torch.random.fork_rng(devices=[]):  # the adapters' initialisation draws nothing from the run's stream
+        for name in map(rename, a["modules"]):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), a["rank"], a["alpha"]))
+    path = os.path.join(folder, ADAPTER_FILE)
+    state = {rename(k): v for k, v in load_weights(path, device).items() if kind == info["kind"] or not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" in k or (k.startswith("head.") and kind == info["kind"])]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match config.json's adapter (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return merge(model)
 
 
 def file_sha256(folder):
     """The content hash of a checkpoint folder's weights (model.safetensors, or the shards of a
     sharded Hugging Face folder one after the other): what a stage's fingerprint records."""
     h = hashlib.sha256()
-    for path in weight_files(folder):
+    adapter = adapter_info(folder)
+    if adapter:  # an adapter folder: its base's hash, then its own weights
+        h.update(adapter["base_sha256"].encode())
+    for path in [os.path.join(folder, ADAPTER_FILE)] if adapter else weight_files(folder):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def storage_dtype(path):
-    """The dtype a folder's weights are stored in, its first floating-point tensor's (bf16 for most
-    checkpoints on the Hugging Face hub): what an export of a model trained from it writes."""
-    for file in weight_files(path):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                kind = f.get_slice(key).get_dtype()
-                if kind in SAFETENSORS_DTYPES:
-                    return SAFETENSORS_DTYPES[kind]
-    return torch.float32
 
 
 def read_config_json(path):
@@ -134,9 +176,11 @@ def load_checkpoint(folder, kind=None, device="cpu"):
         config = check_config(Config(**info["model"]), f"{folder}/config.json")
     except TypeError as e:
         raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
+    kind = kind or info["kind"]
+    if "adapter" in info:
+        return load_adapted(folder, info, kind, device).to(device), info
     state = check_finite(load_weights(os.path.join(folder, "model.safetensors"), device),
                          os.path.join(folder, "model.safetensors"))
-    kind = kind or info["kind"]
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
     model = ScalarModel(config, Backbone) if kind == "scalar" else Backbone(config)
@@ -155,79 +199,6 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     return model.to(device), info
 
 
-# ----------------------------------------------------------------------------- GPT-2 import/export
-
-# Hugging Face GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def load_hf_gpt2(path, device="cpu"):
-    """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2."""
-    files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors")}
-    hf = read_config_json(files["config.json"])
-    try:
-        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf["n_ctx"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           bias=True)  # dropout stays at 0.0, this project's default
-    except KeyError as e:
-        raise CheckpointError(f"{files['config.json']}: missing field {e}") from None
-    check_config(config, files["config.json"])
-    # model.py has GPT-2's LayerNorm eps (1e-5) and GELU (tanh approximation, "gelu_new")
-    if (abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12
-            or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
-        raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
-                              "activation_function gelu_new are supported")
-    hf_state = check_finite(load_weights(files["model.safetensors"]), files["model.safetensors"])
-    model = GPT(config)
-    state = {}
-    for key, ours in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to wte
-        short = key[len("transformer."):]
-        if key not in hf_state and short not in hf_state:
-            raise CheckpointError(f"{files['model.safetensors']}: missing key {key!r}")
-        w = hf_state.get(key, hf_state.get(short))
-        w = w.t() if key.endswith(_CONV1D) else w
-        if w.shape != ours.shape:
-            raise CheckpointError(f"{files['model.safetensors']}: {key!r} has shape {tuple(w.shape)}, "
-                             f"config.json needs {tuple(ours.shape)}")
-        state[key] = w
-    head = hf_state.get("lm_head.weight")
-    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
-        raise CheckpointError(f"{files['model.safetensors']}: lm_head.weight is not tied to wte")
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state)  # buffers such as attn.bias / attn.masked_bias are ignored
-    return model.to(device)
-
-
-def save_hf_gpt2(gpt, path, eos_id=None):
-    """Write a GPT as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained reads.
-
-    eos_id (default vocab_size - 1, GPT-2's <|endoftext|> slot) becomes bos/eos_token_id.
-    """
-    c = gpt.config
-    if not c.bias:
-        raise ValueError("GPT-2 has biases: a model with bias=False cannot be saved as GPT-2")
-    os.makedirs(path, exist_ok=True)
-    state = {k: (v.t() if k.endswith(_CONV1D) else v).detach().contiguous().cpu()
-             for k, v in gpt.state_dict().items() if k != "lm_head.weight"}  # transformers ties it
-    eos_id = c.vocab_size - 1 if eos_id is None else eos_id
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer,
-              "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": None, "layer_norm_epsilon": 1e-5,
-              "activation_function": "gelu_new", "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-              "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
-              "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix("torch."),
-              "bos_token_id": eos_id, "eos_token_id": eos_id}
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
-
-
-# ----------------------------------------------------------------------------- Llama and Qwen2 import/export
-
-HF_LLAMA = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type: the class transformers builds
-
-
 def weight_files(path):
     """A folder's safetensors files: model.safetensors, or the shards model.safetensors.index.json lists."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
@@ -237,144 +208,3 @@ def weight_files(path):
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise CheckpointError(f"{index}: field 'weight_map' missing or not an object of file names")
     return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
-
-
-def llama_config_from_hf(hf, file):
-    """A LlamaConfig from a Hugging Face config.json of model_type llama or qwen2; a field missing,
-    of the wrong type or asking for what llama.py does not do is a CheckpointError naming it."""
-    def field(key, default=None, kind=int):
-        value = hf.get(key, default)
-        if value is None:
-            raise CheckpointError(f"{file}: missing field {key!r}")
-        if kind is int and (type(value) is not int or value <= 0):
-            raise CheckpointError(f"{file}: field {key!r} must be a positive integer, not {value!r}")
-        if kind is float and (type(value) not in (int, float) or value <= 0):
-            raise CheckpointError(f"{file}: field {key!r} must be a positive number, not {value!r}")
-        return value
-    for key, wanted in (("hidden_act", "silu"), ("mlp_bias", False), ("use_sliding_window", False),
-                        ("partial_rotary_factor", 1.0)):
-        if hf.get(key, wanted) != wanted:
-            raise CheckpointError(f"{file}: field {key!r} is {hf[key]!r}; only {wanted!r} is supported")
-    # Hugging Face writes rope_theta and rope_scaling (transformers 4) or rope_parameters (5)
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-    if not isinstance(scaling, dict):
-        raise CheckpointError(f"{file}: field 'rope_scaling' must be an object, not {scaling!r}")
-    if rope_scaling_problem(scaling):
-        raise CheckpointError(f"{file}: {rope_scaling_problem(scaling)}")
-    n_head, n_embd = field("num_attention_heads"), field("hidden_size")
-    qwen2 = hf["model_type"] == "qwen2"
-    return LlamaConfig(
-        vocab_size=field("vocab_size"), block_size=field("max_position_embeddings"),
-        n_layer=field("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
-        n_kv_head=field("num_key_value_heads", n_head), head_dim=hf.get("head_dim") or field("hidden_size") // n_head,
-        intermediate_size=field("intermediate_size"), rms_norm_eps=field("rms_norm_eps", 1e-6, float),
-        rope_theta=field("rope_theta", rope.get("rope_theta", 10000.0), float),
-        rope_scaling=scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None,
-        qkv_bias=qwen2 or bool(hf.get("attention_bias")), o_bias=not qwen2 and bool(hf.get("attention_bias")),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers' default: untied
-        model_type=hf["model_type"])
-
-
-def load_hf_llama(path, device="cpu"):
-    """A Llama from a Hugging Face folder of model_type llama or qwen2: config.json and
-    model.safetensors, or shards listed in model.safetensors.index.json. The weights become
-    float32 (the master copy every stage trains; the files are often bf16)."""
-    file = os.path.join(path, "config.json")
-    hf = read_config_json(file)
-    if hf.get("model_type") not in HF_LLAMA:
-        raise CheckpointError(f"{file}: field 'model_type' is {hf.get('model_type')!r}, not {' or '.join(HF_LLAMA)}")
-    config = check_config(llama_config_from_hf(hf, file), file)
-    files = weight_files(path)
-    hf_state, where = {}, {}
-    for f in files:
-        for k, v in check_finite(load_weights(f), f).items():
-            hf_state[k], where[k] = v, f
-    model = Llama(config)
-    named = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
-    state = {}
-    for key, ours in model.state_dict().items():
-        theirs = "lm_head.weight" if key == "unembed.weight" else key  # llama.Llama says why
-        if theirs not in hf_state:
-            raise CheckpointError(f"{named}: missing key {theirs!r}")
-        w = hf_state.pop(theirs)
-        if w.shape != ours.shape:
-            raise CheckpointError(f"{where[theirs]}: {theirs!r} has shape {tuple(w.shape)}, "
-                                  f"config.json needs {tuple(ours.shape)}")
-        state[key] = w.float()
-    head = hf_state.pop("lm_head.weight", None)  # tied: transformers may still write it
-    if head is not None and not torch.equal(head.float(), state["model.embed_tokens.weight"]):
-        raise CheckpointError(f"{where['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight, "
-                              "but config.json says tie_word_embeddings")
-    extra = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")]  # old files store RoPE's table
-    if extra:
-        raise CheckpointError(f"{where[extra[0]]}: unexpected key {extra[0]!r} (config.json does not ask for it)")
-    model.load_state_dict(state)
-    return model.to(device)
-
-
-def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None, dtype=torch.float32):
-    """The Hugging Face config.json (a dict) of a LlamaConfig, in the layout of its model_type."""
-    qwen2 = c.model_type == "qwen2"
-    if c.model_type not in HF_LLAMA:
-        raise ValueError(f"model_type {c.model_type!r}: llama or qwen2")
-    if qwen2 and (not c.qkv_bias or c.o_bias):
-        raise ValueError("Qwen2 has biases on q, k and v and none on o_proj: this model cannot be saved as qwen2")
-    if not qwen2 and c.qkv_bias != c.o_bias:
-        raise ValueError("Llama's attention_bias puts biases on q, k, v and o_proj together: save as qwen2")
-    return {"model_type": c.model_type, "architectures": [HF_LLAMA[c.model_type]], "vocab_size": c.vocab_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-            "max_position_embeddings": c.block_size, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
-            "rope_scaling": c.rope_scaling, "hidden_act": "silu", "attention_dropout": 0.0,
-            "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
-            **({"use_sliding_window": False} if qwen2 else {"attention_bias": c.qkv_bias, "mlp_bias": False}),
-            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
-
-
-def save_hf_llama(model, path, eos_id=None, bos_id=None, pad_id=None):
-    """Write a Llama as a Hugging Face folder of its model_type (llama or qwen2) that
-    AutoModelForCausalLM.from_pretrained reads: config.json and model.safetensors, in the model's dtype."""
-    config = hf_llama_config(model.config, eos_id, bos_id, pad_id, next(model.parameters()).dtype)
-    os.makedirs(path, exist_ok=True)
-    state = {("lm_head.weight" if k == "unembed.weight" else k): v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}  # tied: no lm_head, transformers ties it
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
-
-
-def save_hf(model, path, eos_id=None, pad_id=None):
-    """A policy as the Hugging Face folder of its own layout: GPT-2 for a GPT, llama or qwen2 (the
-    layout it was imported from) for a Llama."""
-    if isinstance(model, Llama):
-        save_hf_llama(model, path, eos_id, pad_id=pad_id)
-    else:
-        save_hf_gpt2(model, path, eos_id)
-
-
-def load_gpt(path, device="cpu"):
-    """A policy (--init) from a checkpoint folder of this project or a Hugging Face folder whose
-    config.json's model_type is gpt2 (or none), llama or qwen2."""
-    file = os.path.join(path, "config.json")
-    info = read_config_json(file)
-    if "kind" in info:
-        return load_checkpoint(path, kind="gpt", device=device)[0]
-    model_type = info.get("model_type", "gpt2")
-    if model_type in HF_LLAMA:
-        return load_hf_llama(path, device=device)
-    if model_type != "gpt2":
-        raise CheckpointError(f"{file}: model_type {model_type!r} is not supported: gpt2, {', '.join(HF_LLAMA)}")
-    return load_hf_gpt2(path, device=device)
-
-
-def export_hf(out, policies, dtype=torch.float32):
-    """Each final policy ({method: stage folder}) as a folder that transformers loads, OUT/hf/METHOD:
-    GPT-2's layout for a GPT, llama or qwen2 (as imported) for a Llama, in `dtype` (--init's: bf16
-    in, bf16 out)."""
-    tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
-    for method, stage in policies.items():
-        folder = os.path.join(out, "hf", method)
-        policy = load_checkpoint(os.path.join(out, stage), kind="gpt")[0].to(dtype)
-        save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
-        tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")

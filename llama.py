@@ -11,7 +11,7 @@ What differs from GPT-2, block by block:
 - optional biases on q, k, v (Qwen2) and untied input and output embeddings.
 
 Module names follow Hugging Face's LlamaForCausalLM, so its weights load by name
-(checkpoint.load_hf_llama); only an untied output matrix has a name of its own (unembed).
+(hf.load_hf_llama); only an untied output matrix has a name of its own (unembed).
 """
 import math
 from dataclasses import dataclass

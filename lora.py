@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation, as PEFT
-        self.scale = alpha / rank
+        self.alpha, self.scale = alpha, alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
 

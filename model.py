@@ -2,7 +2,7 @@
 stage shares (SFT loss, DPO, PPO, the evaluation's KL). Sampling with a KV cache: sampling.py.
 
 The parameter layout follows GPT-2 (and nanoGPT), so Hugging Face GPT-2 weights map onto it
-with a transpose of the attention and MLP matrices (checkpoint.load_hf_gpt2). llama.py is the
+with a transpose of the attention and MLP matrices (hf.load_hf_gpt2). llama.py is the
 second backbone (Llama and Qwen2 checkpoints), with the same interface as GPT.
 """
 import math

@@ -14,7 +14,6 @@ live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 import collections
 import copy
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,15 +28,15 @@ import distributed
 from checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from data import read_json, write_json
 from dpo import train_dpo
-from lora import AdaptersOff, adapters, merge
+from lora import AdaptersOff, adapters
 from ppo import train_ppo
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
 from reward import load_reward_model, score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from tokenizer import Tokenizer
-from training import Memory, epoch_steps
-from runs import Runner, Stop
+from training import Memory
+from runs import Runner, Stop, method_costs, run_record
 
 
 @dataclass
@@ -242,8 +241,9 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
                              lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe)
-    # the adapter merged into the weights: stage 2 starts from, and is referenced to, this policy
-    save_checkpoint(merge(policy), out_dir, init_sha256=file_sha256(init_dir),
+    # with adapters, they alone (load_checkpoint merges them into init_dir's weights: stage 2 starts
+    # from, and is referenced to, that merged policy)
+    save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy", "gold"],
                 os.path.join(out_dir, "curves.png"))
@@ -265,7 +265,7 @@ def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer,
     reward_model = reward_model_of(critic, lambda: load_reward_model(rm_dir, device), memory)
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                       out_dir, max_new_tokens, device, dtype, seed, gold)
-    save_checkpoint(merge(policy), out_dir, init_sha256=file_sha256(init_dir),
+    save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
                 os.path.join(out_dir, "curves.png"), versus=("kl", ["score", "gold"]))
@@ -368,53 +368,9 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
             at("judge") if judge else None))
     except Stop:
         return None
-    costs = method_costs(policies, plan, runner)
+    costs = method_costs({m: method_stages(m)[0] for m in methods}, plan, runner)
     results = assemble(table, costs, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])),
                        judge)
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
     return results
-
-
-def method_costs(methods, plan, runner):
-    """What each method needs from SFT on: the DPO pairs it trains on (steps x batch size), the PPO
-    rollouts it samples (iterations x rollouts) and the seconds of its own stages and of the shared
-    stages it needs (the reward model, a split), less the held-out gold probes, which are evaluation."""
-    plan = {name: (kind, subset, cfg) for name, kind, _, _, subset, cfg in plan}
-    costs = {}
-    for method in methods:
-        needs, pairs, rollouts = set(), 0, 0
-        for name, kind, recipe in method_stages(method)[0]:
-            _, subset, cfg = plan[name]
-            needs.add(name)
-            if recipe["subset"] != "all":  # the split it reads, and what that split needs
-                needs |= {"rm", recipe["split"]} | ({"split"} if recipe["split"] == "split_gold" else set())
-            if kind == "ppo":  # the reward model scores its rollouts
-                needs.add("rm")
-                rollouts += cfg.iterations * cfg.rollouts
-            else:
-                pairs += epoch_steps(cfg.epochs, len(subset), cfg.batch_size) * cfg.batch_size
-        seconds = sum(runner.seconds.get(s, 0) - probe_seconds(runner.path(s)) for s in needs)
-        costs[method] = {"seconds": round(seconds, 2), "dpo_pairs": pairs, "ppo_rollouts": rollouts}
-    return costs
-
-
-def probe_seconds(folder):
-    """The seconds a stage spent on held-out gold probes (DPO) or on judging its rollouts' gold (PPO)."""
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0.0
-    with open(path) as f:
-        return sum(row.get("seconds_probe", 0) + row.get("seconds_gold", 0) for row in map(json.loads, f))
-
-
-def run_record(run, seed, tau, cfgs, eval_prompts):
-    """The settings a results.json records."""
-    return {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
-            **({"label_flips": run.label_flips} if run.label_flips else {}),
-            "bias_kind": run.bias_kind, "max_new_tokens": run.max_new_tokens, "eval_prompts": eval_prompts,
-            "eval_temperature": run.eval_temperature,
-            "eval_samples": run.eval_samples, "eval_split": run.eval_split, "on_policy_pairs": run.on_policy_pairs,
-            "world_size": distributed.world_size(), "grad_accum": run.grad_accum,
-            **({"judge_fraction": run.judge_fraction} if run.data else {}),
-            **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}

@@ -1,7 +1,8 @@
 """Peak memory without the memory: PeakMemory counts the bytes of every tensor storage alive at
 each op and keeps the peak, on real tensors or on fake ones (torch's FakeTensorMode: shapes and
 dtypes, no storage, no arithmetic), so that a step of a 7B model is measured on a laptop.
-bench_memory.py runs the stages' steps under it."""
+bench_memory.py runs the stages' steps under it; materialize gives models built on the meta
+device their tensors in it, and CudaPeak stands in for it on a GPU, where the allocator counts."""
 import contextlib
 import weakref
 
@@ -23,6 +24,8 @@ class PeakMemory(TorchDispatchMode):
     their real values), else made up: zeros (True for a flag), so a loss reads as finite and a
     sampled token is never the end of a sequence, which is the longest and so the largest case.
     """
+
+    device = "cpu"  # where the steps run under it (bench_memory.CudaPeak: "cuda")
 
     def __init__(self, fake_mode=None):
         super().__init__()
@@ -136,3 +139,40 @@ def fake_world():
     with fake_mode:
         tracker = PeakMemory(fake_mode)
         yield tracker
+
+
+def materialize(tracker, *models):
+    """The meta tensors of built models as tensors of the tracker's world (fake, or real for the
+    check), on the CPU: shapes, dtypes, requires_grad and tied weights kept; counted from now."""
+    made = {}
+    for model in models:
+        for module in model.modules():
+            for group in (module._parameters, module._buffers):
+                for name, t in list(group.items()):
+                    if t is None or not t.is_meta:
+                        continue
+                    if id(t) not in made:
+                        new = torch.empty(t.shape, dtype=t.dtype, device=tracker.device)
+                        if tracker.fake_mode is None:  # real tensors: values as the weights would be
+                            torch.nn.init.normal_(new, std=0.02) if new.is_floating_point() else new.zero_()
+                        made[id(t)] = torch.nn.Parameter(new, t.requires_grad) if group is module._parameters else new
+                    group[name] = made[id(t)]
+    tracker.count_now(made.values())
+
+
+class CudaPeak:
+    """The tracker on CUDA (--device cuda): the steps run for real on the GPU, and the peak is the
+    caching allocator's own, torch.cuda.max_memory_allocated over the step, weights included."""
+    fake_mode, device = None, "cuda"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def count_now(self, tensors):
+        pass
+
+    def fake_of(self, real):
+        return real.to(self.device)

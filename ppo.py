@@ -343,7 +343,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                    "explained_variance": explained_variance(old["values"], returns, mask),
                    **{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
                    "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
-        if gold is not None:  # evaluation, not training: mpo.method_costs leaves seconds_gold out
+        if gold is not None:  # evaluation, not training: runs.method_costs leaves seconds_gold out
             t1 = time.time()
             texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), mask.sum(-1).cpu())]
             figures["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)

@@ -188,7 +188,7 @@ def table_text(results, methods=None):
 
 
 def assemble(table, costs, runner, task, split, policies, config, judge=None):
-    """A run's results.json: the eval stage's table with each method's costs (mpo.method_costs),
+    """A run's results.json: the eval stage's table with each method's costs (runs.method_costs),
     the task's reference rows, the split, what judged (and on real data the judge stage's summary,
     `judge`), each stage's seconds, and the run's settings."""
     return {"methods": {m: {**row, **costs.get(m, {"seconds": 0, "dpo_pairs": 0, "ppo_rollouts": 0})}

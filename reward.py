@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import collate, encode_response, pair_batch, tokenize_pairs
-from lora import merge
 from training import FitConfig, autocast, epoch_steps, fit
 
 
@@ -78,8 +77,9 @@ def load_reward_model(folder, device="cpu"):
 
 
 def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, out_dir,
-                       max_response, device="cpu", dtype="fp32", seed=0):
-    """Train on preference records, centre on the demonstrations, save to out_dir.
+                       max_response, device="cpu", dtype="fp32", seed=0, base=None):
+    """Train on preference records, centre on the demonstrations, save to out_dir (with adapters
+    on a frozen base loaded from the folder `base`: the adapters and the head alone).
 
     Returns a summary: held-out accuracy against the labels (and against gold when known).
     """
@@ -102,7 +102,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
     with torch.no_grad():
         model.head.bias -= offset
     summary = {"reward_offset": offset, **evaluate_pairs(model, tokenizer, held_out, max_response, device, dtype)}
-    save_checkpoint(merge(model), out_dir)  # with adapters (lora.py): folded into the weights
+    save_checkpoint(model, out_dir, base=base)
     return summary
 
 

@@ -1,6 +1,7 @@
 """Run folders: the Runner that runs each stage into its folder, reuses a complete one whose
 settings and inputs have not changed, and resumes a killed one from its step state; and the lock
-that keeps a second run out of a folder in use."""
+that keeps a second run out of a folder in use; and what a run's results.json records of its
+settings and of each method's costs."""
 import contextlib
 import dataclasses
 import hashlib
@@ -14,7 +15,7 @@ from tqdm import tqdm
 import data
 import distributed
 from data import write_text
-from training import NonFiniteError, StageError
+from training import NonFiniteError, StageError, epoch_steps
 
 
 class Stop(Exception):
@@ -79,12 +80,16 @@ class Runner:
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
         t0 = time.time()
         tqdm.write(f"== {name} -> {folder}")
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
         try:
             summary = fn(folder)
         except NonFiniteError as e:
             kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
             raise NonFiniteError(f"stage {name}, {e}{kept}") from None
-        done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2),
+        # on a GPU, the stage's peak of the caching allocator (this rank's): what it needs of the card
+        peak = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)} if torch.cuda.is_initialized() else {}
+        done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), **peak,
                                       "summary": summary, "finished": time.time()})  # one time: one fingerprint
         data.write_json(done_path, done)  # written last: the stage is complete
         if os.path.exists(step_state) and distributed.is_main():
@@ -153,3 +158,50 @@ def _alive(pid):
     except PermissionError:  # alive, but another user's
         return True
     return True
+
+
+
+# ----------------------------------------------------------------------------- what a run records
+
+def method_costs(stages, plan, runner):
+    """What each method ({method: its stages, mpo.method_stages}) needs from SFT on: the DPO pairs it trains on (steps x batch size), the PPO
+    rollouts it samples (iterations x rollouts) and the seconds of its own stages and of the shared
+    stages it needs (the reward model, a split), less the held-out gold probes, which are evaluation."""
+    plan = {name: (kind, subset, cfg) for name, kind, _, _, subset, cfg in plan}
+    costs = {}
+    for method, steps in stages.items():
+        needs, pairs, rollouts = set(), 0, 0
+        for name, kind, recipe in steps:
+            _, subset, cfg = plan[name]
+            needs.add(name)
+            if recipe["subset"] != "all":  # the split it reads, and what that split needs
+                needs |= {"rm", recipe["split"]} | ({"split"} if recipe["split"] == "split_gold" else set())
+            if kind == "ppo":  # the reward model scores its rollouts
+                needs.add("rm")
+                rollouts += cfg.iterations * cfg.rollouts
+            else:
+                pairs += epoch_steps(cfg.epochs, len(subset), cfg.batch_size) * cfg.batch_size
+        seconds = sum(runner.seconds.get(s, 0) - probe_seconds(runner.path(s)) for s in needs)
+        costs[method] = {"seconds": round(seconds, 2), "dpo_pairs": pairs, "ppo_rollouts": rollouts}
+    return costs
+
+
+def probe_seconds(folder):
+    """The seconds a stage spent on held-out gold probes (DPO) or on judging its rollouts' gold (PPO)."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        return sum(row.get("seconds_probe", 0) + row.get("seconds_gold", 0) for row in map(json.loads, f))
+
+
+def run_record(run, seed, tau, cfgs, eval_prompts):
+    """The settings a results.json records."""
+    return {"preset": run.preset, "seed": seed, "label_noise": tau, "annotator_bias": run.annotator_bias,
+            **({"label_flips": run.label_flips} if run.label_flips else {}),
+            "bias_kind": run.bias_kind, "max_new_tokens": run.max_new_tokens, "eval_prompts": eval_prompts,
+            "eval_temperature": run.eval_temperature,
+            "eval_samples": run.eval_samples, "eval_split": run.eval_split, "on_policy_pairs": run.on_policy_pairs,
+            "world_size": distributed.world_size(), "grad_accum": run.grad_accum,
+            **({"judge_fraction": run.judge_fraction} if run.data else {}),
+            **{k: dataclasses.asdict(v) for k, v in cfgs.items()}}

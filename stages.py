@@ -9,10 +9,10 @@ from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import load_checkpoint, load_gpt, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from hf import load_gpt
 from data import write_json
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
-from lora import merge
 from model import GPT, GPTConfig
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
@@ -59,7 +59,7 @@ def sft_stage(folder, s, cfg, shape, init=None):
     before = s.mean_gold(model) if task["gold"] else None
     model = s.memory.trained(model, "sft")
     loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
-    save_checkpoint(merge(model), folder)
+    save_checkpoint(model, folder)  # --init's folder lies outside the run: adapters (if any) merged
     if not task["gold"]:
         return {"final_loss": loss}
     after = s.mean_gold(model, show=4)
@@ -74,7 +74,7 @@ def rm_stage(folder, s, sft_dir, cfg):
     task = s.task
     model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
     if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
         summary |= fact_accuracy(model, s.tokenizer, task["eval"], task["answers"], s.max_new_tokens, s.device, s.dtype)
         tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
@@ -90,7 +90,7 @@ def judge_stage(folder, s, sft_dir, cfg):
     task = s.task
     model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed)
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
     write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
     return {"pairs": len(task["judge"]), **summary}
 

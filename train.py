@@ -18,7 +18,8 @@ import checks
 import distributed
 import training
 from data import FORMATS, DataError, UserError, write_json
-from checkpoint import export_hf, file_sha256, load_gpt, storage_dtype
+from checkpoint import file_sha256
+from hf import export_hf, load_gpt, storage_dtype
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from lora import LoRAConfig, missing_target
@@ -45,7 +46,8 @@ def opt(default, help, **kw):
 class RunConfig:
     """One run: where it writes, what it runs, the model and task shapes, and each stage's config."""
     out: str = opt("runs/mpo", "the run folder", kind="run folder")
-    preset: str = opt("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU)", kind="preset")
+    preset: str = opt("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU), gpu24 (--init's "
+                      "model with adapters on one 24 GB GPU)", kind="preset")
     stages: str = opt(",".join(STAGES), "comma list of stages to run: " + ",".join(STAGES), kind="stages")
     force: str = opt("", "comma list of stages to redo even if complete", kind="stages")
     seed: int = opt(0, "seed of the task, the weights and the sampling", range="[0, inf)")
@@ -158,6 +160,13 @@ PRESETS = {
                       max_new_tokens=64, sft=SFTConfig(steps=1500, lr=3e-4, warmup=100), rm=RMConfig(lr=1e-5),
                       dpo=DPOConfig(lr=5e-6), ppo=PPOConfig(iterations=200, lr=1e-6, critic_lr=1e-5, kl_coef=0.5)),
 }
+# one 24 GB GPU and a model of your own (--init, e.g. Qwen2.5-1.5B): adapters of rank 16 on every stage,
+# bf16, checkpointing, at the sizes bench_memory.py measures (PPO 4 epochs x 4 minibatches of 16 rollouts);
+# learning rates of the usual LoRA recipes (adapters take larger steps than full weights)
+PRESETS["gpu24"] = dataclasses.replace(
+    PRESETS["gpt2"], dtype="bf16", checkpointing=True, lora=LoRAConfig(rank=16, alpha=32.0, stages="sft,rm,dpo,ppo"),
+    sft=SFTConfig(steps=1500, lr=2e-4, warmup=100), rm=RMConfig(lr=5e-5), dpo=DPOConfig(lr=5e-6),
+    ppo=PPOConfig(iterations=200, epochs=4, minibatches=4, lr=1e-5, critic_lr=1e-4, kl_coef=0.5))
 
 
 # ----------------------------------------------------------------------------- flags
@@ -280,6 +289,8 @@ def check(run):
     if not lora.rank and lora != dataclasses.replace(preset.lora, rank=0):
         given = next(f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(preset.lora, f.name))
         return f"--lora-{given.replace('_', '-')} sets the adapters: it needs --lora-rank above 0"
+    if run.preset == "gpu24" and not run.init:
+        return "--preset gpu24 trains adapters on a model of your own: give --init (a Hugging Face folder)"
     if lora.applies("sft") and not run.init:
         return "--lora-stages sft: adapters on a randomly initialised model would train little; give --init"
     trains = {"sft", "rm", "dpo", "ppo", "judge"} & set(run.stage_list)

@@ -355,7 +355,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
         if probe and ((step + 1) % probe_every == 0 or step + 1 == steps):
             t0 = time.time()
             row.update(probe(model))
-            row["seconds_probe"] = time.time() - t0  # evaluation, not training: mpo.method_costs leaves it out
+            row["seconds_probe"] = time.time() - t0  # evaluation, not training: runs.method_costs leaves it out
             model.train()
         data.append_jsonl(metrics, row)
         bar.update()

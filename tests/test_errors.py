@@ -395,7 +395,7 @@ def test_a_preference_file_with_a_bom_and_crlf_loads_the_same(tmp_path, packed):
 
 
 def test_json_files_with_a_bom_load(tmp_path):
-    from checkpoint import load_gpt
+    from hf import load_gpt
     small_checkpoint(tmp_path / "ckpt")
     config = tmp_path / "ckpt" / "config.json"
     config.write_bytes(BOM + config.read_bytes().replace(b"\n", b"\r\n"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import load_hf_gpt2, save_hf_gpt2
+from hf import load_hf_gpt2, save_hf_gpt2
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")

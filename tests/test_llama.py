@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, load_checkpoint, load_gpt, load_hf_llama, save_checkpoint, save_hf_llama
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hf import load_gpt, load_hf_llama, save_hf_llama
 from data import DataError
 from tokenizer import Tokenizer
 from llama import Llama, LlamaConfig
@@ -356,7 +357,8 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
 
 def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
     """Adapters on SFT, the reward model, DPO and PPO from a bf16 Qwen2 folder, under bf16: the run
-    completes, the LoRA stages' checkpoints keep the bf16 base (half the bytes of float32), and
+    completes, SFT's checkpoint keeps the bf16 base (half the bytes of float32) and the later
+    stages' their float32 adapters alone (loading merges them into the bf16 base), and
     --export-hf writes bf16, which transformers loads with our logits."""
     init, out = tmp_path / "qwen2", tmp_path / "run"
     qwen2_folder(init, torch.bfloat16)
@@ -367,10 +369,13 @@ def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
                            "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("sft", "rm", "dpo", "ppo"):
-        assert {t.dtype for t in load_file(out / stage / "model.safetensors").values()} <= {torch.bfloat16, torch.float32}
-        assert load_file(out / stage / "model.safetensors")["model.layers.0.mlp.up_proj.weight" if stage != "rm" else
-                                                             "gpt.model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    # SFT (on --init's folder, outside the run) merged and stored bf16; the later stages their adapters alone
+    assert load_file(out / "sft" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    for stage in ("rm", "dpo", "ppo"):
+        assert not (out / stage / "model.safetensors").exists()
+        assert {t.dtype for t in load_file(out / stage / "adapter.safetensors").values()} == {torch.float32}
+        policy = load_checkpoint(out / stage, kind="gpt")[0]
+        assert policy.state_dict()["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     exported = load_file(out / "hf" / "mpo" / "model.safetensors")
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
     assert json.loads((out / "hf" / "mpo" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from llama import Llama, LlamaConfig
 from lora import AdaptersOff, LoRAConfig, add_adapters, adapters, merge, switched_off
 from model import GPT, GPTConfig, ScalarModel, response_logprobs
@@ -117,6 +117,42 @@ def test_a_lora_base_is_stored_in_the_compute_dtype_and_its_adapters_in_float32(
     assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in frozen.parameters())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_adapter_folder_holds_the_adapters_alone_and_loads_as_the_merged_model(tmp_path, layout):
+    """A stage on a frozen base saves its adapters and head alone; loading merges them into the base
+    folder's weights, cast as the stage held them: the very tensors a merged save stores, for a
+    policy, a reward model read as its backbone, and a second stage on the first one's folder. A
+    base that changed or went missing is named."""
+    torch.manual_seed(0)
+    sft, dpo, ppo, rm = (str(tmp_path / s) for s in ("sft", "dpo", "ppo", "rm"))
+    save_checkpoint(LAYOUTS[layout](), sft)
+    memory = Memory(LoRAConfig(rank=4), dtype="bf16")
+    policy = trained_adapters(memory.trained(load_checkpoint(sft, kind="gpt")[0], "dpo"))
+    save_checkpoint(copy.deepcopy(policy), dpo, base=sft)
+    assert sorted(os.listdir(dpo)) == ["adapter.safetensors", "config.json"]
+    merged = merge(policy).state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in load_checkpoint(dpo, kind="gpt")[0].state_dict().items())
+    # stage 2 on stage 1's folder: its base is the merged DPO policy
+    second = trained_adapters(memory.trained(load_checkpoint(dpo, kind="gpt")[0], "ppo"), seed=1)
+    save_checkpoint(copy.deepcopy(second), ppo, base=dpo)
+    merged = merge(second).state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in load_checkpoint(ppo)[0].state_dict().items())
+    # a reward model: adapters and its trained head; read as a backbone (kind="gpt") its head goes
+    scalar = Memory(LoRAConfig(rank=4, stages="rm"), dtype="bf16").trained(load_checkpoint(sft, kind="scalar")[0], "rm")
+    trained_adapters(scalar)
+    scalar.head.bias.data += 0.5
+    save_checkpoint(copy.deepcopy(scalar), rm, base=sft)
+    merged = merge(scalar).state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in load_checkpoint(rm)[0].state_dict().items())
+    assert all(torch.equal(v, merged["gpt." + k]) for k, v in load_checkpoint(rm, kind="gpt")[0].state_dict().items())
+    os.rename(sft, sft + "-moved")
+    with pytest.raises(CheckpointError, match="base folder .* is missing"):
+        load_checkpoint(ppo)
+    save_checkpoint(LAYOUTS[layout](), sft)
+    with pytest.raises(CheckpointError, match="has changed since the adapter was trained on it"):
+        load_checkpoint(dpo)
+
+
 def micro(out, *flags):
     return subprocess.run([sys.executable, "train.py", "--preset", "micro", "--out", str(out), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -130,6 +166,11 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
     whole = micro(tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert (tmp_path / "whole" / "results.json").exists()
+    for stage in ("rm", "dpo", "ppo"):  # adapters and heads alone, a fraction of SFT's weights
+        files = os.listdir(tmp_path / "whole" / stage)
+        assert "model.safetensors" not in files and "adapter.safetensors" in files
+        assert (os.path.getsize(tmp_path / "whole" / stage / "adapter.safetensors")
+                < 0.5 * os.path.getsize(tmp_path / "whole" / "sft" / "model.safetensors"))
     # the same run, killed in PPO right after its step state at iteration 2
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP_STATE, str(tmp_path / "killed"), *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)

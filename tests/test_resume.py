@@ -142,3 +142,19 @@ def test_fp16_resumes_with_the_loss_scale_it_was_killed_with(tmp_path, monkeypat
     resumed = train(tmp_path / "run")
     assert max((resumed[k] - v).abs().max().item() for k, v in reference.items()) == 0.0
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+
+
+def test_a_stage_on_a_gpu_records_its_peak_memory(tmp_path, monkeypatch):
+    """done.json's peak_gib: the allocator's peak over the stage, when CUDA is in use (faked here:
+    the CPU has none), and nothing when it is not."""
+    import torch
+    from runs import Runner
+    runner = Runner(str(tmp_path), 0, ["tokenizer"], ["tokenizer"], [], None)
+    runner.run("tokenizer", "tokenizer", {}, [], lambda folder: {})
+    assert "peak_gib" not in json.loads((tmp_path / "tokenizer" / "done.json").read_text())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2 ** 29)
+    runner = Runner(str(tmp_path), 0, ["tokenizer"], ["tokenizer"], ["tokenizer"], None)
+    runner.run("tokenizer", "tokenizer", {}, [], lambda folder: {})
+    assert json.loads((tmp_path / "tokenizer" / "done.json").read_text())["peak_gib"] == 1.5
