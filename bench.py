@@ -7,7 +7,8 @@
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
-cache against recomputing the prefix), logp (the error of bf16 log-probs), and, when transformers
+cache against recomputing the prefix), logp (the error of bf16 log-probs and of a TF32 head), ops
+(aten ops per sampled token: kernel launches on a GPU), and, when transformers
 is installed, its GPT-2 of the same shape for lm and sample, and, when `python3 bench_anchors.py
 --install` has put them in .anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and
 ppo (each in its own process).
@@ -27,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf import hf_llama_config
 from dpo import pair_logps
@@ -114,15 +116,26 @@ def lm_step(model, ids, opt, device, dtype, hf=False):
 @torch.no_grad()
 def logp_errors(model, seq, P, device):
     """|log p under bf16 autocast - log p in float32| per response token: with the vocabulary
-    projection in float32 (model.GPT.output) and, as before it was, under autocast. -> (logits'
-    standard deviation, errors with the float32 projection, errors with the bf16 one)."""
+    projection in float32 (model.GPT.output) and, as before it was, under autocast; and |log p with
+    the float32 projection on TF32 - in true FP32|, TF32 emulated by rounding both operands (float32
+    sums, as the tensor cores keep: what training.float32_matmuls costs). -> (logits' standard
+    deviation, errors with the float32 projection, with the bf16 one, with the TF32 one)."""
     attn = torch.ones_like(seq)
     exact, _ = response_logprobs(model, seq, attn, P)
     logits = model(seq, attn, logits_from=P - 1)[:, :-1]
+    hidden, weight = model(seq, attn, hidden=True)[:, P - 1:-1], unembedding(model).float()
+    on_tf32 = token_logprobs(tf32(hidden) @ tf32(weight).T, seq[:, P:])
     with autocast(device, "bf16"):
         mixed, _ = response_logprobs(model, seq, attn, P)
         rounded = torch.nn.functional.linear(model(seq, attn, hidden=True)[:, P - 1:-1], unembedding(model))
-    return logits.std().item(), (mixed - exact).abs(), (token_logprobs(rounded, seq[:, P:]) - exact).abs()
+    errors = lambda approx: (approx - exact).abs()
+    return logits.std().item(), errors(mixed), errors(token_logprobs(rounded, seq[:, P:])), errors(on_tf32)
+
+
+def tf32(x):
+    """x rounded to TF32's 10 mantissa bits (to nearest), in float32: what a TF32 tensor core reads."""
+    i = x.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 def hf_twin(cfg, device):
@@ -222,6 +235,27 @@ def bench_sample(model, cfg, a, dtype):
         versus("sampling", "transformers", "new tokens/s", n / s, n / s_hf, s_hf / s)
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops run inside: on a GPU each is a kernel launch, what bounds small-batch sampling."""
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bench_ops(model, cfg, a, dtype):
+    """aten ops per new token of sampling (left-padded prompts with their mask, as PPO samples): the
+    count of 16 new tokens less that of 8, over 8."""
+    prompt = torch.randint(0, cfg.vocab_size, (2, 8), device=a.device)
+    counts = []
+    for n in (8, 16):
+        with OpCount() as count, autocast(a.device, dtype):
+            generate(model.eval(), prompt, torch.ones_like(prompt), n, generator=torch.Generator(a.device).manual_seed(0))
+        counts.append(count.ops)
+    print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, with its mask)")
+
+
 def bench_cache(model, cfg, a, dtype):
     """Sampling with the KV cache, against the naive loop that recomputes the whole prefix per new token."""
     prompt = torch.randint(0, cfg.vocab_size, (a.rollouts, a.prompt), device=a.device)
@@ -271,10 +305,11 @@ def bench_logp(model, cfg, a):
     for gain in (1.0, 30.0):
         with torch.no_grad():
             final_norm.weight.fill_(gain)
-        std, ours, rounded = logp_errors(model.eval(), seq, a.prompt, a.device)
+        std, ours, rounded, on_tf32 = logp_errors(model.eval(), seq, a.prompt, a.device)
         print(f"bf16 log-probs |error| per token, logits' sd {std:5.2f}: mean {ours.mean():.4f} max "
               f"{ours.max():.4f} nat; with bf16 logits (the projection under autocast) mean "
-              f"{rounded.mean():.4f} max {rounded.max():.4f}")
+              f"{rounded.mean():.4f} max {rounded.max():.4f}; a TF32 projection (emulated) mean "
+              f"{on_tf32.mean():.5f} max {on_tf32.max():.5f}")
     with torch.no_grad():
         final_norm.weight.fill_(1.0)
 
@@ -307,6 +342,7 @@ def main():
     if a.figures == "memory":  # measured on fake tensors at real shapes: bench_memory.py
         return bench_memory.main([])
     dtype = a.dtype or default_dtype(a.device)
+    training.float32_matmuls(a.device, dtype)  # as train.py sets it
     if a.preset in MODELS:
         if a.arch == "gpt":
             p.error(f"--preset {a.preset} is a model of the Llama layout: not with --arch gpt")
@@ -351,6 +387,8 @@ def run_figures(cfg, a, dtype, figures, peak):
         bench_sample(model, cfg, a, dtype)
     if "cache" in figures:
         bench_cache(model, cfg, a, dtype)
+    if "ops" in figures:
+        bench_ops(model, cfg, a, dtype)
     if "ppo" in figures:
         bench_ppo(model, cfg, a, dtype)
     if "logp" in figures:

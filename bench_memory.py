@@ -10,7 +10,7 @@ torch.cuda.max_memory_allocated instead.
 
 What fake tensors cannot see: CUDA's workspaces (cuBLAS, the attention kernels), the caching
 allocator's fragmentation and the CUDA context; the table adds a stated margin for them (MARGIN).
-The method is checked against a real run on the CPU at a small shape (--validate): the peak of live
+The method is checked against a real run on the CPU at a small shape (--check): the peak of live
 storages under the same mode with real tensors, and the process's resident-set growth.
 """
 import argparse
@@ -26,6 +26,7 @@ import time
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from data import write_json, write_text
 from llama import LlamaConfig
 from peak_memory import CudaPeak, PeakMemory, fake_world, materialize
 
@@ -282,8 +283,9 @@ CARDS = [24, 40, 80]  # GiB of the cards people have
 
 
 def row_order(row):
-    """(model, setting) in the order of shapes() and SETTINGS: the table's rows."""
-    return list(shapes()).index(row[0]), list(SETTINGS).index(row[1])
+    """(model, setting) in the order of shapes() and SETTINGS, others after: the table's rows."""
+    place = lambda x, known: list(known).index(x) if x in known else len(known)
+    return place(row[0], shapes()), place(row[1], SETTINGS), row
 
 
 def table(rows):
@@ -326,31 +328,20 @@ def main(argv=None):
                           f"{time.strftime('%Y-%m-%d')}")
     elif a.check or (done["check"] is None and not a.no_check):
         done["check"] = check_method(folder)
-        write(a.out, done)
-    for model in a.models.split(","):
-        for setting in a.settings.split(","):
-            for stage in a.stages.split(","):
-                key = f"{model} | {setting} | {stage}"
-                if key not in done["measured"] and not a.check:
-                    t0 = time.time()
-                    try:
-                        done["measured"][key] = measure(shapes()[model], setting, stage, folder, device=a.device)
-                    except torch.cuda.OutOfMemoryError:  # recorded: the card does not hold it
-                        done["measured"][key] = None
-                    figure = "out of memory" if done["measured"][key] is None else f"{done['measured'][key]:.2f} GiB"
-                    print(f"{key}: {figure} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-                    write(a.out, done)
-    text = report(done)
-    print(text)
-    with open(os.path.splitext(a.out)[0] + ".txt", "w") as f:
-        f.write(text + "\n")
-
-
-def write(path, done):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(done, f, indent=1)
-    os.replace(tmp, path)
+        write_json(a.out, done)
+    for key in (f"{m} | {s} | {st}" for m in a.models.split(",") for s in a.settings.split(",") for st in a.stages.split(",")):
+        if key not in done["measured"] and not a.check:
+            model, setting, stage = key.split(" | ")
+            t0 = time.time()
+            try:
+                done["measured"][key] = measure(shapes()[model], setting, stage, folder, device=a.device)
+            except torch.cuda.OutOfMemoryError:  # recorded: the card does not hold it
+                done["measured"][key] = None
+            figure = "out of memory" if done["measured"][key] is None else f"{done['measured'][key]:.2f} GiB"
+            print(f"{key}: {figure} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            write_json(a.out, done)
+    print(report(done))
+    write_text(os.path.splitext(a.out)[0] + ".txt", report(done) + "\n")
 
 
 def by_row(done):
@@ -380,6 +371,30 @@ def report(done):
             "on fake tensors, PeakMemory\n# on real tensors, the CPU allocator's peak (torch.profiler), "
             "the process's resident growth\n| stage | fake | real | allocator | resident |\n|---|---|---|---|---|\n"
             + check)
+
+
+ONE_GPU = {"gpu24": ("qwen2-1.5b", "LoRA bf16 + ckpt"), "full": ("qwen2-0.5b", "full bf16 + ckpt")}  # README's commands
+
+
+def doc_blocks(path):
+    """publish.py's blocks from memory.json at `path`: the measured peaks of README.md's one-GPU
+    commands (memory-gpu24, memory-full), docs/running.md's table (memory) and its cards."""
+    if not os.path.exists(path):
+        return {}
+    rows = by_row(json.load(open(path)))
+    blocks = {"memory": table(rows)}
+    whole = {row: max(peaks.values()) * MARGIN for row, peaks in sorted(rows.items(), key=lambda r: row_order(r[0]))
+             if len(peaks) == len(STAGES) and None not in peaks.values()}
+    blocks["memory-cards"] = "\n".join(  # which rows each card holds, every stage with the margin
+        f"- {card} GB: " + (", ".join(f"{model} {setting}" for (model, setting), worst in whole.items()
+                                      if worst <= card and (i == 0 or worst > CARDS[i - 1])) or "nothing more")
+        for i, card in enumerate(CARDS))
+    for name, row in ONE_GPU.items():
+        peaks = rows.get(row, {})
+        figures = ", ".join(f"{stage.upper()} {peaks[stage]:.1f}" for stage in STAGES if stage in peaks)
+        blocks[f"memory-{name}"] = (f"Measured peak GiB per stage (`bench_memory.py`, {row[0]} shape, {row[1]}): "
+                                    + (figures or "not measured yet"))
+    return blocks
 
 
 if __name__ == "__main__":

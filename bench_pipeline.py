@@ -47,6 +47,8 @@ def main():
     random_folder(init)
     rows, log = [], []
     for i, stage in enumerate(STAGES):
+        if stage == "tokenizer":  # runs with SFT (--checkpointing needs a stage that trains)
+            continue
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-c", PEAK, *FLAGS, "--init", init, "--out", out,
                                "--stages", ",".join(STAGES[:i + 1])], cwd=HERE, capture_output=True, text=True)
@@ -62,7 +64,8 @@ def main():
                         for f in files) for stage in STAGES}
     text = ("# python3 bench_pipeline.py: the whole pipeline from a random Qwen2.5-0.5B-shaped bf16 folder on the CPU,\n"
             f"# torch {torch.__version__}, {os.cpu_count()} CPUs; flags: {' '.join(FLAGS)}\n"
-            "# each stage in its own process (train.py --stages up to it, which also loads --init once to check it)\n"
+            "# each stage in its own process (train.py --stages up to it, which also loads --init once to check it;\n"
+            "# the tokenizer, copied from --init, in SFT's)\n"
             "| stage | seconds (process) | peak resident GiB |\n|---|---|---|\n" + "\n".join(rows)
             + "\n\n# the run folder's size by stage (MiB): a LoRA stage keeps its adapters alone\n| stage | MiB |\n|---|---|\n"
             + "\n".join(f"| {s} | {sizes[s] / 2 ** 20:.1f} |" for s in STAGES))

@@ -1,19 +1,25 @@
 """This project's checkpoint folders, through safetensors only (never pickle): model.safetensors
-(or, for a stage on a frozen base, adapter.safetensors) and config.json. Hugging Face folders,
-both ways, are in hf.py.
+(or, for a stage on a frozen base, adapter.safetensors) and config.json; and the step states a
+killed stage resumes from. Hugging Face folders, both ways, are in hf.py.
 """
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+import distributed
 
 from data import DataError, UserError, atomic_write, read_json, write_text
 from llama import Llama, LlamaConfig, rope_scaling_problem
 from lora import LoRALinear, adapters, merge
 from model import GPT, GPTConfig, ScalarModel
+
+SAVE_MINUTES = 0.0  # train.py --save-minutes sets it: step states also by the time since the last
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -208,3 +214,97 @@ def weight_files(path):
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise CheckpointError(f"{index}: field 'weight_map' missing or not an object of file names")
     return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+
+
+# ----------------------------------------------------------------------------- resuming inside a stage
+
+class StepState:
+    """Resume inside a stage. Every `every` steps, and once SAVE_MINUTES have passed since the last
+    save (--save-minutes): the weights, the optimizer states, the RNG states, the fp16 loss
+    scalers' states, the step and `extra` (JSON), in one safetensors file renamed into place, no
+    pickle. Saving draws no random number, so when it happens leaves training as it is.
+
+        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator],
+                          {"scaler": scaler})
+        start, extra = state.restore()          # 0, {} on a fresh start
+        for step in range(start, steps):
+            ...
+            state.save(step + 1, extra)         # when step + 1 is a multiple of every, before the end
+    The run folder's Runner deletes the file once the stage is complete.
+    """
+
+    def __init__(self, folder, every, steps, modules, optimizers, generators=(), scalers=None):
+        self.path = os.path.join(folder, "step_state.safetensors")
+        self.every, self.steps = every, steps
+        self.modules, self.optimizers, self.generators = modules, optimizers, generators
+        self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
+        self.minutes, self.last = SAVE_MINUTES, time.time()
+
+    def due(self, step):
+        """Whether step is one to save at: by the step count, or by rank 0's clock (every rank the same)."""
+        if step >= self.steps:
+            return False  # the stage's end: its checkpoint follows
+        if self.every and step % self.every == 0:
+            return True
+        return bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
+
+    def save(self, step, extra=None):
+        if not self.due(step):
+            return
+        self.last = time.time()
+        tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()
+                   for k, v in trained_weights(m).items()}
+        meta = {"step": step, "extra": extra or {}, "optimizers": {}}
+        for n, opt in self.optimizers.items():
+            sd = opt.state_dict()
+            for pid, st in sd["state"].items():
+                tensors.update({f"opt.{n}.{pid}.{k}": v.contiguous().cpu() for k, v in st.items()})
+            meta["optimizers"][n] = sd["param_groups"]
+        meta["scalers"] = {n: s.state_dict() for n, s in self.scalers.items()}  # the loss scale, its growth tracker
+        tensors["rng.cpu"] = torch.get_rng_state()
+        for i, g in enumerate(self.generators):  # each rank samples with its own: keep them all
+            for r, s in enumerate(distributed.gather([g.get_state().cpu()])):
+                tensors[f"rng.g{i}" + (f".rank{r}" if r else "")] = s
+        if torch.cuda.is_available():
+            tensors.update({f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        atomic_write(self.path, lambda p: save_file(tensors, p, metadata={"json": json.dumps(meta)}))
+
+    def restore(self):
+        """Load the last saved step into the modules, optimizers and generators: (step, extra)."""
+        if not os.path.exists(self.path):
+            return 0, {}
+        tensors = load_weights(self.path)  # a damaged file: a CheckpointError naming it
+        with safe_open(self.path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("json", "{}"))
+        if "step" not in meta:
+            raise CheckpointError(f"{self.path}: not a step state (no step in its metadata); delete it to start over")
+        print(f"resuming from step {meta['step']}: {self.path}", flush=True)
+        for n, m in self.modules.items():
+            state = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
+            if set(state) != set(trained_weights(m)):
+                raise CheckpointError(f"{self.path}: does not match the {n} being trained; delete it to start over")
+            m.load_state_dict(state, strict=False)
+        for n, opt in self.optimizers.items():
+            state = {}
+            for k, v in tensors.items():
+                if k.startswith(f"opt.{n}."):
+                    pid, key = k[len(f"opt.{n}."):].split(".", 1)
+                    state.setdefault(int(pid), {})[key] = v
+            opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][n]})
+        for n, scaler in self.scalers.items():
+            if meta.get("scalers", {}).get(n):  # {} from a disabled scaler
+                scaler.load_state_dict(meta["scalers"][n])
+        torch.set_rng_state(tensors["rng.cpu"])
+        for i, g in enumerate(self.generators):
+            g.set_state(tensors.get(f"rng.g{i}.rank{distributed.rank()}", tensors[f"rng.g{i}"]))
+        cuda_states = [tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda{i}" in tensors]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+        return meta["step"], meta["extra"]
+
+
+def trained_weights(model):
+    """The parameters a stage trains, {name: tensor}: what a step state keeps. The rest is what the
+    stage started from, frozen (a reward model's unused vocabulary projection; with LoRA, the whole
+    base: a step state then holds the adapters and heads alone)."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}

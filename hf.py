@@ -1,17 +1,20 @@
-"""Hugging Face folders of the GPT-2, Llama and Qwen2 layouts, both ways: --init's weights in,
---export-hf's folders out, which transformers loads. Through safetensors only (never pickle).
+"""Hugging Face folders of the GPT-2, Llama and Qwen2 layouts, both ways: --init's weights in
+(checked with their tokenizer before any work, check_init), --export-hf's folders out, which
+transformers loads. Through safetensors only (never pickle).
 """
 import json
 import os
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import (CheckpointError, check_config, check_finite, load_checkpoint, load_weights,
+from checkpoint import (CheckpointError, check_config, check_finite, file_sha256, load_checkpoint, load_weights,
                         read_config_json, weight_files)
-from data import atomic_write, write_text
+from data import DataError, atomic_write, write_text
 from llama import Llama, LlamaConfig, rope_scaling_problem
+from lora import missing_target
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -243,3 +246,45 @@ def export_hf(out, policies, dtype=torch.float32):
         save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
     print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
+
+
+# ----------------------------------------------------------------------------- --init, checked
+
+class Init(NamedTuple):
+    """--init, checked before anything is written: its folder, the tokenizer its weights were
+    trained with, its context, the content hash of its weights (part of every fingerprint) and the
+    dtype they are stored in (--export-hf writes that one)."""
+    path: str
+    tokenizer: str
+    block_size: int
+    sha256: str
+    dtype: torch.dtype = torch.float32
+
+
+def check_init(path, lora, max_new_tokens):
+    """--init's folder `path`, loaded once before anything is written: its weights, its tokenizer,
+    the adapters' targets (lora: a LoRAConfig) and the context must agree. Returns an Init, or None
+    without --init."""
+    if not path:
+        return None
+    model = load_gpt(path, "cpu")
+    wrong = missing_target(model, lora.targets) if lora.rank else None
+    if wrong:
+        raise DataError(f"--lora-targets {lora.targets}: {wrong} ({path})")
+    # the tokenizer the weights were trained with: beside them (Hugging Face), or the run's own
+    candidates = [os.path.join(path, "tokenizer.json"), os.path.join(path, "..", "tokenizer", "tokenizer.json")]
+    tok_path = next((c for c in candidates if os.path.exists(c)), None)
+    if tok_path is None:
+        raise DataError(f"{path}: no tokenizer.json beside the weights; --init needs the tokenizer "
+                             "the model was trained with")
+    tokenizer = Tokenizer.load(tok_path)  # its end-of-sequence and padding tokens: the folder's configs'
+    vocab = tokenizer.vocab_size
+    if vocab > model.config.vocab_size:
+        raise DataError(f"{tok_path}: {vocab} tokens, more than the {model.config.vocab_size} of the "
+                             f"model's config.json")
+    if max_new_tokens >= model.config.block_size:
+        raise DataError(f"{path}/config.json: context {model.config.block_size} leaves no room for prompts")
+    name = tokenizer.tok.id_to_token
+    print(f"--init {path}: {type(model).__name__}, end of sequence {name(tokenizer.eos_id)!r} "
+          f"({tokenizer.eos_id}), padding {name(tokenizer.pad_id)!r} ({tokenizer.pad_id})")
+    return Init(path, tok_path, model.config.block_size, file_sha256(path), storage_dtype(path))

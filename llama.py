@@ -124,11 +124,26 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # the cache holds the n_kv_head heads only
-        # grouped-query attention: key/value head j serves query heads j * G ... (j + 1) * G - 1
-        G = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = grouped_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def grouped_attention(q, k, v, mask):
+    """Grouped-query attention, q (B, H, T, D) on k, v (B, KV, S, D): key/value head j serves query
+    heads j * G ... (j + 1) * G - 1, G = H / KV, and no key or value is copied per query head.
+    Without a mask (causal rows): SDPA's enable_gqa, which its flash kernel runs on CUDA. With one
+    (a KV cache's padding, packed rows): the G query heads of each key/value head become G times
+    as many queries on that head, the mask repeated to match (a boolean (B, 1, G T, S), small)."""
+    B, H, T, D = q.shape
+    KV, S = k.size(1), k.size(2)
+    G = H // KV
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+    mask = mask[:, :, None].expand(mask.size(0), 1, G, T, S).reshape(mask.size(0), 1, G * T, S)
+    y = F.scaled_dot_product_attention(q.reshape(B, KV, G * T, D), k, v, attn_mask=mask)
+    return y.view(B, H, T, D)
 
 
 class MLP(nn.Module):

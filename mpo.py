@@ -308,7 +308,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
     tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> judge (real data) -> eval.
 
     run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
-    train.Init or None; shared: {stage name: the run folder that holds it} (sweeps share the main
+    hf.Init or None; shared: {stage name: the run folder that holds it} (sweeps share the main
     run's). Returns the results, or None when --stages ends before eval.
     """
     tau = run.label_noise

@@ -9,29 +9,48 @@ block-diagonal causal mask), so the output at every real token is the padded row
 outputs back out as (B, S, ...), a padding position holding a copy of a real one of its row, which
 every loss, reward and value masks out. The packed mask is (R, 1, T, T) and never the fused causal
 kernel, which padded batches could not take either.
+
+On CUDA a padded batch is aligned instead (align): each row's real tokens moved to the start of
+the row, right padding alone, so that plain causal attention without a mask computes every real
+token exactly as the masked row does, and SDPA can take its flash kernel: no T x T mask is made,
+and the padding's positions cost less there than a masked kernel's tiles. Both layouts give the
+padded batch's outputs (tests/test_packing.py).
 """
 import torch
+
+ALIGN = None  # None: align on CUDA, pack elsewhere; True or False: one or the other anywhere (tests)
+
+
+def rows(attention_mask):
+    """Each row's real tokens as one run: (lengths (B,), offset (B, S): a token's place in its run),
+    or None when some row's real tokens are not one run (left padding, the row, right padding)."""
+    real = attention_mask.bool()
+    lengths, starts = real.sum(1), real.long().argmax(1)
+    offset = torch.arange(real.size(1), device=real.device) - starts[:, None]
+    if not torch.equal(real, (offset >= 0) & (offset < lengths[:, None])):
+        return None
+    return lengths, offset
 
 
 def pack(idx, attention_mask, position_ids=None, cache=None):
     """idx and attention_mask (B, S) -> (idx, attention_mask, position_ids, unpack) for the model's
     body: packed rows (R, T), their mask (R, 1, T, T) and positions (R, T), and unpack, which takes
-    an output (R, T, ...) back to (B, S, ...).
+    an output (R, T, ...) back to (B, S, ...); on CUDA (or with ALIGN) aligned rows instead (align).
 
     Unchanged, with unpack the identity: with a cache or given positions, without padding, when a
-    row's real tokens are not one run (left padding, the row, right padding), or when packing would
-    not save positions.
+    row's real tokens are not one run, or when packing would not save positions.
     """
     unchanged = idx, attention_mask, position_ids, lambda x: x
     if cache is not None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
         return unchanged
+    found = rows(attention_mask)
+    if found is None:
+        return unchanged
+    lengths, offset = found
+    if ALIGN or (ALIGN is None and idx.is_cuda):
+        return align(idx, lengths, offset)
     B, S = attention_mask.shape
     real = attention_mask.bool()
-    lengths, starts = real.sum(1), real.long().argmax(1)
-    cols = torch.arange(S, device=idx.device)
-    offset = cols - starts[:, None]  # a real token's position in its row
-    if not torch.equal(real, (offset >= 0) & (offset < lengths[:, None])):
-        return unchanged
     row_of, at = first_fit(lengths.tolist())
     R, T = max(row_of) + 1, int(lengths.max())
     if T == 0 or R * T >= B * S:
@@ -63,3 +82,19 @@ def first_fit(lengths):
         row_of[i], at[i] = r, T - room[r]
         room[r] -= lengths[i]
     return row_of, at
+
+
+def align(idx, lengths, offset):
+    """Rows (B, S) whose real tokens are one run each (rows) -> (idx (B, T), None, positions (B, T),
+    unpack): each run moved to the start of its row, T the longest run rounded up to a multiple of 8
+    (shapes that compile well), no mask (plain causal attention), and unpack taking an output
+    (B, T, ...) back to (B, S, ...), a padding position holding a copy of a real one of its row."""
+    B, S = offset.shape
+    longest = int(lengths.max())
+    T = -(-longest // 8) * 8
+    cols = torch.arange(T, device=idx.device)
+    source = (cols[None] - offset[:, :1]).clamp(0, S - 1)  # offset[:, 0] = -start: column j reads start + j
+    positions = cols.clamp(max=max(longest - 1, 0))[None].expand(B, T)  # the padding's own: any in range
+    where = offset.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])  # (b, s) reads (b, where)
+    batch = torch.arange(B, device=idx.device)[:, None]
+    return idx.gather(1, source), None, positions, lambda x: x[batch, where]

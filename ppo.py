@@ -15,7 +15,8 @@ from tqdm import tqdm
 import distributed
 from data import append_jsonl, left_pad
 from model import kl_penalty, response_logprobs
-from training import StepState, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
+from checkpoint import StepState
+from training import autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
 from sampling import generate
 
@@ -56,7 +57,7 @@ class PPOConfig:
     micro_batch: int = field(default=0, metadata={"help": "rollouts per forward pass in a minibatch (gradient "
                                                   "accumulation) and in scoring: less memory, the same update (0: "
                                                   "the whole minibatch at once)", "range": "[0, inf)"})
-    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: never)",
+    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: by --save-minutes alone)",
                                                   "range": "[0, inf)"})
     sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)",
                                                     "range": "[0, inf)"})

@@ -10,16 +10,15 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 import checks
 import distributed
 import training
-from data import FORMATS, DataError, UserError, write_json
-from checkpoint import file_sha256
-from hf import export_hf, load_gpt, storage_dtype
+from data import FORMATS, UserError, write_json
+import checkpoint
+from hf import check_init, export_hf
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from lora import LoRAConfig, missing_target
@@ -30,7 +29,6 @@ from report import aggregate, write_table
 from reward import RMConfig
 from sft import SFTConfig
 from runs import locked
-from tokenizer import Tokenizer
 from training import NonFiniteError, default_dtype
 
 SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias", "flip": "label_flips"}  # what a sweep of the labels changes
@@ -59,6 +57,8 @@ class RunConfig:
                           "so a batch fits in less memory", range="[1, inf)")
     checkpointing: bool = opt(False, "activation checkpointing: every trained model recomputes each transformer "
                               "block in the backward pass (less memory, about a third more compute)")
+    save_minutes: float = opt(0.0, "also save a stage's resumable step state once this many minutes have passed "
+                              "since its last (0: by the --*-save-every step counts alone)", range="[0, inf)")
     compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
     ablations: str = opt("", "comma list of further rows: ablations from " + ",".join(ABLATIONS) + " (or all), or "
                          "single baselines", kind="ablations")
@@ -166,7 +166,8 @@ PRESETS = {
 PRESETS["gpu24"] = dataclasses.replace(
     PRESETS["gpt2"], dtype="bf16", checkpointing=True, lora=LoRAConfig(rank=16, alpha=32.0, stages="sft,rm,dpo,ppo"),
     sft=SFTConfig(steps=1500, lr=2e-4, warmup=100), rm=RMConfig(lr=5e-5), dpo=DPOConfig(lr=5e-6),
-    ppo=PPOConfig(iterations=200, epochs=4, minibatches=4, lr=1e-5, critic_lr=1e-4, kl_coef=0.5))
+    ppo=PPOConfig(iterations=200, epochs=4, minibatches=4, lr=1e-5, critic_lr=1e-4, kl_coef=0.5, save_every=0),
+    save_minutes=10.0)  # step states by time: a kill loses at most 10 minutes, and saving costs no iteration
 
 
 # ----------------------------------------------------------------------------- flags
@@ -296,7 +297,7 @@ def check(run):
     trains = {"sft", "rm", "dpo", "ppo", "judge"} & set(run.stage_list)
     if run.checkpointing and not trains:
         return f"--checkpointing saves memory in training: --stages {run.stages} trains nothing"
-    if lora.rank and not run.init:  # --init's layout is checked when it is loaded (check_init)
+    if lora.rank and not run.init:  # --init's layout is checked when it is loaded (hf.check_init)
         with torch.device("meta"):  # the shapes alone, no memory
             wrong = missing_target(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), lora.targets)
         if wrong:
@@ -307,45 +308,6 @@ def check(run):
         if given and "eval" not in run.stage_list:
             return f"{flag} runs after the eval stage: add eval to --stages"
     return None
-
-
-class Init(NamedTuple):
-    """--init, checked before anything is written: its folder, the tokenizer its weights were
-    trained with, its context, the content hash of its weights (part of every fingerprint) and the
-    dtype they are stored in (--export-hf writes that one)."""
-    path: str
-    tokenizer: str
-    block_size: int
-    sha256: str
-    dtype: torch.dtype = torch.float32
-
-
-def check_init(run):
-    """--init, loaded once before anything is written: its weights and its tokenizer must agree.
-    Returns an Init, or None without --init."""
-    if not run.init:
-        return None
-    model = load_gpt(run.init, "cpu")
-    wrong = missing_target(model, run.lora.targets) if run.lora.rank else None
-    if wrong:
-        raise DataError(f"--lora-targets {run.lora.targets}: {wrong} ({run.init})")
-    # the tokenizer the weights were trained with: beside them (Hugging Face), or the run's own
-    candidates = [os.path.join(run.init, "tokenizer.json"), os.path.join(run.init, "..", "tokenizer", "tokenizer.json")]
-    tok_path = next((c for c in candidates if os.path.exists(c)), None)
-    if tok_path is None:
-        raise DataError(f"{run.init}: no tokenizer.json beside the weights; --init needs the tokenizer "
-                             "the model was trained with")
-    tokenizer = Tokenizer.load(tok_path)  # its end-of-sequence and padding tokens: the folder's configs'
-    vocab = tokenizer.vocab_size
-    if vocab > model.config.vocab_size:
-        raise DataError(f"{tok_path}: {vocab} tokens, more than the {model.config.vocab_size} of the "
-                             f"model's config.json")
-    if run.max_new_tokens >= model.config.block_size:
-        raise DataError(f"{run.init}/config.json: context {model.config.block_size} leaves no room for prompts")
-    name = tokenizer.tok.id_to_token
-    print(f"--init {run.init}: {type(model).__name__}, end of sequence {name(tokenizer.eos_id)!r} "
-          f"({tokenizer.eos_id}), padding {name(tokenizer.pad_id)!r} ({tokenizer.pad_id})")
-    return Init(run.init, tok_path, model.config.block_size, file_sha256(run.init), storage_dtype(run.init))
 
 
 # ----------------------------------------------------------------------------- main
@@ -389,9 +351,10 @@ def main(argv=None):
     run = dataclasses.replace(run, device=distributed.setup(run.device))  # cuda:LOCAL_RANK under torchrun
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 prints, as it alone writes
-    training.COMPILE, training.GRAD_ACCUM = run.compile, run.grad_accum
+    training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES = run.compile, run.grad_accum, run.save_minutes
+    training.float32_matmuls(run.device, run.dtype)
     try:
-        init = check_init(run)
+        init = check_init(run.init, run.lora, run.max_new_tokens)
         with locked(run.out):
             experiment(run, init)
     except UserError as e:  # a file, a folder, a setting: one line, status 2

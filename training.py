@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import distributed
-from checkpoint import CheckpointError, load_weights
-from data import atomic_write, write_text
+from checkpoint import StepState
+from data import write_text
 from lora import LoRAConfig, add_adapters
 from model import set_checkpointing
 
@@ -45,6 +43,17 @@ def default_dtype(device):
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def float32_matmuls(device, dtype):
+    """Under mixed precision on CUDA, the float32 matrix products left (the vocabulary projection,
+    the reward and value heads) run on TF32 tensor cores: 10 mantissa bits in, float32 sums out
+    (torch.set_float32_matmul_precision "high"), several times faster than true FP32 GEMMs, well
+    inside bf16's own error (docs/precision-and-parallel.md). With --dtype fp32, true FP32, as asked.
+    Returns the precision set."""
+    precision = "high" if torch.device(device).type == "cuda" and dtype != "fp32" else "highest"
+    torch.set_float32_matmul_precision(precision)
+    return precision
 
 
 def autocast(device, dtype):
@@ -178,87 +187,6 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- resuming inside a stage
 
-class StepState:
-    """Resume inside a stage. Every `every` steps: the weights, the optimizer states, the RNG
-    states, the fp16 loss scalers' states, the step and `extra` (JSON), in one safetensors file
-    renamed into place, no pickle.
-
-        state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator],
-                          {"scaler": scaler})
-        start, extra = state.restore()          # 0, {} on a fresh start
-        for step in range(start, steps):
-            ...
-            state.save(step + 1, extra)         # when step + 1 is a multiple of every, before the end
-    The run folder's Runner deletes the file once the stage is complete.
-    """
-
-    def __init__(self, folder, every, steps, modules, optimizers, generators=(), scalers=None):
-        self.path = os.path.join(folder, "step_state.safetensors")
-        self.every, self.steps = every, steps
-        self.modules, self.optimizers, self.generators = modules, optimizers, generators
-        self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
-
-    def save(self, step, extra=None):
-        if not self.every or step % self.every or step >= self.steps:
-            return
-        tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()
-                   for k, v in trained_weights(m).items()}
-        meta = {"step": step, "extra": extra or {}, "optimizers": {}}
-        for n, opt in self.optimizers.items():
-            sd = opt.state_dict()
-            for pid, st in sd["state"].items():
-                tensors.update({f"opt.{n}.{pid}.{k}": v.contiguous().cpu() for k, v in st.items()})
-            meta["optimizers"][n] = sd["param_groups"]
-        meta["scalers"] = {n: s.state_dict() for n, s in self.scalers.items()}  # the loss scale, its growth tracker
-        tensors["rng.cpu"] = torch.get_rng_state()
-        for i, g in enumerate(self.generators):  # each rank samples with its own: keep them all
-            for r, s in enumerate(distributed.gather([g.get_state().cpu()])):
-                tensors[f"rng.g{i}" + (f".rank{r}" if r else "")] = s
-        if torch.cuda.is_available():
-            tensors.update({f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        atomic_write(self.path, lambda p: save_file(tensors, p, metadata={"json": json.dumps(meta)}))
-
-    def restore(self):
-        """Load the last saved step into the modules, optimizers and generators: (step, extra)."""
-        if not os.path.exists(self.path):
-            return 0, {}
-        tensors = load_weights(self.path)  # a damaged file: a CheckpointError naming it
-        with safe_open(self.path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("json", "{}"))
-        if "step" not in meta:
-            raise CheckpointError(f"{self.path}: not a step state (no step in its metadata); delete it to start over")
-        print(f"resuming from step {meta['step']}: {self.path}", flush=True)
-        for n, m in self.modules.items():
-            state = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
-            if set(state) != set(trained_weights(m)):
-                raise CheckpointError(f"{self.path}: does not match the {n} being trained; delete it to start over")
-            m.load_state_dict(state, strict=False)
-        for n, opt in self.optimizers.items():
-            state = {}
-            for k, v in tensors.items():
-                if k.startswith(f"opt.{n}."):
-                    pid, key = k[len(f"opt.{n}."):].split(".", 1)
-                    state.setdefault(int(pid), {})[key] = v
-            opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][n]})
-        for n, scaler in self.scalers.items():
-            if meta.get("scalers", {}).get(n):  # {} from a disabled scaler
-                scaler.load_state_dict(meta["scalers"][n])
-        torch.set_rng_state(tensors["rng.cpu"])
-        for i, g in enumerate(self.generators):
-            g.set_state(tensors.get(f"rng.g{i}.rank{distributed.rank()}", tensors[f"rng.g{i}"]))
-        cuda_states = [tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda{i}" in tensors]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
-        return meta["step"], meta["extra"]
-
-
-def trained_weights(model):
-    """The parameters a stage trains, {name: tensor}: what a step state keeps. The rest is what the
-    stage started from, frozen (a reward model's unused vocabulary projection; with LoRA, the whole
-    base: a step state then holds the adapters and heads alone)."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
-
-
 def truncate_jsonl(path, key, below):
     """Keep the rows of a metrics file whose `key` is below `below` (the steps before a resume). A
     last line without its newline is one a kill cut short: it goes too."""
@@ -288,7 +216,7 @@ class FitConfig:
     warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: never)",
+    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: by --save-minutes alone)",
                                                   "range": "[0, inf)"})
 
 

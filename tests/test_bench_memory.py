@@ -53,10 +53,9 @@ def test_the_table_by_hand():
 
 
 def test_the_readme_one_gpu_commands_run_at_the_measured_sizes():
-    """README.md's one-GPU figures are bench_memory's rows (publish.ONE_GPU): --preset gpu24 is the
+    """README.md's one-GPU figures are bench_memory's rows (ONE_GPU): --preset gpu24 is the
     "LoRA bf16 + ckpt" setting at bench_memory.Sizes, and the full fine-tune's flags on the gpt2
     preset give the "full bf16 + ckpt" setting at the same sizes (PPO's peak is one minibatch's)."""
-    import publish
     import train
     S = bench_memory.Sizes
     sizes = lambda p, minibatches: (p.sft.batch_size, p.rm.batch_size, p.dpo.batch_size, p.ppo.rollouts, minibatches,
@@ -65,13 +64,13 @@ def test_the_readme_one_gpu_commands_run_at_the_measured_sizes():
     gpu24, gpt2 = train.PRESETS["gpu24"], train.PRESETS["gpt2"]
     assert sizes(gpu24, gpu24.ppo.minibatches) == measured and gpu24.ppo.epochs == S.epochs
     assert sizes(gpt2, 4) == measured  # README: --ppo-minibatches 4
-    lora = bench_memory.memory_of(publish.ONE_GPU["gpu24"][1])
+    lora = bench_memory.memory_of(bench_memory.ONE_GPU["gpu24"][1])
     assert (gpu24.lora, gpu24.dtype, gpu24.checkpointing) == (lora.lora, lora.dtype, lora.checkpointing)
-    full = bench_memory.memory_of(publish.ONE_GPU["full"][1])
+    full = bench_memory.memory_of(bench_memory.ONE_GPU["full"][1])
     assert (gpt2.lora.rank, full.lora.rank, full.dtype, full.checkpointing) == (0, 0, "bf16", True)
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     assert "--preset gpt2 --init Qwen2.5-0.5B/ --dtype bf16 --checkpointing --ppo-minibatches 4" in readme
-    assert {model for model, _ in publish.ONE_GPU.values()} <= set(bench_memory.shapes())
+    assert {model for model, _ in bench_memory.ONE_GPU.values()} <= set(bench_memory.shapes())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,11 +1,14 @@
 """dpo.py's loss against hand computations: the sigmoid and IPO losses, their gradients and the
 implicit rewards."""
 import math
+import os
 
 import pytest
 import torch
 
 from dpo import dpo_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def softplus(x):
@@ -97,3 +100,63 @@ def test_robust_dpo_loss_hand_values_and_unbiasedness(beta, eps):
         l = lambda x: -log_sigmoid(beta * x)
         assert losses[i].item() == pytest.approx(((1 - eps) * l(h) - eps * l(-h)) / (1 - 2 * eps), rel=1e-9)
         assert ((1 - eps) * losses[i] + eps * swapped[i]).item() == pytest.approx(l(h), rel=1e-9)
+
+
+# TRL 1.16's own loss code (DPOTrainer._compute_loss) on given log-probs: a stand-in trainer whose
+# model returns per-token log-probs that sum to the sequences' (reference log-probs precomputed)
+TRL_LOSSES = """
+import collections, json, sys, types
+import bench_anchors
+bench_anchors.use_trl("1.16.0")
+import torch
+from trl import DPOTrainer
+
+cases, (B, L) = json.loads(sys.argv[1]), (4, 9)
+torch.manual_seed(0)
+completion = torch.zeros(2 * B, L, dtype=torch.long)
+for r in range(2 * B):
+    completion[r, 3:5 + r % 5] = 1
+log_probs = -torch.rand(2 * B, L - 1) * completion[:, 1:]
+ref = -torch.rand(2 * B)
+out = types.SimpleNamespace(log_probs=log_probs, entropy=torch.zeros(2 * B, L - 1),
+                            mean_logits=torch.zeros(2 * B, L - 1), is_top1=torch.zeros(2 * B, L - 1, dtype=torch.bool))
+model = lambda **kw: out
+model.training = True
+same = lambda x: x
+inputs = {"input_ids": torch.zeros(2 * B, L, dtype=torch.long), "attention_mask": torch.ones(2 * B, L, dtype=torch.long),
+          "completion_mask": completion, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
+losses = []
+for loss_type, beta, eps in cases:
+    trainer = types.SimpleNamespace(
+        model=model, accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=same, gather=same),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    losses.append(float(DPOTrainer._compute_loss(trainer, model, inputs, False)))
+print(json.dumps({"losses": losses, "logps": log_probs.sum(1).tolist(), "ref": ref.tolist(),
+                  "tokens": completion.sum(1).tolist()}))
+"""
+
+
+def test_the_losses_equal_trl_1_16s_on_the_same_log_probs():
+    """DPO, robust DPO and IPO (per token) against TRL 1.16's DPOTrainer computing them from the
+    same log-probs (its sigmoid loss has no label smoothing any more: conservative DPO is checked by
+    hand above); skipped unless bench_anchors.py --install has put TRL in .anchors/."""
+    import json
+    import subprocess
+    import sys
+    import bench_anchors
+    if not bench_anchors.installed():
+        pytest.skip("TRL is not installed: python3 bench_anchors.py --install")
+    cases = [("sigmoid", 0.1, 0.0), ("robust", 0.1, 0.2), ("robust", 0.5, 0.4), ("ipo", 0.1, 0.0),
+             ("ipo", 0.5, 0.0)]
+    proc = subprocess.run([sys.executable, "-c", TRL_LOSSES, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trl = json.loads(proc.stdout.splitlines()[-1])
+    logps, ref, tokens = (torch.tensor(trl[k]) for k in ("logps", "ref", "tokens"))
+    B = len(logps) // 2
+    for (loss_type, beta, eps), theirs in zip(cases, trl["losses"]):
+        ours = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, eps, loss_type,
+                        tokens[:B].float(), tokens[B:].float())[0].mean()
+        assert ours.item() == pytest.approx(theirs, rel=1e-6), (loss_type, beta, eps)

@@ -174,7 +174,7 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 def test_a_damaged_step_state_names_its_file(tmp_path):
     from checkpoint import CheckpointError
-    from training import StepState
+    from checkpoint import StepState
     (tmp_path / "step_state.safetensors").write_bytes(b"half a file")
     model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(CheckpointError, match="step_state.safetensors: not a safetensors file"):
@@ -251,8 +251,9 @@ def test_every_setting_declares_what_it_may_hold():
 
 
 @pytest.mark.parametrize("preset", list(train.PRESETS))
-def test_the_presets_pass_their_checks(preset):
-    run = train.parse_args(["--preset", preset])
+def test_the_presets_pass_their_checks(preset, tmp_path):
+    given = ["--init", str(tmp_path)] if preset == "gpu24" else []  # adapters on a model of one's own
+    run = train.parse_args(["--preset", preset, *given])
     assert train.check(run) is None
     assert all(checks.problem(f.default, f.metadata, train.KINDS) is None for _, f in all_fields()
                if f.default is not dataclasses.MISSING and f.name not in ("device", "dtype"))
@@ -338,6 +339,7 @@ CONTRADICTIONS = [
     (["--delta-sweep", "0,1", "--stages", "tokenizer"], "--delta-sweep runs after the eval stage"),
     (["--lora-alpha", "8"], "--lora-alpha sets the adapters: it needs --lora-rank above 0"),
     (["--lora-rank", "4", "--lora-stages", "sft"], "--lora-stages sft: adapters on a randomly initialised model"),
+    (["--preset", "gpu24"], "--preset gpu24 trains adapters on a model of your own: give --init"),
     (["--lora-rank", "4", "--lora-targets", "q_proj"], "--lora-targets q_proj: a GPT has no projection 'q_proj'"),
     (["--checkpointing", "--stages", "tokenizer,split,eval"], "--checkpointing saves memory in training: "
                                                               "--stages tokenizer,split,eval trains nothing"),

@@ -384,3 +384,22 @@ def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
     ids = torch.tensor([Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json").encode("\n\nHuman: Hi?\n\nAssistant:")])
     with torch.no_grad():
         assert (hf(ids).logits.float() - ours(ids)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("masked", ["causal", "padding", "cache"])
+def test_grouped_attention_copies_no_key_and_equals_repeating_them(masked):
+    """llama.grouped_attention against the plain form (each key/value head repeated for its query
+    heads): causal rows without a mask (SDPA's enable_gqa), a padding mask, a KV cache's decode step."""
+    from llama import grouped_attention
+    torch.manual_seed(0)
+    B, H, KV, T, D = 3, 6, 2, 5, 8
+    S = T + 4 if masked == "cache" else T
+    q, k, v = torch.randn(B, H, 1 if masked == "cache" else T, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    mask = None
+    if masked != "causal":
+        keys = torch.ones(B, S, dtype=torch.bool)
+        keys[0, :2] = False
+        mask = torch.tril(torch.ones(q.size(2), S, dtype=torch.bool), diagonal=S - q.size(2))[None, None] & keys[:, None, None]
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1), attn_mask=mask, is_causal=mask is None)
+    assert torch.allclose(grouped_attention(q, k, v, mask), plain, atol=1e-6, rtol=1e-5)

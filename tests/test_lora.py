@@ -193,12 +193,12 @@ def load_file_keys(path):
 
 # runs train.py's main in this process and exits with 7 right after PPO's first step state is saved
 KILL_AFTER_STEP_STATE = """
-import sys, training, train
-save = training.StepState.save
+import sys, checkpoint, train
+save = checkpoint.StepState.save
 def save_then_die(self, step, extra=None):
     save(self, step, extra)
     if "ppo" in self.path and step == 2:
         sys.exit(7)
-training.StepState.save = save_then_die
+checkpoint.StepState.save = save_then_die
 train.main(["--preset", "micro", "--out", sys.argv[1], *sys.argv[2:]])
 """

@@ -72,3 +72,37 @@ def test_first_fit_fills_rows_longest_first_without_overflow():
     for r in set(row_of):
         spans = sorted((at[i], at[i] + lengths[i]) for i in range(len(lengths)) if row_of[i] == r)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= max(lengths)
+
+
+@pytest.mark.parametrize("padding", ["both", "right", "left"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layout, padding, monkeypatch):
+    """CUDA's layout (packing.align): each row's tokens moved to its start, no mask, so plain causal
+    attention (the flash kernel's) runs; every real token's logits and every gradient equal the
+    packed path's to float order (fp32), with left, right or both paddings."""
+    import packing
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]()
+    batch = padded_batch(10, seed=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"].clone()
+    if padding != "both":  # one side only: the other side's padding becomes real tokens
+        mask = torch.ones_like(mask)
+        lengths = torch.randint(3, ids.size(1), (len(ids),), generator=torch.Generator().manual_seed(1))
+        for b, n in enumerate(lengths):
+            if padding == "right":
+                mask[b, n:] = 0
+            else:
+                mask[b, :ids.size(1) - n] = 0
+    weights = torch.randn(*ids.shape, V)
+    outputs = {}
+    for align in (False, True):
+        monkeypatch.setattr(packing, "ALIGN", align)
+        model.zero_grad()
+        logits = model(ids, mask)
+        (logits * weights * mask[..., None]).sum().backward()
+        outputs[align] = logits[mask.bool()], [p.grad.clone() for p in model.parameters()]
+    aligned_ids, aligned_mask, positions, _ = pack(ids, mask)
+    assert aligned_mask is None and aligned_ids.size(1) % 8 == 0 and positions.shape == aligned_ids.shape
+    torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outputs[True][1], outputs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -149,3 +149,20 @@ def test_compiled_sft_matches_eager_on_the_cpu(tmp_path):
     losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "sft" / "metrics.jsonl").open()]
               for run in ("eager", "compiled")}
     assert len(losses["eager"]) == 2 and losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)
+
+
+def test_tf32_serves_the_float32_heads_under_mixed_precision_on_cuda_alone():
+    """training.float32_matmuls: TF32 ("high") for CUDA under bf16 or fp16; true FP32 ("highest")
+    with --dtype fp32 and on the CPU. And bench.tf32 rounds to 10 mantissa bits."""
+    import bench
+    from training import float32_matmuls
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert float32_matmuls("cuda", "bf16") == "high" == torch.get_float32_matmul_precision()
+        assert float32_matmuls("cuda:1", "fp16") == "high"
+        assert float32_matmuls("cuda", "fp32") == "highest" == torch.get_float32_matmul_precision()
+        assert float32_matmuls("cpu", "bf16") == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    x = torch.tensor([1 + 2 ** -10, 1 + 2 ** -11 + 2 ** -12, 1 + 2 ** -12, -3.0])
+    assert bench.tf32(x).tolist() == [1 + 2 ** -10, 1 + 2 ** -10, 1.0, -3.0]

@@ -2,6 +2,7 @@
 size, so one rule serves one process and N ranks, with or without gradient accumulation; and
 FitConfig, the settings it reads, shared by the stages that run it."""
 import dataclasses
+import os
 
 import torch
 
@@ -107,3 +108,27 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
     training.truncate_jsonl(str(path), "step", 2)
     assert path.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'
+
+
+def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeypatch):
+    """--save-minutes: a step state once that many minutes have passed since the last save, whatever
+    the step count, and never at the stage's end (its checkpoint follows)."""
+    import time
+    import checkpoint
+    monkeypatch.setattr(checkpoint, "SAVE_MINUTES", 1.0)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    model = torch.nn.Linear(2, 2)
+    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": torch.optim.SGD(model.parameters(), 0.1)})
+    state.save(1)
+    assert not os.path.exists(state.path)  # a second in: not due
+    clock[0] += 61
+    state.save(2)
+    assert state.restore()[0] == 2
+    os.remove(state.path)
+    clock[0] += 30
+    state.save(3)  # 30 s after the last save
+    assert not os.path.exists(state.path)
+    clock[0] += 600
+    state.save(10)  # the end
+    assert not os.path.exists(state.path)
