@@ -382,13 +382,12 @@ def doc_blocks(path):
     if not os.path.exists(path):
         return {}
     rows = by_row(json.load(open(path)))
-    blocks = {"memory": table(rows)}
+    blocks = {"memory": table(rows)}  # and which rows each card holds, every stage with the margin:
     whole = {row: max(peaks.values()) * MARGIN for row, peaks in sorted(rows.items(), key=lambda r: row_order(r[0]))
              if len(peaks) == len(STAGES) and None not in peaks.values()}
-    blocks["memory-cards"] = "\n".join(  # which rows each card holds, every stage with the margin
-        f"- {card} GB: " + (", ".join(f"{model} {setting}" for (model, setting), worst in whole.items()
-                                      if worst <= card and (i == 0 or worst > CARDS[i - 1])) or "nothing more")
-        for i, card in enumerate(CARDS))
+    blocks["memory-cards"] = "\n".join(f"- {card} GB: " + (", ".join(
+        f"{model} {setting}" for (model, setting), worst in whole.items() if worst <= card and (i == 0 or worst > CARDS[i - 1]))
+        or "nothing more") for i, card in enumerate(CARDS))
     for name, row in ONE_GPU.items():
         peaks = rows.get(row, {})
         figures = ", ".join(f"{stage.upper()} {peaks[stage]:.1f}" for stage in STAGES if stage in peaks)

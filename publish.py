@@ -284,9 +284,9 @@ def render(root="results"):
         if meta.get("sweep"):  # runs: {condition: its runs}
             sections.append(sweep_section(f"{rel}/{name}", meta, runs))
             out[os.path.join(root, name, "gold-by-condition.svg")] = sweep_figure(runs, meta.get("vary"))
-            if meta.get("readme") == "sweep":  # README.md's block: the figure and the table of MPO minus each row
-                blocks[name] = (f"{command_text(meta, main_runs(runs))}, seeds {seed_range(runs)}:\n\n"
-                                f"![gold reward by condition]({rel}/{name}/gold-by-condition.svg)\n\n"
+            if meta.get("readme") == "sweep":  # README.md's block: the table of MPO minus each row, the figure linked
+                blocks[name] = (f"{command_text(meta, main_runs(runs))}, seeds {seed_range(runs)} "
+                                f"([figure]({rel}/{name}/gold-by-condition.svg)):\n\n"
                                 f"{conditions_table(in_order(runs, meta.get('vary')), meta.get('vary'))}")
             continue
         sections.append(experiment_section(f"{rel}/{name}", meta, runs))

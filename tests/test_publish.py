@@ -111,10 +111,9 @@ def test_a_sweeps_table_of_mpo_minus_each_row_computed_by_hand(tmp_path):
     (tmp_path / "README.md").write_text("<!-- publish.py: sel -->\n" + publish.BLOCK_END + "\n")
     readme = publish.render(str(tmp_path / "results"))[str(tmp_path / "README.md")]
     lines = readme.splitlines()
-    assert lines[1] == "`python3 train.py --noise-sweep 4`, seeds 0-2:"
-    assert lines[3] == "![gold reward by condition](results/sel/gold-by-condition.svg)"
-    assert lines[5] == "| | tau 1, bias 0 (3 seeds) | tau 4, bias 0 (3 seeds) |"
-    assert lines[7] == "| MPO's gold reward | +1.23 ± 0.15 | +0.90 ± 0.10 |"
+    assert lines[1] == "`python3 train.py --noise-sweep 4`, seeds 0-2 ([figure](results/sel/gold-by-condition.svg)):"
+    assert lines[3] == "| | tau 1, bias 0 (3 seeds) | tau 4, bias 0 (3 seeds) |"
+    assert lines[5] == "| MPO's gold reward | +1.23 ± 0.15 | +0.90 ± 0.10 |"
     # tau 1: MPO - random split 0.2, 0.4, 0.3: mean 0.3, sd 0.1, half width 4.303 * 0.1 / sqrt(3) = 0.248
     # tau 4: 0.0, 0.3, -0.1: mean 0.067, sd 0.208, half width 0.517; MPO ahead on one seed (a tie is no win)
     assert ("| MPO − random split (random sets of MPO's sizes) | +0.30 [+0.05, +0.55], 3/3 | "
