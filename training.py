@@ -39,7 +39,8 @@ def compiled(model):
     """
     if not COMPILE:
         return model
-    torch._dynamo.config.update(DYNAMO)  # read when a forward is traced, not here: set for the process
+    for name, value in DYNAMO.items():  # read when a forward is traced, not here: set for the process
+        setattr(torch._dynamo.config, name, value)
     return torch.compile(model, dynamic=True)
 
 
