@@ -17,6 +17,7 @@ and the padding's positions cost less there than a masked kernel's tiles. Both l
 padded batch's outputs (tests/test_packing.py).
 """
 import torch
+import torch.nn.functional as F
 
 ALIGN = None  # None: align on CUDA, pack elsewhere; True or False: one or the other anywhere (tests)
 
@@ -43,12 +44,12 @@ def pack(idx, attention_mask, position_ids=None, cache=None):
     unchanged = idx, attention_mask, position_ids, lambda x: x
     if cache is not None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
         return unchanged
+    if ALIGN or (ALIGN is None and idx.is_cuda):
+        return align(idx, attention_mask)
     found = rows(attention_mask)
     if found is None:
         return unchanged
     lengths, offset = found
-    if ALIGN or (ALIGN is None and idx.is_cuda):
-        return align(idx, lengths, offset)
     B, S = attention_mask.shape
     real = attention_mask.bool()
     row_of, at = first_fit(lengths.tolist())
@@ -84,17 +85,20 @@ def first_fit(lengths):
     return row_of, at
 
 
-def align(idx, lengths, offset):
-    """Rows (B, S) whose real tokens are one run each (rows) -> (idx (B, T), None, positions (B, T),
-    unpack): each run moved to the start of its row, T the longest run rounded up to a multiple of 8
-    (shapes that compile well), no mask (plain causal attention), and unpack taking an output
-    (B, T, ...) back to (B, S, ...), a padding position holding a copy of a real one of its row."""
-    B, S = offset.shape
-    longest = int(lengths.max())
-    T = -(-longest // 8) * 8
-    cols = torch.arange(T, device=idx.device)
-    source = (cols[None] - offset[:, :1]).clamp(0, S - 1)  # offset[:, 0] = -start: column j reads start + j
-    positions = cols.clamp(max=max(longest - 1, 0))[None].expand(B, T)  # the padding's own: any in range
-    where = offset.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])  # (b, s) reads (b, where)
+def align(idx, attention_mask):
+    """Padded rows (B, S) -> (idx (B, T), None, positions (B, T), unpack): each row's real tokens
+    moved, in order, to the start of its row, T = S rounded up to a multiple of 8 (shapes that
+    compile well), no mask (plain causal attention), and unpack taking an output (B, T, ...) back to
+    (B, S, ...), a padding position holding a copy of a real one of its row. No host read and no
+    shape from the data: under torch.compile the forward stays one graph (bench.py --figures graphs);
+    the columns that are padding in every row are computed, which trimming them would need a host
+    read to avoid."""
+    B, S = idx.shape
+    T = -(-S // 8) * 8
+    real = attention_mask.bool()
+    rank = real.long().cumsum(1) - 1  # a real token's column in its aligned row
+    source = torch.sort((~real).long(), dim=1, stable=True).indices  # the real columns first, in order
+    ids = F.pad(idx.gather(1, source), (0, T - S), value=0)
+    positions = torch.arange(T, device=idx.device).clamp(max=max(S - 1, 0))[None].expand(B, T)  # real: their rank
     batch = torch.arange(B, device=idx.device)[:, None]
-    return idx.gather(1, source), None, positions, lambda x: x[batch, where]
+    return ids, None, positions, lambda x: x[batch, rank.clamp(min=0)]
