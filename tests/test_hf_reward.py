@@ -1,17 +1,21 @@
 """--reward-model (hf_reward.py): a Hugging Face sequence classifier scores as transformers scores it,
 re-tokenises the policy's text where its tokenizer differs, stops a bad folder with one line before
 any work, and replaces the rm stage of a whole run."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from hf_reward import ReadAsTransformers, load_sequence_classifier, pad_token_id, reward_model_at
+from hf_reward import ReadAsTransformers, check_reward_model, load_sequence_classifier, pad_token_id, reward_model_at
 from task import make_task
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 V, PAD = 120, 5
 
 # layout: (transformers config class, its settings)
@@ -103,3 +107,149 @@ def test_another_tokenizer_scores_the_text(tmp_path):
     assert (rm(ids, mask)[:, -1] - torch.stack(expected)).abs().max() < 1e-5
     same = reward_model_at(save_classifier(hf, tmp_path / "same", policy_tok), policy_tok)
     assert same.own is None  # the policy's tokenizer: its ids as they are
+
+
+# ----------------------------------------------------------------------------- a bad folder
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def not_a_classifier(folder, tokenizer):
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=V)).save_pretrained(folder)
+    tokenizer.tok.save(str(folder / "tokenizer.json"))
+
+
+def classifier(changes=None, labels=1, tokenizer_file=True):
+    def make(folder, tokenizer):
+        hf = hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, n_layer=1)
+        hf.save_pretrained(folder)
+        if tokenizer_file:
+            tokenizer.tok.save(str(folder / "tokenizer.json"))
+        if labels != 1:
+            edit_config(folder, id2label={str(i): f"LABEL_{i}" for i in range(labels)})
+        if changes:
+            edit_config(folder, **changes)
+    return make
+
+
+BAD_FOLDERS = {  # name: (how the folder is made, what the one line says)
+    "causal-lm": (not_a_classifier, "field 'architectures' is ['GPT2LMHeadModel'], not a sequence classifier"),
+    "two-labels": (classifier(labels=2), "2 labels (field 'id2label'); a reward model has one"),
+    "no-tokenizer": (classifier(tokenizer_file=False), "no tokenizer.json beside the weights"),
+    "shapes": (classifier({"n_embd": 48}), "has shape"),
+    "vocabulary": (classifier({"vocab_size": 100}), "has shape"),
+    "pad-token-id": (classifier({"pad_token_id": "<pad>"}), "field 'pad_token_id' must be a token id"),
+    "llama-model-type": (classifier({"architectures": ["LlamaForSequenceClassification"]}),
+                         "field 'model_type' is 'gpt2', but LlamaForSequenceClassification is 'llama'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FOLDERS)
+def test_a_bad_reward_model_folder_stops_before_any_work(tmp_path, capsys, name):
+    import train
+    make, message = BAD_FOLDERS[name]
+    (tmp_path / "rm").mkdir()
+    make(tmp_path / "rm", task_tokenizer(300))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train.main(["--preset", "micro", "--out", str(tmp_path / "run"), "--reward-model", str(tmp_path / "rm")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and str(tmp_path / "rm") in err and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_project_checkpoint_is_not_a_sequence_classifier(tmp_path):
+    from checkpoint import save_checkpoint
+    from data import UserError
+    from model import GPT, GPTConfig, ScalarModel
+    save_checkpoint(ScalarModel(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=8), GPT), tmp_path)
+    with pytest.raises(UserError, match="a checkpoint of this project, not a Hugging Face sequence classifier"):
+        check_reward_model(str(tmp_path))
+
+
+def test_the_content_hash_covers_weights_and_configs(tmp_path):
+    tokenizer = task_tokenizer(300)
+    classifier()(tmp_path, tokenizer)
+    first = check_reward_model(str(tmp_path)).sha256
+    edit_config(tmp_path, pad_token_id=None)
+    second = check_reward_model(str(tmp_path)).sha256
+    hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, n_layer=1, seed=1).save_pretrained(tmp_path)
+    assert len({first, second, check_reward_model(str(tmp_path)).sha256}) == 3
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+FAST = ["--preset", "micro", "--n-sft", "200", "--n-pref", "120", "--sft-steps", "20", "--ppo-iterations", "2",
+        "--eval-prompts", "8", "--eval-samples", "1", "--easy-fraction", "0.5"]
+
+
+def test_micro_run_with_the_policys_tokenizer(tmp_path):
+    """A GPT-2 classifier with the run's own tokenizer: no rm stage, the split's gaps are transformers'
+    scores of the pairs, PPO's critic starts from the reward model, and a changed reward model
+    reruns the split and PPO, not SFT."""
+    out, folder = tmp_path / "run", tmp_path / "rm"
+    import train
+    train.main([*FAST, "--out", str(out), "--stages", "tokenizer"])
+    tokenizer = Tokenizer.load(out / "tokenizer" / "tokenizer.json")
+    hf = hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, pad=tokenizer.pad_id, n_positions=96)
+    save_classifier(hf, folder, tokenizer)
+    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "rm").exists()
+    assert "the rm stage was skipped" in (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["reward_model"]["folder"] == str(folder) and "mpo" in results["methods"]
+    assert json.loads((out / "ppo" / "done.json").read_text())["summary"]["critic_from"] == "rm"
+    pairs = make_task(0, n_sft=200, n_pref=120)["pref"]  # the run's task
+    gaps = json.loads((out / "split" / "gaps.json").read_text())
+    with torch.no_grad():
+        for i in (0, 1, 2):  # responses cut at --max-new-tokens 32, as every reward model reads them
+            r = [hf(torch.tensor([tokenizer.encode(pairs[i]["prompt"]) + (tokenizer.encode(pairs[i][side])
+                                  + [tokenizer.eos_id])[:32]])).logits[0, 0] for side in ("chosen", "rejected")]
+            assert abs(gaps[i] - (r[0] - r[1]).item()) < 1e-5
+    save_classifier(hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, pad=tokenizer.pad_id, n_positions=96,
+                                  seed=1), folder, tokenizer)
+    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder), "--stages", "tokenizer,sft,rm,split,dpo,ppo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== sft" not in proc.stdout and "== split" in proc.stdout and "== ppo" in proc.stdout
+
+
+def test_micro_run_with_another_tokenizer(tmp_path):
+    """A Qwen2 classifier whose tokenizer is not the run's: the text is re-tokenised, and PPO's critic
+    starts from SFT with a fresh value head."""
+    own = task_tokenizer(400, seed=3)
+    folder = save_classifier(hf_classifier("qwen2", vocab_size=own.vocab_size, pad=own.pad_id), tmp_path / "rm", own)
+    out = tmp_path / "run"
+    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the rm stage is skipped" in proc.stdout and not (out / "rm").exists()
+    assert json.loads((out / "ppo" / "done.json").read_text())["summary"]["critic_from"] == "sft"
+    assert "the rm stage was skipped" in (out / "results.md").read_text()
+
+
+@pytest.mark.skipif(not os.path.exists(HH_FILE), reason="the HH-RLHF file beside the project is absent")
+def test_hh_rlhf_tiny_run_with_a_reward_model(tmp_path):
+    """Real data at the tiny preset (its first 400 dialogues, a few steps of each stage) with a GPT-2
+    classifier of another tokenizer: the run completes and reports the reward model it used."""
+    import gzip
+    with gzip.open(HH_FILE, "rt") as f:
+        (tmp_path / "hh.jsonl").write_text("".join(line for line, _ in zip(f, range(400))))
+    own = task_tokenizer(400)
+    folder = save_classifier(hf_classifier("gpt2", vocab_size=own.vocab_size, pad=None, n_positions=256),
+                             tmp_path / "rm", own)
+    out = tmp_path / "run"
+    proc = run_cli("--preset", "tiny", "--data", str(tmp_path / "hh.jsonl"), "--easy-fraction", "0.5", "--reward-model", str(folder),
+                   "--out", str(out), "--sft-steps", "5", "--rm-epochs", "1", "--dpo-epochs", "1",
+                   "--ppo-iterations", "2", "--ppo-rollouts", "16", "--max-new-tokens", "16", "--eval-prompts", "8",
+                   "--eval-samples", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "rm").exists() and (out / "judge" / "done.json").exists()
+    assert f"reward model: {folder}" in (out / "results.md").read_text()
