@@ -248,8 +248,9 @@ class StepState:
             return True
         return bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
 
-    def save(self, step, extra=None):
-        if not self.due(step):
+    def save(self, step, extra=None, due=None):
+        """due: self.due(step), when the caller has asked it already (fit reads its figures first)."""
+        if not (self.due(step) if due is None else due):
             return
         self.last = time.time()
         tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()

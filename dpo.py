@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from data import batches, pair_batch, tokenize_pairs
+from data import batches, pair_batch, to_device, tokenize_pairs
 from model import response_token_logps
 from training import FitConfig, autocast, epoch_steps, fit, fit_field
 
@@ -73,7 +73,7 @@ def precompute_logps(model, pairs, pad_id, batch_size=64, device="cpu", dtype="f
     model.eval()
     chosen, rejected = [], []
     for idx in batches(len(pairs), batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], pad_id).items()}
+        batch = to_device(pair_batch([pairs[i] for i in idx], pad_id), device)
         with autocast(device, dtype):
             c, r = pair_logps(model, batch)
         chosen.append(c.float().cpu())
@@ -102,9 +102,9 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
         tokens = batch["response_mask"][:, 1:].sum(-1).float().chunk(2)  # each response's scored tokens
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
                                                 cfg.beta, cfg.label_smoothing, cfg.loss_type, *tokens)
-        return losses.mean(), {"margin": (chosen_r - rejected_r).mean().item(),
-                               "accuracy": (chosen_r > rejected_r).float().mean().item(),
-                               "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}
+        return losses.mean(), {"margin": (chosen_r - rejected_r).mean(),  # read later: fit
+                               "accuracy": (chosen_r > rejected_r).float().mean(),
+                               "chosen_logps": chosen.mean(), "rejected_logps": rejected.mean()}
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
