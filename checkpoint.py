@@ -239,18 +239,23 @@ class StepState:
         self.modules, self.optimizers, self.generators = modules, optimizers, generators
         self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
         self.minutes, self.last = SAVE_MINUTES, time.time()
+        self.asked = None, False  # (step, due(step)), the last asked
 
     def due(self, step):
-        """Whether step is one to save at: by the step count, or by rank 0's clock (every rank the same)."""
-        if step >= self.steps:
-            return False  # the stage's end: its checkpoint follows
-        if self.every and step % self.every == 0:
-            return True
-        return bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
+        """Whether step is one to save at: by the step count, or by rank 0's clock (every rank the same).
+        Asked twice for one step, the same answer (fit asks before save does, to read its figures first)."""
+        if self.asked[0] != step:
+            if step >= self.steps:
+                due = False  # the stage's end: its checkpoint follows
+            elif self.every and step % self.every == 0:
+                due = True
+            else:
+                due = bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
+            self.asked = step, due
+        return self.asked[1]
 
-    def save(self, step, extra=None, due=None):
-        """due: self.due(step), when the caller has asked it already (fit reads its figures first)."""
-        if not (self.due(step) if due is None else due):
+    def save(self, step, extra=None):
+        if not self.due(step):
             return
         self.last = time.time()
         tensors = {f"{n}.{k}": v.detach().contiguous().cpu() for n, m in self.modules.items()

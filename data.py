@@ -324,7 +324,8 @@ def to_device(batch, device):
     before them (model.response_token_logps). On CUDA the copies start from pinned memory and do
     not block the host."""
     out = {k: packing.to_device(v, device) for k, v in batch.items()}
-    out["plan"] = packing.plan(batch["attention_mask"], device).to(device)
+    if batch.get("attention_mask") is not None:
+        out["plan"] = packing.plan(batch["attention_mask"], device).to(device)
     if "response_mask" in batch:
         scored = batch["response_mask"].bool().clone()
         scored[:, 0] = False  # the first token of a row has no logits before it

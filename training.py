@@ -348,7 +348,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
                 data.append_jsonl(metrics, row)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
         bar.update()
-        state.save(step + 1, due=due)
+        state.save(step + 1)  # after the read: due(step + 1) answers as above
     bar.close()
     return row
 
