@@ -224,9 +224,7 @@ class ScalarModel(nn.Module):
         self.gpt = backbone(config)  # named gpt whatever its class: the checkpoints' keys say gpt.*
         if getattr(self.gpt, "unembed", None) is not None:  # a Llama's untied vocabulary projection:
             self.gpt.unembed.requires_grad_(False)  # unused here, so no optimizer state, and DDP expects no gradient
-        self.head = nn.Linear(config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = new_head(config.n_embd)
 
     def forward(self, idx, attention_mask=None, plan=None):
         return scalar_head(self.head, self.gpt(idx, attention_mask, hidden=True, plan=plan))
@@ -235,6 +233,14 @@ class ScalarModel(nn.Module):
         opt = self.gpt.configure_optimizers(lr, weight_decay, betas, device_type)
         opt.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0})
         return opt
+
+
+def new_head(n_embd):
+    """A fresh scalar head, drawn from the global random stream: weights of std 1 / sqrt(n_embd + 1), bias 0."""
+    head = nn.Linear(n_embd, 1)
+    nn.init.normal_(head.weight, std=1 / math.sqrt(n_embd + 1))
+    nn.init.zeros_(head.bias)
+    return head
 
 
 # ----------------------------------------------------------------------------- the vocabulary projection
