@@ -8,7 +8,8 @@
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
 cache against recomputing the prefix), logp (the error of bf16 log-probs and of a TF32 head), ops
-(aten ops per sampled token: kernel launches on a GPU), and, when transformers
+(aten ops per sampled token: kernel launches on a GPU), graphs (torch.compile's graphs per training
+forward: bench_compile.py), and, when transformers
 is installed, its GPT-2 of the same shape for lm and sample, and, when `python3 bench_anchors.py
 --install` has put them in .anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and
 ppo (each in its own process).
@@ -36,6 +37,7 @@ from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel, response_logprobs, token_logprobs
 from sampling import generate
 from ppo import PPOConfig, train_ppo
+import bench_compile
 import bench_memory
 import training
 from bench_memory import MODELS  # real small open models of the Llama layout: their shapes
@@ -49,7 +51,6 @@ SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py ke
     "micro": dict(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=512),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=1024),
 }
-
 
 
 def timed(fn, device, repeat=3):
@@ -83,10 +84,6 @@ def summary(runs):
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def n_params(model):
-    return model.num_params()
 
 
 def unembedding(model):
@@ -183,7 +180,7 @@ def bench_lm(model, train_model, cfg, a, dtype, peak):
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=a.device)
     opt = model.configure_optimizers(1e-4, device_type=a.device)
     s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device)
-    print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, n_params(model), peak)}")
+    print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, model.num_params(), peak)}")
     hf = hf_twin(cfg, a.device)
     if hf is not None:
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=a.device == "cuda")
@@ -210,7 +207,7 @@ def bench_dpo(model, train_model, cfg, a, dtype, peak):
         optimizer_step(loss, opt, 1.0)
     s = timed(dpo_step, a.device)
     print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
-          f"{mfu(2 * B * T / s, n_params(model), peak)}")
+          f"{mfu(2 * B * T / s, model.num_params(), peak)}")
     trl = trl_anchor("dpo", cfg, a, dtype)
     if trl:
         versus("dpo step", f"TRL {trl[0]}", "pairs/s", B / s, trl[1], B / s / trl[1], "{:12,.1f}")
@@ -245,15 +242,18 @@ class OpCount(TorchDispatchMode):
 
 
 def bench_ops(model, cfg, a, dtype):
-    """aten ops per new token of sampling (left-padded prompts with their mask, as PPO samples): the
-    count of 16 new tokens less that of 8, over 8."""
+    """aten ops per new token of sampling, prompts without padding and left-padded (as PPO samples):
+    the count of 16 new tokens less that of 8, over 8."""
     prompt = torch.randint(0, cfg.vocab_size, (2, 8), device=a.device)
-    counts = []
-    for n in (8, 16):
-        with OpCount() as count, autocast(a.device, dtype):
-            generate(model.eval(), prompt, torch.ones_like(prompt), n, generator=torch.Generator(a.device).manual_seed(0))
-        counts.append(count.ops)
-    print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, with its mask)")
+    padded = torch.ones_like(prompt)
+    padded[0, :3] = 0
+    for mask, what in ((torch.ones_like(prompt), "no padding"), (padded, "left-padded")):
+        counts = []
+        for n in (8, 16):
+            with OpCount() as count, autocast(a.device, dtype):
+                generate(model.eval(), prompt, mask, n, generator=torch.Generator(a.device).manual_seed(0))
+            counts.append(count.ops)
+        print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, {what})")
 
 
 def bench_cache(model, cfg, a, dtype):
@@ -374,7 +374,7 @@ def run_figures(cfg, a, dtype, figures, peak):
     training.COMPILE = a.compile
     train_model = compiled(model)
     layout = f" in the Llama layout ({cfg.model_type})" if isinstance(cfg, LlamaConfig) else ""
-    print(f"{a.preset} shape{layout} ({n_params(model) / 1e6:.1f}M parameters), {a.device}, {dtype}"
+    print(f"{a.preset} shape{layout} ({model.num_params() / 1e6:.1f}M parameters), {a.device}, {dtype}"
           f"{', compiled' if a.compile else ''}; torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if a.device == "cuda" else ""))
 
@@ -389,6 +389,8 @@ def run_figures(cfg, a, dtype, figures, peak):
         bench_cache(model, cfg, a, dtype)
     if "ops" in figures:
         bench_ops(model, cfg, a, dtype)
+    if "graphs" in figures:
+        bench_compile.bench_graphs(model, cfg)
     if "ppo" in figures:
         bench_ppo(model, cfg, a, dtype)
     if "logp" in figures:

@@ -2,6 +2,7 @@
 (checked with their tokenizer before any work, check_init), --export-hf's folders out, which
 transformers loads. Through safetensors only (never pickle).
 """
+import dataclasses
 import json
 import os
 from typing import NamedTuple
@@ -144,15 +145,18 @@ def llama_config_from_hf(hf, file):
         model_type=hf["model_type"])
 
 
-def load_hf_llama(path, device="cpu"):
+def load_hf_llama(path, device="cpu", classifier=False):
     """A Llama from a Hugging Face folder of model_type llama or qwen2: config.json and
     model.safetensors, or shards listed in model.safetensors.index.json. The weights become
-    float32 (the master copy every stage trains; the files are often bf16)."""
+    float32 (the master copy every stage trains; the files are often bf16). classifier: the body of
+    a *ForSequenceClassification folder, which has a score head (hf_reward.py) and no lm_head."""
     file = os.path.join(path, "config.json")
     hf = read_config_json(file)
     if hf.get("model_type") not in HF_LLAMA:
         raise CheckpointError(f"{file}: field 'model_type' is {hf.get('model_type')!r}, not {' or '.join(HF_LLAMA)}")
     config = check_config(llama_config_from_hf(hf, file), file)
+    if classifier:  # no vocabulary projection to hold: the body alone
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     files = weight_files(path)
     hf_state, where = {}, {}
     for f in files:
@@ -174,7 +178,8 @@ def load_hf_llama(path, device="cpu"):
     if head is not None and not torch.equal(head.float(), state["model.embed_tokens.weight"]):
         raise CheckpointError(f"{where['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight, "
                               "but config.json says tie_word_embeddings")
-    extra = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")]  # old files store RoPE's table
+    extra = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")  # old files store RoPE's table
+             and not (classifier and k == "score.weight")]
     if extra:
         raise CheckpointError(f"{where[extra[0]]}: unexpected key {extra[0]!r} (config.json does not ask for it)")
     assign(model, state)  # RoPE's frequencies computed again

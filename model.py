@@ -96,7 +96,7 @@ def attention_bias(attention_mask, T):
 def attention_inputs(idx, attention_mask=None, position_ids=None, cache=None):
     """The positions (B or 1, T) of the T tokens of idx and the attention mask (B, 1, T, S) or None
     (plain causal attention, the fused path), after the cache's past positions."""
-    if attention_mask is not None and attention_mask.dim() == 4:  # packed rows' own: packing.pack
+    if attention_mask is not None and attention_mask.dim() == 4:  # the caller's own: packed rows, the decode step
         return position_ids, attention_mask
     T = idx.size(1)
     past = 0 if cache is None else cache.pos

@@ -31,7 +31,8 @@ from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
 from ppo import train_ppo
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
-from reward import load_reward_model, score
+from hf_reward import as_reward_model, critic_start, reward_model_at
+from reward import score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from tokenizer import Tokenizer
@@ -164,7 +165,7 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
     if gap == "gold":
         gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
     else:
-        reward_model = load_reward_model(rm_dir, device)
+        reward_model = reward_model_at(rm_dir, tokenizer, device)
         mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
         chosen, rejected = (torch.tensor(distributed.gather(score(
             reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
@@ -225,11 +226,13 @@ def reference_of(policy, starts_from_it, load, memory):
     return memory.frozen(load())
 
 
-def reward_model_of(critic, load, memory):
-    """Stage 2's frozen reward model. With adapters it is the critic's backbone with the adapters off
-    under the reward model's own head (the critic's, copied before training); else a second model."""
+def reward_model_of(critic, load, memory, read=lambda model: model):
+    """Stage 2's frozen reward model, for a critic that starts as the reward model. With adapters it
+    is the critic's backbone with the adapters off under the reward model's own head (the critic's,
+    copied before training), read as the reward model is read (read: hf_reward.as_reward_model);
+    else a second model, load()."""
     if adapters(critic):
-        return AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False))
+        return read(AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False)))
     return memory.frozen(load())
 
 
@@ -253,26 +256,31 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
     return summary
 
 
-def ppo_stage(init_dir, reference_dir, rm_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
+def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
               device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory()):
     """Stage 2: PPO from init_dir, KL to reference_dir (MPO: both the DPO policy, hard prompts).
 
-    The critic starts from the reward model; the reward model and the reference stay frozen. With
-    adapters, the critic trains its own adapter and value head on the reward model's backbone, and
-    the reward model is that backbone with the adapters off and its own head: one backbone for both.
+    The critic starts from the reward model (from SFT with a fresh value head where the reward
+    model cannot read the policy's tokens: hf_reward.critic_start); the reward model and the
+    reference stay frozen. With adapters, a critic that started as the reward model trains its own
+    adapter and value head on the reward model's backbone, and the reward model is that backbone
+    with the adapters off and its own head: one backbone for both.
     """
     policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "ppo")
     reference = reference_of(policy, init_dir == reference_dir,
                              lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
-    critic = memory.trained(load_checkpoint(rm_dir, kind="scalar", device=device)[0], "ppo")
-    reward_model = reward_model_of(critic, lambda: load_reward_model(rm_dir, device), memory)
+    critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, policy.config.block_size, device)
+    critic = memory.trained(critic, "ppo")
+    load = lambda: reward_model_at(rm_dir, tokenizer, device)
+    reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer))
+                    if is_reward_model else memory.frozen(load()))
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                       out_dir, max_new_tokens, device, dtype, seed, gold)
     save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
                 os.path.join(out_dir, "curves.png"), versus=("kl", ["score", "gold"]))
-    return final
+    return {**final, "critic_from": "rm" if is_reward_model else "sft"}
 
 
 def policy_stages(methods, runner, pairs, cfgs, flips=0.0):
@@ -306,13 +314,14 @@ TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eva
                  "judge_fraction"]  # RunConfig's fields that data.load_task reads
 
 
-def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
+def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None):
     """The stages of `methods` (names in METHODS) in the paper's order, into the run folder `out`:
     tokenizer -> sft -> rm -> split -> each method's DPO and PPO stages -> judge (real data) -> eval.
 
     run: the run's settings (train.RunConfig); cfgs: the stage configs by stage kind; init: a
     hf.Init or None; shared: {stage name: the run folder that holds it} (sweeps share the main
-    run's). Returns the results, or None when --stages ends before eval.
+    run's); reward: a hf_reward.RewardModel (--reward-model) or None. Returns the results, or None
+    when --stages ends before eval.
     """
     tau = run.label_noise
     task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS})
@@ -332,16 +341,20 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
         runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"], **lora("sft")}, ["tokenizer"],
                    lambda folder: sft_stage(folder, s, cfgs["sft"], shape, init))
-        runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"], **lora("rm")}, ["sft"],
-                   lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
+        if reward:  # --reward-model: no rm stage; what reads it fingerprints its content (and the policy's tokens)
+            runner.outside("rm", reward.path, reward.sha256)
+        else:
+            runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"], **lora("rm")}, ["sft"],
+                       lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
+        rm = ["rm", "tokenizer"] if reward else ["rm"]
 
         # the paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)
         split_of = lambda gap, easy=None: lambda folder: split_stage(
             at("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, run.device, run.dtype, gap, easy, task["kind"])
-        split = runner.run("split", "split", {"cfg": cfgs["split"]}, ["rm"], split_of("rm"))
+        split = runner.run("split", "split", {"cfg": cfgs["split"]}, rm, split_of("rm"))
         needed = {recipe["split"] for m in methods for _, _, recipe in method_stages(m)[0]}
         if "split_abs" in needed:
-            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, ["rm"], split_of("abs"))
+            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, rm, split_of("abs"))
         if "split_gold" in needed:
             runner.run("split_gold", "split", {}, ["split"], split_of("gold", split["easy"]))
 
@@ -352,7 +365,7 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
         for name, kind, settings, upstream, subset, cfg in plan:
             init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
             fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory)
-                  if kind == "dpo" else partial(ppo_stage, init_dir, reference_dir, at("rm"), [r["prompt"] for r in subset],
+                  if kind == "dpo" else partial(ppo_stage, init_dir, reference_dir, at("rm"), at("sft"), [r["prompt"] for r in subset],
                                                 gold=task["gold"], memory=memory))
             runner.run(name, kind, {**settings, **lora(kind)}, upstream, lambda folder, fn=fn, cfg=cfg: fn(
                 cfg, folder, tokenizer, R, run.device, run.dtype, seed))
@@ -374,6 +387,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None):
     costs = method_costs({m: method_stages(m)[0] for m in methods}, plan, runner)
     results = assemble(table, costs, runner, task, split, policies, run_record(run, seed, tau, cfgs, len(task["eval"])),
                        judge)
+    if reward:
+        results["reward_model"] = {"folder": reward.path, "sha256": reward.sha256}
     write_json(os.path.join(out, "results.json"), results)
     write_table(results, os.path.join(out, "results.md"))
     return results

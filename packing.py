@@ -19,6 +19,7 @@ padded batch's outputs (tests/test_packing.py).
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 ALIGN = None  # None: align on CUDA, pack elsewhere; True or False: one or the other anywhere (tests)
 
@@ -97,8 +98,8 @@ def pack(idx, attention_mask, position_ids=None, cache=None, planned=None):
     """idx and attention_mask (B, S) -> (idx, attention_mask, position_ids, unpack) for the model's
     body: packed rows (R, T), their mask (R, 1, T, T) and positions (R, T), and unpack, which takes
     an output (R, T, ...) back to (B, S, ...); on CUDA (or with ALIGN) aligned rows instead (align).
-    planned: the batch's Plan, made on the host (plan); without it, one is made here from the mask,
-    reading its sizes back from the device.
+    planned: the batch's Plan, made on the host (plan); without it, the rows are aligned on the
+    device (align, reading nothing back) or a plan is made here from the mask, reading its sizes.
 
     Unchanged, with unpack the identity: with a cache or given positions, without padding, when a
     row's real tokens are not one run, or when packing would not save positions.
@@ -106,6 +107,8 @@ def pack(idx, attention_mask, position_ids=None, cache=None, planned=None):
     unchanged = idx, attention_mask, position_ids, lambda x: x
     if cache is not None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
         return unchanged
+    if planned is None and aligned(idx.device):
+        return align(idx, attention_mask)  # no plan: aligned on the device, nothing read back
     p = planned or plan(attention_mask, idx.device)
     if p.kind == "same":
         return unchanged
@@ -148,3 +151,22 @@ def align_plan(lengths, offset):
     positions = cols.clamp(max=max(longest - 1, 0))[None].expand(B, T)  # the padding's own: any in range
     back = offset.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])  # (b, s) reads (b, back)
     return Plan("align", T, source, positions, None, back)
+
+
+def align(idx, attention_mask):
+    """Padded rows (B, S) -> (idx (B, T), None, positions (B, T), unpack): each row's real tokens
+    moved, in order, to the start of its row, T = S rounded up to a multiple of 8 (shapes that
+    compile well), no mask (plain causal attention), and unpack taking an output (B, T, ...) back to
+    (B, S, ...), a padding position holding a copy of a real one of its row. No host read and no
+    shape from the data: under torch.compile the forward stays one graph (bench.py --figures graphs);
+    the columns that are padding in every row are computed, which trimming them would need a host
+    read to avoid."""
+    B, S = idx.shape
+    T = -(-S // 8) * 8
+    real = attention_mask.bool()
+    rank = real.long().cumsum(1) - 1  # a real token's column in its aligned row
+    source = torch.sort((~real).long(), dim=1, stable=True).indices  # the real columns first, in order
+    ids = F.pad(idx.gather(1, source), (0, T - S), value=0)
+    positions = torch.arange(T, device=idx.device).clamp(max=max(S - 1, 0))[None].expand(B, T)  # real: their rank
+    batch = torch.arange(B, device=idx.device)[:, None]
+    return ids, None, positions, lambda x: x[batch, rank.clamp(min=0)]

@@ -173,6 +173,8 @@ def table_text(results, methods=None):
         if s.get("easy_label_agreement") is not None:
             lines[-1] += (f", label agreement with gold: easy {s['easy_label_agreement']:.3f}, "
                           f"hard {s['hard_label_agreement']:.3f}")
+    if results.get("reward_model"):
+        lines.append(f"reward model: {results['reward_model']['folder']} (--reward-model; the rm stage was skipped)")
     if results.get("win_rate_judge"):
         lines.append(f"win, tie and loss against SFT, prompt by prompt, judged by: {results['win_rate_judge']}")
     if results.get("vs_mpo"):
@@ -235,7 +237,8 @@ def aggregate(runs):
     return {"methods": out, "vs_mpo": vs_mpo, "vs_mpo_over": f"{len(runs)} seeds", "split": split,
             "reference": reference, "win_rate_judge": runs[0].get("win_rate_judge"),
             "per_seed": {m: [r["methods"][m] for r in runs] for m in runs[0]["methods"]},
-            "seeds": [r["config"]["seed"] for r in runs], "config": runs[0]["config"]}
+            "seeds": [r["config"]["seed"] for r in runs], "config": runs[0]["config"],
+            **({"reward_model": runs[0]["reward_model"]} if "reward_model" in runs[0] else {})}
 
 
 # ----------------------------------------------------------------------------- over seeds

@@ -41,9 +41,18 @@ class Runner:
         self.order, self.stages = order, set(stages)
         self.last = max(order.index(s) for s in stages)
         self.done, self.reused, self.seconds = {}, [], {}
+        self.elsewhere = {}  # stage name: a folder made outside the run (outside)
 
     def path(self, name):
+        if name in self.elsewhere:
+            return self.elsewhere[name]
         return os.path.join(self.shared.get(name, self.out), name)
+
+    def outside(self, name, folder, sha256):
+        """A stage that is not run: its folder was made outside the run (--reward-model's). The stages
+        that read it fingerprint its content hash, sha256, in the place of when it finished."""
+        self.elsewhere[name] = folder
+        self.done[name] = {"finished": sha256, "summary": {"folder": folder, "sha256": sha256}}
 
     def run(self, name, kind, settings, upstream, fn):
         """Reuse the stage if complete with this fingerprint; else run fn(folder), resuming from

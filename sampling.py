@@ -1,7 +1,11 @@
-"""Sampling responses with a KV cache: the preallocated cache, top-k / top-p filtering, the
-exponential-race sampler and the response mask. Every model with GPT's interface (model.GPT,
-llama.Llama) samples through generate."""
+"""Sampling responses with a KV cache: the preallocated cache, the decode step of fixed shapes
+(replayed as one CUDA graph on CUDA), top-k / top-p filtering, the exponential-race sampler and the
+response mask. Every model with GPT's interface (model.GPT, llama.Llama) samples through generate."""
+import warnings
+
 import torch
+
+CUDA_GRAPHS = True  # on CUDA, replay the decode step as one CUDA graph; False: run it eagerly there too
 
 
 class KVCache:
@@ -14,9 +18,14 @@ class KVCache:
         shape = (config.n_layer, batch_size, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # how many positions are filled
+        self.pos = 0  # how many positions the prefill filled
+        self.write = None  # a decode step's column, a (1,) tensor: decode_step sets it
 
     def update(self, layer, k, v):
+        if self.write is not None:  # a decode step: written at a column held in a tensor, all keys returned
+            self.k[layer].index_copy_(2, self.write, k.to(self.k.dtype))  # as slice assignment casts
+            self.v[layer].index_copy_(2, self.write, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -63,15 +72,12 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
         prompt_mask = None  # no padding: the fused attention path
     dtype = autocast_dtype(device.type) or next(model.parameters()).dtype  # the keys' and values' dtype
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
-    mask = None
-    if prompt_mask is not None:
-        mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
-        mask[:, :P] = prompt_mask
     positions = (prompt_mask.sum(-1, keepdim=True) if prompt_mask is not None
                  else torch.full((B, 1), P, device=device))
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     logits = model(prompt, prompt_mask, cache=cache, logits_from=-1)[:, -1]
+    step = decode_step(model, cache, prompt_mask, positions)
     n = max_new_tokens
     for t in range(max_new_tokens):
         if temperature == 0:  # greedy
@@ -82,14 +88,70 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
         tokens[:, t] = torch.where(alive, next_token, pad_id)
         if eos_id is not None:
             alive = alive & (next_token != eos_id)
+        # the one read of the device, every check_every tokens: has every row ended?
         if t == max_new_tokens - 1 or (eos_id is not None and t % check_every == check_every - 1
                                        and not bool(alive.any())):
             n = t + 1
             break
-        step_mask = None if mask is None else mask[:, :P + t + 1]
-        logits = model(tokens[:, t:t + 1], step_mask, position_ids=positions + t, cache=cache)[:, -1]
+        if t == 0 and CUDA_GRAPHS and device.type == "cuda":
+            logits, step = captured(step, tokens[:, :1], autocast_dtype("cuda"))
+        else:
+            logits = step(tokens[:, t:t + 1])
     tokens = tokens[:, :n]
     return tokens, response_mask(tokens, eos_id, pad_id)
+
+
+def decode_step(model, cache, prompt_mask, positions):
+    """The step after the prefill, token (B, 1) -> the next position's logits (B, V), every call on
+    the same shapes and memory, so that CUDA can capture it (captured). The token's key and value
+    are written at a column held in a tensor, and it attends over the whole preallocated cache under
+    an additive mask made once: 0 on the prompt's real tokens, -inf on left padding and on columns
+    not yet written; each step opens its own column in place. positions (B, 1): the first new
+    token's position, one more per step."""
+    B, L, P = cache.k.size(1), cache.k.size(3), cache.pos
+    bias = torch.zeros(B, 1, 1, L, dtype=cache.k.dtype, device=cache.k.device)
+    bias[..., P:] = float("-inf")
+    if prompt_mask is not None:
+        bias[:, 0, 0, :P].masked_fill_(~prompt_mask.bool(), float("-inf"))
+    write, position = torch.tensor([P], device=cache.k.device), positions.clone()
+    cache.write = write
+
+    def step(token):
+        bias.index_fill_(-1, write, 0.0)  # the new token sees itself
+        logits = model(token, bias, position_ids=position, cache=cache)[:, -1]
+        write.add_(1)
+        position.add_(1)
+        return logits
+    return step
+
+
+def captured(step, token, dtype=None):
+    """Run step on token (B, 1) and capture it as a CUDA graph -> (its logits, a step that copies its
+    token into the graph's input and replays every kernel of the model as one launch): sampling at
+    small batches is bound by launches, hundreds per token (bench.py --figures ops). As PyTorch's
+    CUDA graphs notes ask, the first run (a real step) warms up on a side stream, autocast (dtype,
+    or None) does not cache weight casts while capturing, and input and output keep their memory.
+    Where capture fails, the eager step."""
+    static = token.clone()
+    autocast = lambda: torch.autocast("cuda", dtype, enabled=dtype is not None, cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), autocast():
+        first = step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph), autocast():
+            logits = step(static)  # recorded, not run: the state advances at each replay
+    except RuntimeError as e:
+        warnings.warn(f"sampling runs eagerly: capturing the decode step as a CUDA graph failed ({e})")
+        return first, step
+
+    def replay(token):
+        static.copy_(token)
+        graph.replay()
+        return logits
+    return first, replay
 
 
 def categorical(probs, generator=None):

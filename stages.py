@@ -14,6 +14,7 @@ from hf import load_gpt
 from data import write_json
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
+from hf_reward import reward_model_at
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
 from tokenizer import Tokenizer
@@ -100,7 +101,7 @@ def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
     (real data) the judge's reward model scores them too, beside the training reward model."""
     frozen = s.memory.frozen
     sft = frozen(load_checkpoint(policies["sft"], kind="gpt", device=s.device)[0])
-    reward_model = frozen(load_reward_model(rm_dir, s.device))
+    reward_model = frozen(reward_model_at(rm_dir, s.tokenizer, s.device))  # the rm stage's, or --reward-model
     judge = frozen(load_reward_model(judge_dir, s.device)) if judge_dir else None
     judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
     for method, policy_dir in policies.items():

@@ -19,6 +19,7 @@ import training
 from data import FORMATS, UserError, write_json
 import checkpoint
 from hf import check_init, export_hf
+from hf_reward import check_reward_model
 from checks import device_problem, problem, settings
 from dpo import DPOConfig
 from lora import LoRAConfig, missing_target
@@ -91,6 +92,9 @@ class RunConfig:
     init: str = opt("", "start SFT from this folder: a Hugging Face folder of the GPT-2, Llama or Qwen2 layout "
                     "(config.json, model.safetensors or its shards, tokenizer.json; end-of-sequence and padding "
                     "tokens from its configs) or a checkpoint of this project", kind="folder")
+    reward_model: str = opt("", "a Hugging Face sequence classifier of one label (GPT2-, Llama- or "
+                            "Qwen2ForSequenceClassification, with its tokenizer.json) as the reward model of the split, "
+                            "PPO and the evaluation: the rm stage is skipped", kind="folder")
     export_hf: bool = opt(False, "also write each final policy as a Hugging Face folder of its layout (GPT-2, "
                           "llama or qwen2), RUN/hf/METHOD")
     # the model and the task (the preset's)
@@ -312,12 +316,12 @@ def check(run):
 
 # ----------------------------------------------------------------------------- main
 
-def experiment(run, init):
+def experiment(run, init, reward=None):
     """pipeline() once per seed, the mean and spread over seeds, then the sweeps."""
     cfgs = run.stage_configs()
     seeds = [run.seed + i for i in range(run.seeds)]
     folder = lambda s: run.out if len(seeds) == 1 else os.path.join(run.out, f"seed-{s}")
-    runs = [pipeline(run, cfgs, folder(s), s, run.methods, init) for s in seeds]
+    runs = [pipeline(run, cfgs, folder(s), s, run.methods, init, reward=reward) for s in seeds]
     if None in runs:  # --stages stopped before eval
         return
     if run.export_hf:
@@ -341,7 +345,7 @@ def experiment(run, init):
                                  dict(cfgs, split=dataclasses.replace(cfgs["split"], easy_fraction=fraction)))
                     shared, methods = ["tokenizer", "sft"], run.methods
                 sweep_runs.append(pipeline(*condition, os.path.join(folder(s), f"{sweep}-{v:g}"), s, methods, init,
-                                           {n: folder(s) for n in shared}))
+                                           {n: folder(s) for n in shared}, reward))
             print(f"{sweep} = {v:g}:")
             write_table(aggregate(sweep_runs), os.path.join(run.out, f"{sweep}-{v:g}.md"))
 
@@ -355,8 +359,9 @@ def main(argv=None):
     training.float32_matmuls(run.device, run.dtype)
     try:
         init = check_init(run.init, run.lora, run.max_new_tokens)
+        reward = check_reward_model(run.reward_model)
         with locked(run.out):
-            experiment(run, init)
+            experiment(run, init, reward)
     except UserError as e:  # a file, a folder, a setting: one line, status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

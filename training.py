@@ -26,13 +26,22 @@ from model import set_checkpointing
 COMPILE = False  # train.py --compile sets it: the training forward passes go through torch.compile
 
 
+# the scored positions' count (model.projected's boolean index) is data: traced, not a graph break, so
+# CUDA's aligned training forward is one graph (bench.py --figures graphs)
+DYNAMO = dict(capture_dynamic_output_shape_ops=True)
+
+
 def compiled(model):
     """The model itself, or a torch.compile'd view of it sharing its parameters (with --compile).
 
     dynamic=True: batches are padded to different lengths, and a recompile per shape would cost
     more than it saves.
     """
-    return torch.compile(model, dynamic=True) if COMPILE else model
+    if not COMPILE:
+        return model
+    for name, value in DYNAMO.items():  # read when a forward is traced, not here: set for the process
+        setattr(torch._dynamo.config, name, value)
+    return torch.compile(model, dynamic=True)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

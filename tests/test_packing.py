@@ -74,12 +74,13 @@ def test_first_fit_fills_rows_longest_first_without_overflow():
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= max(lengths)
 
 
-@pytest.mark.parametrize("padding", ["both", "right", "left"])
+@pytest.mark.parametrize("padding", ["both", "right", "left", "gaps"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layout, padding, monkeypatch):
     """CUDA's layout (packing.align): each row's tokens moved to its start, no mask, so plain causal
     attention (the flash kernel's) runs; every real token's logits and every gradient equal the
-    packed path's to float order (fp32), with left, right or both paddings."""
+    packed path's to float order (fp32), with left, right or both paddings, and the masked rows'
+    with padding inside rows too (gaps: not packed)."""
     import packing
     torch.manual_seed(0)
     model = LAYOUTS[layout]()
@@ -93,6 +94,8 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
                 mask[b, n:] = 0
             else:
                 mask[b, :ids.size(1) - n] = 0
+    if padding == "gaps":
+        mask[:, ids.size(1) // 2] = 0
     weights = torch.randn(*ids.shape, V)
     outputs = {}
     for align in (False, True):
@@ -128,3 +131,18 @@ def test_a_plan_made_on_the_host_gives_the_same_outputs_and_gradients(layout, al
     assert outputs[1][0].size(1) == batch["input_ids"].size(1) and packing.plan(batch["attention_mask"]).kind != "same"
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
+    """CUDA's training forwards (aligned rows: the log-probs of SFT, DPO and PPO, the reward model's
+    and critic's hidden states) trace as one graph each under torch.compile's settings
+    (training.DYNAMO): align reads nothing from the device, and the scored positions' count is traced.
+    Before: 6 graphs per log-probs forward (bench.py --figures graphs)."""
+    import bench_compile
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]()
+    for name, (args, kwargs) in bench_compile.forwards(model, padded_batch(6, seed=2)).items():
+        for planned in (True, False):  # a stage's batch (data.to_device's plan), or a mask alone
+            graphs, breaks = bench_compile.graph_breaks(model, args, kwargs, aligned=True, planned=planned)
+            assert graphs == 1 and not breaks, (name, planned, breaks)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import sampling
 import train
 import training
+from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig
 from sampling import autocast_dtype, categorical, generate
 from training import autocast, grad_scaler, optimizer_step
@@ -43,6 +44,28 @@ def test_kv_cache_sampling_gives_the_plain_paths_tokens(device):
     fast, _ = generate(model, prompt, None, 20, generator=torch.Generator(device).manual_seed(3))
     plain = sample_by_recomputing(model, prompt, 20, torch.Generator(device).manual_seed(3))
     assert torch.equal(fast, plain)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["gpt", "llama-gqa"])
+def test_the_cuda_graph_decode_step_gives_the_eager_steps_tokens(layout, dtype, monkeypatch):
+    """sampling.captured replays the decode step's kernels as one CUDA graph: the tokens of the same
+    step run eagerly, under autocast too, and the capture does not fail (it would warn)."""
+    torch.manual_seed(0)
+    model = (GPT(CFG) if layout == "gpt" else Llama(LlamaConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4,
+                                                                n_kv_head=2, n_embd=32, intermediate_size=48)))
+    model = model.cuda().eval()
+    prompt = torch.randint(1, CFG.vocab_size, (8, 10), device="cuda")
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(sampling, "CUDA_GRAPHS", graphs)
+        with warnings.catch_warnings(), autocast("cuda", dtype):
+            warnings.simplefilter("error")
+            runs[graphs] = generate(model, prompt, mask, 20, eos_id=3, generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,74 @@
+"""Graph breaks of the training forward under torch.compile, counted on the CPU by
+torch._dynamo.explain (it traces, it does not compile): the log-probs forward of SFT, DPO and PPO
+(model.logps_at) and the hidden-state forward of the reward model and the critic, on CUDA's aligned
+rows (packing.align) and on the CPU's packed rows (packing.pack), at a model's shape with two
+layers (a block adds no break). bench.py --figures graphs prints them:
+
+    python3 bench.py --preset gpt2 --vocab 50257 --figures graphs
+    python3 bench.py --preset qwen2-0.5b --figures graphs
+"""
+import dataclasses
+
+import torch
+import torch._dynamo
+
+import data
+import packing
+from model import LOGIT_CHUNK_BYTES, positions
+from training import DYNAMO
+
+
+def training_batch(vocab_size, rows, seed=0):
+    """data.collate's layout: prompts of 2-11 tokens left-padded, responses of 1-19 right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: torch.randint(2, vocab_size, (int(torch.randint(lo, hi, (), generator=g)),), generator=g).tolist()
+    return data.collate([draw(2, 12) for _ in range(rows)], [draw(1, 20) for _ in range(rows)], pad_id=0)
+
+
+def forwards(model, batch):
+    """{name: (args, kwargs)} of the training forwards on a collated batch, as model.logps_at and
+    ScalarModel call them."""
+    seq, attn = batch["input_ids"], batch["attention_mask"]
+    scored_tokens = batch["response_mask"].bool().clone()
+    scored_tokens[:, 0] = False
+    at = positions(scored_tokens)  # found on the host, as data.to_device finds them
+    return {"log-probs": ((seq, attn), dict(logits_from=at - 1, targets=seq.flatten()[at])),  # the position before predicts
+            "hidden states": ((seq, attn), dict(hidden=True))}
+
+
+def graph_breaks(model, args, kwargs, aligned, planned=False):
+    """torch._dynamo.explain of model(*args, **kwargs) on aligned or packed rows, under the dynamo
+    settings training.compiled uses -> (graphs, [each break's reason and place, in one line]).
+    planned: with the rows' plan made on the host, as data.to_device makes it for every stage's batch."""
+    saved = packing.ALIGN
+    packing.ALIGN = aligned
+    torch._dynamo.reset()
+    try:
+        if planned:
+            kwargs = {**kwargs, "plan": packing.plan(args[1])}
+        with torch._dynamo.config.patch(**DYNAMO):
+            out = torch._dynamo.explain(model)(*args, **kwargs)
+    finally:
+        packing.ALIGN = saved
+    places = lambda r: " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(r.user_stack))
+    first = lambda reason: next((line.strip() for line in reason.splitlines() if "Explanation" in line),
+                                reason.splitlines()[0])[:110]
+    return out.graph_count, [f"{first(r.reason)} ({places(r)})" for r in out.break_reasons]
+
+
+def bench_graphs(model, cfg):
+    """Graphs per training forward at cfg's shape with two layers, for a batch of 8 rows and one of 64
+    (whose positions outnumber one chunk of logits: model.scored_logps)."""
+    small = type(model)(dataclasses.replace(cfg, n_layer=2))
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * cfg.vocab_size))
+    for rows in (8, 64):
+        batch = training_batch(cfg.vocab_size, rows)
+        B, T = batch["input_ids"].shape
+        for name, (args, kwargs) in forwards(small, batch).items():
+            for aligned, planned in ((True, True), (True, False), (False, True), (False, False)):
+                graphs, breaks = graph_breaks(small, args, kwargs, aligned, planned)
+                path = ("aligned (CUDA)" if aligned else "packed (CPU)") + (", planned on the host" if planned else "")
+                print(f"graphs {graphs:3d} per {name} forward, {path}, batch {B} x {T} (one chunk of logits: "
+                      f"{chunk} positions)")
+                for reason in breaks:
+                    print(f"    break: {reason}")
