@@ -14,7 +14,7 @@ import torch._dynamo
 
 import data
 import packing
-from model import LOGIT_CHUNK_BYTES
+from model import LOGIT_CHUNK_BYTES, positions
 from training import DYNAMO
 
 
@@ -31,19 +31,21 @@ def forwards(model, batch):
     seq, attn = batch["input_ids"], batch["attention_mask"]
     scored_tokens = batch["response_mask"].bool().clone()
     scored_tokens[:, 0] = False
-    scored = torch.zeros_like(scored_tokens)
-    scored[:, :-1] = scored_tokens[:, 1:]  # the position before a token predicts it
-    return {"log-probs": ((seq, attn), dict(logits_from=scored, targets=seq[scored_tokens])),
+    at = positions(scored_tokens)  # found on the host, as data.to_device finds them
+    return {"log-probs": ((seq, attn), dict(logits_from=at - 1, targets=seq.flatten()[at])),  # the position before predicts
             "hidden states": ((seq, attn), dict(hidden=True))}
 
 
-def graph_breaks(model, args, kwargs, aligned):
+def graph_breaks(model, args, kwargs, aligned, planned=False):
     """torch._dynamo.explain of model(*args, **kwargs) on aligned or packed rows, under the dynamo
-    settings training.compiled uses -> (graphs, [each break's reason and place, in one line])."""
+    settings training.compiled uses -> (graphs, [each break's reason and place, in one line]).
+    planned: with the rows' plan made on the host, as data.to_device makes it for every stage's batch."""
     saved = packing.ALIGN
     packing.ALIGN = aligned
     torch._dynamo.reset()
     try:
+        if planned:
+            kwargs = {**kwargs, "plan": packing.plan(args[1])}
         with torch._dynamo.config.patch(**DYNAMO):
             out = torch._dynamo.explain(model)(*args, **kwargs)
     finally:
@@ -63,9 +65,9 @@ def bench_graphs(model, cfg):
         batch = training_batch(cfg.vocab_size, rows)
         B, T = batch["input_ids"].shape
         for name, (args, kwargs) in forwards(small, batch).items():
-            for aligned in (True, False):
-                graphs, breaks = graph_breaks(small, args, kwargs, aligned)
-                path = "aligned (CUDA)" if aligned else "packed (CPU)"
+            for aligned, planned in ((True, True), (True, False), (False, True), (False, False)):
+                graphs, breaks = graph_breaks(small, args, kwargs, aligned, planned)
+                path = ("aligned (CUDA)" if aligned else "packed (CPU)") + (", planned on the host" if planned else "")
                 print(f"graphs {graphs:3d} per {name} forward, {path}, batch {B} x {T} (one chunk of logits: "
                       f"{chunk} positions)")
                 for reason in breaks:

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 import distributed
 
 from data import DataError, UserError, atomic_write, read_json, write_text
-from llama import Llama, LlamaConfig, rope_scaling_problem
+from llama import Llama, LlamaConfig, rope_frequencies, rope_scaling_problem
 from lora import LoRALinear, adapters, merge
-from model import GPT, GPTConfig, ScalarModel
+from model import GPT, GPTConfig, ScalarModel, new_head
 
 SAVE_MINUTES = 0.0  # train.py --save-minutes sets it: step states also by the time since the last
 
@@ -152,6 +152,27 @@ def check_config(config, path):
     return config
 
 
+def empty(make):
+    """make(), a model, built on the meta device: its shapes alone, no memory and no random
+    initialisation, since its weights come from a file next (assign)."""
+    with torch.device("meta"):
+        return make()
+
+
+def assign(model, state, strict=True):
+    """An empty model (empty) takes the tensors of `state` as its own, where they are (on the device,
+    in their dtype: no copy), then gets what a file does not hold: a GPT's output embedding, tied
+    to its input embedding again (assign gives each name a parameter of its own), and a Llama's
+    RoPE frequencies (a buffer computed, not stored). -> load_state_dict's (missing, unexpected)."""
+    result = model.load_state_dict(state, strict=strict, assign=True)
+    for m in model.modules():
+        if isinstance(m, GPT):
+            m.lm_head.weight = m.transformer.wte.weight  # tied input and output embeddings
+        if isinstance(m, Llama):
+            m.inv_freq = rope_frequencies(m.config).to(m.model.embed_tokens.weight.device)
+    return result
+
+
 def load_weights(path, device="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -185,16 +206,17 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     kind = kind or info["kind"]
     if "adapter" in info:
         return load_adapted(folder, info, kind, device).to(device), info
-    state = check_finite(load_weights(os.path.join(folder, "model.safetensors"), device),
-                         os.path.join(folder, "model.safetensors"))
+    # straight onto the device; float32, the master copy every stage trains (a no-op for this project's files)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in check_finite(
+        load_weights(os.path.join(folder, "model.safetensors"), device), os.path.join(folder, "model.safetensors")).items()}
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
-    model = ScalarModel(config, Backbone) if kind == "scalar" else Backbone(config)
-    if info["kind"] == "gpt" and kind == "scalar":
+    model = empty(lambda: ScalarModel(config, Backbone) if kind == "scalar" else Backbone(config))
+    if info["kind"] == "gpt" and kind == "scalar":  # the reward model from SFT: a fresh head, drawn on the CPU
         state = {"gpt." + k: v for k, v in state.items()}
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        state.update({"head." + k: v.to(device) for k, v in new_head(config.n_embd).state_dict().items()})
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = assign(model, state, strict=False)
     except RuntimeError as e:  # a size mismatch: name the first offending tensor, in one line
         detail = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e))
         raise CheckpointError(f"{folder}/model.safetensors: shapes do not match config.json: {detail}") from None
@@ -202,7 +224,7 @@ def load_checkpoint(folder, kind=None, device="cpu"):
     if missing or unexpected:
         raise CheckpointError(f"{folder}: checkpoint does not match its config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), info
+    return model, info
 
 
 def weight_files(path):
@@ -239,14 +261,20 @@ class StepState:
         self.modules, self.optimizers, self.generators = modules, optimizers, generators
         self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
         self.minutes, self.last = SAVE_MINUTES, time.time()
+        self.asked = None, False  # (step, due(step)), the last asked
 
     def due(self, step):
-        """Whether step is one to save at: by the step count, or by rank 0's clock (every rank the same)."""
-        if step >= self.steps:
-            return False  # the stage's end: its checkpoint follows
-        if self.every and step % self.every == 0:
-            return True
-        return bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
+        """Whether step is one to save at: by the step count, or by rank 0's clock (every rank the same).
+        Asked twice for one step, the same answer (fit asks before save does, to read its figures first)."""
+        if self.asked[0] != step:
+            if step >= self.steps:
+                due = False  # the stage's end: its checkpoint follows
+            elif self.every and step % self.every == 0:
+                due = True
+            else:
+                due = bool(self.minutes) and distributed.broadcast(time.time() - self.last >= 60 * self.minutes)
+            self.asked = step, due
+        return self.asked[1]
 
     def save(self, step, extra=None):
         if not self.due(step):

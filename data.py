@@ -12,6 +12,7 @@ import random
 import torch
 
 import distributed
+import packing
 from task import answer_choices, entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
 
 
@@ -314,6 +315,22 @@ def collate(prompts, responses, pad_id):
     return {"input_ids": torch.cat([p_ids, r_ids], 1),
             "attention_mask": torch.cat([p_mask, r_mask], 1),
             "response_mask": torch.cat([torch.zeros_like(p_mask), r_mask], 1)}
+
+
+def to_device(batch, device):
+    """A collated batch, made on the host, on `device`, with what its forward passes would otherwise
+    read back from the device found here, where the masks are: "plan", its packing
+    (packing.plan), and "scored", the flat positions of the response tokens that have a token
+    before them (model.response_token_logps). On CUDA the copies start from pinned memory and do
+    not block the host."""
+    out = {k: packing.to_device(v, device) for k, v in batch.items()}
+    if batch.get("attention_mask") is not None:
+        out["plan"] = packing.plan(batch["attention_mask"], device).to(device)
+    if "response_mask" in batch:
+        scored = batch["response_mask"].bool().clone()
+        scored[:, 0] = False  # the first token of a row has no logits before it
+        out["scored"] = packing.to_device(scored.flatten().nonzero().squeeze(1), device)
+    return out
 
 
 def encode_response(tokenizer, text):

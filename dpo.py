@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from data import batches, pair_batch, tokenize_pairs
+from data import batches, pair_batch, to_device, tokenize_pairs
 from model import response_token_logps
 from training import FitConfig, autocast, epoch_steps, fit, fit_field
 
@@ -73,7 +73,7 @@ def precompute_logps(model, pairs, pad_id, batch_size=64, device="cpu", dtype="f
     model.eval()
     chosen, rejected = [], []
     for idx in batches(len(pairs), batch_size, shuffle=False):
-        batch = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in idx], pad_id).items()}
+        batch = to_device(pair_batch([pairs[i] for i in idx], pad_id), device)
         with autocast(device, dtype):
             c, r = pair_logps(model, batch)
         chosen.append(c.float().cpu())
@@ -81,16 +81,29 @@ def precompute_logps(model, pairs, pad_id, batch_size=64, device="cpu", dtype="f
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def reference_logps(reference, tokenizer, train, held_out, block_size, max_response, device="cpu", dtype="fp32"):
+    """All DPO reads of its frozen reference, once: the log-probs (chosen (N,), rejected (N,)) of the
+    pairs of `train` and of `held_out` (None without held-out records). A caller that passes these to
+    train_dpo, not the model, frees the reference before training (mpo.dpo_stage)."""
+    logps = lambda records: precompute_logps(reference, tokenize_pairs(tokenizer, records, block_size, max_response)[0],
+                                             tokenizer.pad_id, device=device, dtype=dtype)
+    return {"train": logps(train), "held_out": logps(held_out) if held_out else None}
+
+
 def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_response,
               device="cpu", dtype="fp32", seed=0, probe=None):
     """Train policy with DPO against the frozen reference on the preference records `train`.
+    reference: the model, or its log-probs (reference_logps).
 
     Metrics per step go to out_dir/metrics.jsonl, with probe(policy) (the held-out gold reward
     of its samples, when the task has one) every 256 pairs; returns a summary with held-out
     accuracy. The caller saves the policy.
     """
     pairs, _ = tokenize_pairs(tokenizer, train, policy.config.block_size, max_response)
-    ref_chosen, ref_rejected = precompute_logps(reference, pairs, tokenizer.pad_id, device=device, dtype=dtype)
+    if not isinstance(reference, dict):
+        reference = reference_logps(reference, tokenizer, train, held_out, policy.config.block_size, max_response,
+                                    device, dtype)
+    ref_chosen, ref_rejected = reference["train"]
     examples = list(zip(pairs, ref_chosen.tolist(), ref_rejected.tolist()))
 
     def collate(rows):
@@ -102,23 +115,24 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
         tokens = batch["response_mask"][:, 1:].sum(-1).float().chunk(2)  # each response's scored tokens
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"],
                                                 cfg.beta, cfg.label_smoothing, cfg.loss_type, *tokens)
-        return losses.mean(), {"margin": (chosen_r - rejected_r).mean().item(),
-                               "accuracy": (chosen_r > rejected_r).float().mean().item(),
-                               "chosen_logps": chosen.mean().item(), "rejected_logps": rejected.mean().item()}
+        return losses.mean(), {"margin": (chosen_r - rejected_r).mean(),  # read later: fit
+                               "accuracy": (chosen_r > rejected_r).float().mean(),
+                               "chosen_logps": chosen.mean(), "rejected_logps": rejected.mean()}
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
         os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size))
     return {"pairs": len(pairs), "steps": steps,
-            "held_out_accuracy": preference_accuracy(policy, reference, tokenizer, held_out,
+            "held_out_accuracy": preference_accuracy(policy, reference["held_out"], tokenizer, held_out,
                                                      max_response, device, dtype)}
 
 
 def preference_accuracy(policy, reference, tokenizer, records, max_response, device="cpu", dtype="fp32"):
-    """How often the implicit reward ranks the chosen response above the rejected one."""
+    """How often the implicit reward ranks the chosen response above the rejected one; reference:
+    the reference's log-probs of the records' pairs (reference_logps)."""
     if not records:
         return None
     pairs, _ = tokenize_pairs(tokenizer, records, policy.config.block_size, max_response)
     pc, pr = precompute_logps(policy, pairs, tokenizer.pad_id, device=device, dtype=dtype)
-    rc, rr = precompute_logps(reference, pairs, tokenizer.pad_id, device=device, dtype=dtype)
+    rc, rr = reference
     return ((pc - rc) > (pr - rr)).float().mean().item()

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import (CheckpointError, check_config, check_finite, file_sha256, load_checkpoint, load_weights,
-                        read_config_json, weight_files)
+from checkpoint import (CheckpointError, assign, check_config, check_finite, empty, file_sha256, load_checkpoint,
+                        load_weights, read_config_json, weight_files)
 from data import DataError, atomic_write, write_text
 from llama import Llama, LlamaConfig, rope_scaling_problem
 from lora import missing_target
@@ -57,8 +57,8 @@ def load_hf_gpt2(path, device="cpu"):
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
         raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
                               "activation_function gelu_new are supported")
-    hf_state = check_finite(load_weights(files["model.safetensors"]), files["model.safetensors"])
-    model = GPT(config)
+    hf_state = check_finite(load_weights(files["model.safetensors"], device), files["model.safetensors"])
+    model = empty(lambda: GPT(config))  # no random initialisation: the weights are the file's
     state = {}
     for key, ours in model.state_dict().items():
         if key == "lm_head.weight":
@@ -66,18 +66,18 @@ def load_hf_gpt2(path, device="cpu"):
         short = key[len("transformer."):]
         if key not in hf_state and short not in hf_state:
             raise CheckpointError(f"{files['model.safetensors']}: missing key {key!r}")
-        w = hf_state.get(key, hf_state.get(short))
-        w = w.t() if key.endswith(_CONV1D) else w
+        w = hf_state.get(key, hf_state.get(short)).float()  # float32: the master copy (a no-op for float32 files)
+        w = w.t().contiguous() if key.endswith(_CONV1D) else w
         if w.shape != ours.shape:
             raise CheckpointError(f"{files['model.safetensors']}: {key!r} has shape {tuple(w.shape)}, "
                              f"config.json needs {tuple(ours.shape)}")
         state[key] = w
     head = hf_state.get("lm_head.weight")
-    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+    if head is not None and not torch.equal(head.float(), state["transformer.wte.weight"]):
         raise CheckpointError(f"{files['model.safetensors']}: lm_head.weight is not tied to wte")
     state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state)  # buffers such as attn.bias / attn.masked_bias are ignored
-    return model.to(device)
+    assign(model, state)  # buffers such as attn.bias / attn.masked_bias are ignored; lm_head tied again
+    return model
 
 
 def save_hf_gpt2(gpt, path, eos_id=None):
@@ -160,9 +160,9 @@ def load_hf_llama(path, device="cpu", classifier=False):
     files = weight_files(path)
     hf_state, where = {}, {}
     for f in files:
-        for k, v in check_finite(load_weights(f), f).items():
+        for k, v in check_finite(load_weights(f, device), f).items():
             hf_state[k], where[k] = v, f
-    model = Llama(config)
+    model = empty(lambda: Llama(config))  # no random initialisation: the weights are the file's
     named = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
     state = {}
     for key, ours in model.state_dict().items():
@@ -182,8 +182,8 @@ def load_hf_llama(path, device="cpu", classifier=False):
              and not (classifier and k == "score.weight")]
     if extra:
         raise CheckpointError(f"{where[extra[0]]}: unexpected key {extra[0]!r} (config.json does not ask for it)")
-    model.load_state_dict(state)
-    return model.to(device)
+    assign(model, state)  # RoPE's frequencies computed again
+    return model
 
 
 def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None, dtype=torch.float32):

@@ -199,11 +199,11 @@ class Llama(nn.Module):
         return n - (self.model.embed_tokens.weight.numel() if self.unembed is not None else 0)
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0,
-                targets=None, temperature=1.0, entropy=False):
+                targets=None, temperature=1.0, entropy=False, plan=None):
         """As GPT.forward: idx (B, T) -> float32 logits (B, T - logits_from, vocab) (or (N, vocab) at a
-        boolean logits_from's positions, or the log-probs of targets there), or the final hidden
+        long logits_from's flat positions, or the log-probs of targets there), or the final hidden
         states (B, T, n_embd) with hidden=True; attention_mask (B, S) over past + T."""
-        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache)
+        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache, plan)
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (B or 1, T, head_dim / 2), float32
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B or 1, 1, T, head_dim): both channels of a pair

@@ -133,8 +133,8 @@ def set_checkpointing(model, on=True):
 
 def projected(x, logits_from):
     """The final hidden states (B, T, C) a forward pass projects to the vocabulary: from column
-    logits_from on, or at the True positions of a boolean (B, T) logits_from, as (N, C)."""
-    return x[:, logits_from:] if isinstance(logits_from, int) else x[logits_from]
+    logits_from on, or at the flat positions (N,) of a long logits_from (b T + t), as (N, C)."""
+    return x[:, logits_from:] if isinstance(logits_from, int) else x.flatten(0, 1).index_select(0, logits_from)
 
 
 class GPT(nn.Module):
@@ -169,18 +169,19 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, hidden=False, logits_from=0,
-                targets=None, temperature=1.0, entropy=False):
+                targets=None, temperature=1.0, entropy=False, plan=None):
         """idx (B, T) -> float32 logits (B, T - logits_from, vocab) of the positions logits_from on
         (negative: counted from the end), or the final hidden states (B, T, n_embd) with hidden=True.
-        A boolean (B, T) logits_from picks the positions to project: logits (N, vocab) of its N Trues;
+        A long (N,) logits_from picks the flat positions b T + t to project: logits (N, vocab);
         with targets (N,), the next tokens there, not logits but their log-probs at `temperature`
         and, with entropy=True, the entropy of each position's distribution: scored_logps.
 
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
         Without it the batch has no padding and attention takes the fused causal path. A padded
-        batch without a cache runs packed (packing.py): the same outputs, fewer positions.
+        batch without a cache runs packed (packing.py): the same outputs, fewer positions; plan, its
+        packing made on the host (packing.plan), spares reading the mask's sizes back.
         """
-        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache)
+        idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache, plan)
         position_ids, mask = attention_inputs(idx, attention_mask, position_ids, cache)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for i, block in enumerate(self.transformer.h):
@@ -223,17 +224,23 @@ class ScalarModel(nn.Module):
         self.gpt = backbone(config)  # named gpt whatever its class: the checkpoints' keys say gpt.*
         if getattr(self.gpt, "unembed", None) is not None:  # a Llama's untied vocabulary projection:
             self.gpt.unembed.requires_grad_(False)  # unused here, so no optimizer state, and DDP expects no gradient
-        self.head = nn.Linear(config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = new_head(config.n_embd)
 
-    def forward(self, idx, attention_mask=None):
-        return scalar_head(self.head, self.gpt(idx, attention_mask, hidden=True))
+    def forward(self, idx, attention_mask=None, plan=None):
+        return scalar_head(self.head, self.gpt(idx, attention_mask, hidden=True, plan=plan))
 
     def configure_optimizers(self, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu"):
         opt = self.gpt.configure_optimizers(lr, weight_decay, betas, device_type)
         opt.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0})
         return opt
+
+
+def new_head(n_embd):
+    """A fresh scalar head, drawn from the global random stream: weights of std 1 / sqrt(n_embd + 1), bias 0."""
+    head = nn.Linear(n_embd, 1)
+    nn.init.normal_(head.weight, std=1 / math.sqrt(n_embd + 1))
+    nn.init.zeros_(head.bias)
+    return head
 
 
 # ----------------------------------------------------------------------------- the vocabulary projection
@@ -307,29 +314,41 @@ def token_logprobs(logits, tokens):
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def spread(values, mask):
-    """The values (M,) of the M True positions of a boolean mask laid out in its shape, 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+def spread(values, at, shape):
+    """The values (M,) at the flat positions at (M,) laid out in a tensor of `shape`, 0 elsewhere."""
+    out = torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device)
+    return out.index_copy(0, at, values).view(shape)
+
+
+def positions(mask):
+    """The flat positions (M,) of a boolean mask's Trues, in order. Its size is the mask's count, so
+    on a GPU the host waits for it: where the mask is known on the host (a collated batch), find
+    them there (data.to_device)."""
+    return mask.flatten().nonzero().squeeze(1)
 
 
 def response_token_logps(model, batch):
     """log pi(y_t | x, y_<t) of each response token of a collated batch: (B, T), 0 off the response.
     One forward pass, projecting to the vocabulary only the positions whose next token is a
-    response token. Summed over a row: log pi(y | x) (DPO); averaged over tokens: the SFT loss."""
-    mask = batch["response_mask"].bool().clone()
-    mask[:, 0] = False  # the first token of a row has no logits before it
-    return logps_at(model, batch["input_ids"], batch["attention_mask"], mask)[0]
+    response token. Summed over a row: log pi(y | x) (DPO); averaged over tokens: the SFT loss.
+    batch["scored"] and batch["plan"] (data.to_device), when there, are its positions and packing
+    found on the host."""
+    at = batch.get("scored")
+    if at is None:
+        mask = batch["response_mask"].bool().clone()
+        mask[:, 0] = False  # the first token of a row has no logits before it
+        at = positions(mask)
+    return logps_at(model, batch["input_ids"], batch["attention_mask"], at, plan=batch.get("plan"))[0]
 
 
-def logps_at(model, seq, attn, mask, temperature=1.0, entropy=False):
-    """Log-probs of the tokens of seq (B, T) where mask (B, T) is True, laid out as mask (0
-    elsewhere), and with entropy=True the entropy of the distribution each was drawn from (B, T),
-    else None: one forward pass projecting only the positions before them (scored_logps)."""
-    scored = torch.zeros_like(mask)
-    scored[:, :-1] = mask[:, 1:]  # the position before a token predicts it
-    logps, entropies = model(seq, attn, logits_from=scored, targets=seq[mask], temperature=temperature,
-                             entropy=entropy)
-    return spread(logps, mask), None if entropies is None else spread(entropies, mask)
+def logps_at(model, seq, attn, at, temperature=1.0, entropy=False, plan=None):
+    """Log-probs of the tokens of seq (B, T) at the flat positions at (M,) (positions(mask) of a
+    boolean (B, T) mask), laid out as seq (0 elsewhere), and with entropy=True the entropy of the
+    distribution each was drawn from (B, T), else None: one forward pass projecting only the
+    positions before them (scored_logps). A position in column 0 has none before it: never asked."""
+    logps, entropies = model(seq, attn, logits_from=at - 1, targets=seq.flatten()[at], temperature=temperature,
+                             entropy=entropy, plan=plan)  # at - 1: the position before a token predicts it
+    return spread(logps, at, seq.shape), None if entropies is None else spread(entropies, at, seq.shape)
 
 
 def sft_loss(token_logps, mask):
@@ -338,16 +357,19 @@ def sft_loss(token_logps, mask):
     return -token_logps.sum() / mask[:, 1:].sum()
 
 
-def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None, entropy=False):
+def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None, entropy=False, plan=None, at=None):
     """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
     at the sampling temperature (and, with entropy=True, the entropies there, else None): one
     forward pass, the computation of the rollout and of the update. Only positions that predict a
     response token of the response mask (B, N) are projected, log-probs 0 elsewhere (PPO's
     responses are padded to the longest, most of their columns after an eos); without a mask, all
-    N columns."""
-    full = torch.zeros_like(seq, dtype=torch.bool)
-    full[:, P:] = True if mask is None else mask.bool()
-    logps, entropies = logps_at(model, seq, attn, full, temperature, entropy)
+    N columns. plan and at: the packing and the flat positions in seq of the mask's tokens, found
+    on the host (ppo.py); without them, found here."""
+    if at is None:
+        full = torch.zeros_like(seq, dtype=torch.bool)
+        full[:, P:] = True if mask is None else mask.bool()
+        at = positions(full)
+    logps, entropies = logps_at(model, seq, attn, at, temperature, entropy, plan)
     return logps[:, P:], None if entropies is None else entropies[:, P:]
 
 

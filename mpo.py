@@ -27,7 +27,7 @@ import data
 import distributed
 from checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from data import read_json, write_json
-from dpo import train_dpo
+from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
 from ppo import train_ppo
 from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
@@ -240,8 +240,11 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
               device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
     policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "dpo")
-    reference = reference_of(policy, init_dir == reference_dir,
-                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
+    # the frozen reference is read once, for its log-probs, and freed before training
+    reference = reference_logps(reference_of(policy, init_dir == reference_dir,
+                                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0],
+                                             memory),
+                                tokenizer, records, held_out, policy.config.block_size, max_response, device, dtype)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe)
     # with adapters, they alone (load_checkpoint merges them into init_dir's weights: stage 2 starts

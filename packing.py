@@ -16,6 +16,8 @@ token exactly as the masked row does, and SDPA can take its flash kernel: no T x
 and the padding's positions cost less there than a masked kernel's tiles. Both layouts give the
 padded batch's outputs (tests/test_packing.py).
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -33,10 +35,71 @@ def rows(attention_mask):
     return lengths, offset
 
 
-def pack(idx, attention_mask, position_ids=None, cache=None):
+class Plan(NamedTuple):
+    """Where every token of a padded batch goes, made on the host from its mask (plan): applying it
+    on the device (pack) reads nothing back. kind "same" (run as it is), "pack" or "align"; T the
+    rows' length; source: where each packed or aligned token is read from in the flat (B S + 1)
+    ids (B S: a padding slot's 0); positions (R, T) or (B, T); document (R, T), 0 on the packed
+    rows' own padding ("pack" alone); back (B, S): where unpack reads each (b, s) from."""
+    kind: str
+    T: int = 0
+    source: torch.Tensor = None
+    positions: torch.Tensor = None
+    document: torch.Tensor = None
+    back: torch.Tensor = None
+
+    def to(self, device):
+        """The plan on `device`: from pinned memory, without blocking the host (on CUDA)."""
+        return self._replace(**{k: to_device(v, device) for k, v in self._asdict().items() if torch.is_tensor(v)})
+
+
+def to_device(t, device):
+    """A host tensor on `device`. On CUDA it is pinned first, so that the copy is asynchronous
+    (non_blocking): the host goes on queueing work instead of waiting for the copy."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def aligned(device):
+    return ALIGN or (ALIGN is None and torch.device(device).type == "cuda")
+
+
+def plan(attention_mask, device="cpu"):
+    """The packing (or, on CUDA, the alignment) of a padded batch, from its mask (B, S) where it
+    lies: on the host, where collate made it, every size it needs is read there and nothing from
+    the device. "same" when a row's real tokens are not one run or packing would not save
+    positions."""
+    found = rows(attention_mask) if attention_mask.dim() == 2 else None
+    if found is None:
+        return Plan("same")
+    lengths, offset = found
+    B, S = attention_mask.shape
+    if aligned(device):
+        return align_plan(lengths, offset)
+    real = attention_mask.bool()
+    row_of, at = first_fit(lengths.tolist())
+    R, T = max(row_of) + 1, int(lengths.max())
+    if T == 0 or R * T >= B * S:
+        return Plan("same")
+    base = torch.tensor(row_of, device=real.device) * T + torch.tensor(at, device=real.device)
+    # where each (b, s) is read from: its own token's slot, or for padding its row's nearest real one
+    back = base[:, None] + offset.clamp(min=0).minimum(lengths[:, None] - 1)
+    source = torch.full((R * T,), B * S, dtype=torch.long, device=real.device)  # B S: the zero after the ids
+    positions = torch.zeros(R * T, dtype=torch.long, device=real.device)
+    document = torch.zeros(R * T, dtype=torch.long, device=real.device)  # 0: packed rows' own padding
+    source[back[real]] = torch.arange(B * S, device=real.device).view(B, S)[real]
+    positions[back[real]] = offset[real]
+    document[back[real]] = torch.arange(1, B + 1, device=real.device)[:, None].expand(B, S)[real]
+    return Plan("pack", T, source, positions.view(R, T), document.view(R, T), back)
+
+
+def pack(idx, attention_mask, position_ids=None, cache=None, planned=None):
     """idx and attention_mask (B, S) -> (idx, attention_mask, position_ids, unpack) for the model's
     body: packed rows (R, T), their mask (R, 1, T, T) and positions (R, T), and unpack, which takes
     an output (R, T, ...) back to (B, S, ...); on CUDA (or with ALIGN) aligned rows instead (align).
+    planned: the batch's Plan, made on the host (plan); without it, the rows are aligned on the
+    device (align, reading nothing back) or a plan is made here from the mask, reading its sizes.
 
     Unchanged, with unpack the identity: with a cache or given positions, without padding, when a
     row's real tokens are not one run, or when packing would not save positions.
@@ -44,31 +107,20 @@ def pack(idx, attention_mask, position_ids=None, cache=None):
     unchanged = idx, attention_mask, position_ids, lambda x: x
     if cache is not None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
         return unchanged
-    if ALIGN or (ALIGN is None and idx.is_cuda):
-        return align(idx, attention_mask)
-    found = rows(attention_mask)
-    if found is None:
+    if planned is None and aligned(idx.device):
+        return align(idx, attention_mask)  # no plan: aligned on the device, nothing read back
+    p = planned or plan(attention_mask, idx.device)
+    if p.kind == "same":
         return unchanged
-    lengths, offset = found
-    B, S = attention_mask.shape
-    real = attention_mask.bool()
-    row_of, at = first_fit(lengths.tolist())
-    R, T = max(row_of) + 1, int(lengths.max())
-    if T == 0 or R * T >= B * S:
-        return unchanged
-    base = torch.tensor(row_of, device=idx.device) * T + torch.tensor(at, device=idx.device)
-    # where each (b, s) is read from: its own token's slot, or for padding its row's nearest real one
-    index = base[:, None] + offset.clamp(min=0).minimum(lengths[:, None] - 1)
-    ids = torch.zeros(R * T, dtype=idx.dtype, device=idx.device)
-    positions = torch.zeros(R * T, dtype=torch.long, device=idx.device)
-    document = torch.zeros(R * T, dtype=torch.long, device=idx.device)  # 0: packed rows' own padding
-    ids[index[real]], positions[index[real]] = idx[real], offset[real]
-    document[index[real]] = torch.arange(1, B + 1, device=idx.device)[:, None].expand(B, S)[real]
-    document = document.view(R, T)
+    ids = torch.cat([idx.flatten(), idx.new_zeros(1)])[p.source]  # padding slots: id 0
+    if p.kind == "align":
+        batch = torch.arange(len(idx), device=idx.device)[:, None]
+        return ids, None, p.positions, lambda x: x[batch, p.back]
+    R, T = p.document.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    mask = (document[:, :, None] == document[:, None, :]) & causal  # padding sees padding: never NaN
-    unpack = lambda x: x.flatten(0, 1)[index]
-    return ids.view(R, T), mask[:, None], positions.view(R, T), unpack
+    mask = (p.document[:, :, None] == p.document[:, None, :]) & causal  # padding sees padding: never NaN
+    unpack = lambda x: x.flatten(0, 1)[p.back]
+    return ids.view(R, T), mask[:, None], p.positions, unpack
 
 
 def first_fit(lengths):
@@ -83,6 +135,22 @@ def first_fit(lengths):
         row_of[i], at[i] = r, T - room[r]
         room[r] -= lengths[i]
     return row_of, at
+
+
+def align_plan(lengths, offset):
+    """Rows (B, S) whose real tokens are one run each (rows) -> the Plan that aligns them: each run
+    moved to the start of its row, T the longest run rounded up to a multiple of 8 (shapes that
+    compile well), no mask (plain causal attention), and unpack taking an output (B, T, ...) back
+    to (B, S, ...), a padding position holding a copy of a real one of its row."""
+    B, S = offset.shape
+    longest = int(lengths.max())
+    T = -(-longest // 8) * 8
+    cols = torch.arange(T, device=offset.device)
+    column = (cols[None] - offset[:, :1]).clamp(0, S - 1)  # offset[:, 0] = -start: column j reads start + j
+    source = torch.arange(B, device=offset.device)[:, None] * S + column
+    positions = cols.clamp(max=max(longest - 1, 0))[None].expand(B, T)  # the padding's own: any in range
+    back = offset.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])  # (b, s) reads (b, back)
+    return Plan("align", T, source, positions, None, back)
 
 
 def align(idx, attention_mask):

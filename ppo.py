@@ -13,10 +13,11 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import packing
 from data import append_jsonl, left_pad
-from model import kl_penalty, response_logprobs
+from model import kl_penalty, positions, response_logprobs
 from checkpoint import StepState
-from training import autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
+from training import Figures, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
 from sampling import generate
 
@@ -161,8 +162,9 @@ class AdaptiveKL:
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a mean."""
-    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+    """1 - Var(R - V) / Var(R) over valid tokens (a 0-dim tensor): 1 is a perfect critic, 0 no better
+    than a mean."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -172,8 +174,10 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
     """Sample responses to `prompts` (lists of ids) and score them with the reward model.
 
     Returns seq (B, P + N) = left-padded prompt + response, attn (B, P + N), P, tokens and mask
-    (B, N), the raw scores (B,) and the sampling time."""
-    prompt, prompt_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
+    (B, N), the raw scores (B,), the sampling time, and on the host the responses' lengths (B,)
+    and attn: the one read of the rollouts, so that no later forward pass reads (host_plan)."""
+    host_prompt, host_prompt_mask = left_pad(prompts, tokenizer.pad_id)
+    prompt, prompt_mask = (packing.to_device(t, device) for t in (host_prompt, host_prompt_mask))
     policy.eval()  # dropout off while sampling and scoring; the update turns it back on
     t0 = time.perf_counter()
     with autocast(device, dtype):
@@ -183,11 +187,27 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
         seconds_generate = time.perf_counter() - t0
         seq, attn = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1)
-        rows = micro_batches(torch.arange(len(seq), device=seq.device), cfg.micro_batch)
-        scores = torch.cat([rewards_at_last_token(reward_model(seq[r], attn[r]).float(), attn[r])
-                            for r in rows])  # centred already
-    return {"seq": seq, "attn": attn, "P": prompt.size(1), "tokens": tokens, "mask": mask.float(),
-            "scores": scores, "seconds_generate": seconds_generate}
+        lengths = mask.sum(-1).cpu()  # responses are a prefix of their row (sampling.generate)
+        host_attn = torch.cat([host_prompt_mask, (torch.arange(mask.size(1)) < lengths[:, None]).long()], 1)
+        ro = {"seq": seq, "attn": attn, "P": prompt.size(1), "tokens": tokens, "mask": mask.float(),
+              "lengths": lengths, "host_attn": host_attn, "seconds_generate": seconds_generate}
+        rows = micro_batches(torch.arange(len(seq)), cfg.micro_batch)
+        scores = []
+        for r in rows:
+            d = packing.to_device(r, device)
+            values = reward_model(seq[d], attn[d], plan=host_plan(ro, r, device)[0]).float()
+            scores.append(rewards_at_last_token(values, attn[d]))  # centred already
+    return {**ro, "scores": torch.cat(scores)}
+
+
+def host_plan(ro, rows, device):
+    """What a forward pass over the rollouts `rows` (a host index tensor) would read back from the
+    device, found on the host from their lengths: (its packing, packing.plan; the flat positions of
+    its response tokens, model.response_logprobs)."""
+    attn = ro["host_attn"][rows]
+    response = attn.bool()
+    response[:, :ro["P"]] = False
+    return packing.plan(attn, device).to(device), packing.to_device(positions(response), device)
 
 
 def minibatch_indices(n, m, generator):
@@ -215,13 +235,16 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
     critic.eval()  # V_old is read with dropout off, as the reward model reads the rollouts
     seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
     out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
-    for mb in minibatches:
-        mb = mb.to(seq.device)
+    for rows in minibatches:
+        plan, at = host_plan(ro, rows, device)
+        mb = packing.to_device(rows, device)
         with autocast(device, dtype):
-            logprobs, entropy = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb], entropy=True)
+            logprobs, entropy = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb], entropy=True,
+                                                  plan=plan, at=at)
             with torch.no_grad():
-                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature, mask[mb])
-                values = critic(seq[mb], attn[mb])[:, P - 1:-1].float()
+                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature, mask[mb],
+                                                    plan=plan, at=at)
+                values = critic(seq[mb], attn[mb], plan=plan)[:, P - 1:-1].float()
         out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs.detach(), ref_logprobs, values
         out["entropy"][mb] = entropy
     return {k: v * mask for k, v in out.items()}
@@ -232,38 +255,39 @@ def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device
 # gradients: the update is the whole minibatch's token mean, whatever the ranks' response lengths.
 # The figures (the rank's share, times W) average over the ranks to the whole minibatch's.
 
-def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype, n=None):
-    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures). n: the
-    whole minibatch's token count, when these rows are one micro-batch of it."""
+def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype, n=None,
+                          plan=None, at=None):
+    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures: 0-dim
+    tensors, this rank's share; times W, they average over the ranks to the minibatch's). n: the whole
+    minibatch's token count, when these rows are one micro-batch of it; plan, at: host_plan's."""
     W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
     with autocast(device, dtype):
-        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature, mask)
+        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature, mask, plan=plan, at=at)
     loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
-    figures = {"policy_loss": loss, "clipfrac": clipfrac, "approx_kl": approx_kl}
-    return W * loss, {k: W * v.item() for k, v in figures.items()}
+    return W * loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
 
 
-def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype, n=None):
-    """One minibatch's clipped value loss on this rank's rows -> (loss to backward, figures)."""
+def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype, n=None, plan=None):
+    """One minibatch's clipped value loss on this rank's rows -> (loss to backward, figures as above)."""
     W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
     with autocast(device, dtype):
-        values = critic(seq, attn)[:, P - 1:-1].float()
+        values = critic(seq, attn, plan=plan)[:, P - 1:-1].float()
     loss = value_loss(values, old_values, returns, mask, cfg.clip_value, n)
-    return W * loss, {"value_loss": W * loss.item()}
+    return W * loss, {"value_loss": loss.detach()}
 
 
 def accumulate(forward, parts, scaler, step, loss_of):
     """Gradient accumulation over a minibatch's micro-batches: backward each part's loss (its token
     sum over the whole minibatch's count, so the parts add up to the minibatch's loss), DDP reducing
-    at the last part only. -> the figures, summed over the parts: the minibatch's."""
+    at the last part only. -> each part's figures, for Figures.add: the minibatch's, summed, times W.
+    The losses are checked with the figures, when they are read (training.Figures)."""
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)
-    figures = {}
+    figures = []
     for j, part in enumerate(parts):
         with (contextlib.nullcontext() if j == len(parts) - 1 else no_sync()):
-            loss, row = loss_of(part)
-            backward(loss, scaler, step)
-        for k, v in row.items():
-            figures[k] = figures.get(k, 0.0) + v
+            loss, row = loss_of(*part)
+            backward(loss, scaler, step, check=False)
+        figures.append((distributed.world_size(), row))
     return figures
 
 
@@ -317,36 +341,40 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask, total=distributed.total)  # over the valid tokens of the batch
+        if seq.is_cuda:
+            torch.cuda.synchronize()  # a fair split of the time between rollout and update (once per iteration)
         t_rollout = time.time() - t0
 
         policy.train()
         critic.train()
-        stats = {"clipfrac": [], "approx_kl": [], "policy_loss": [], "value_loss": []}
+        # the figures stay on the device, read once at the iteration's end with the finiteness guard
+        reads = Figures()
         for minibatches in epochs:
             for mb in minibatches:
-                mb = mb.to(device)
-                n = distributed.total(mask[mb].sum())  # the minibatch's response tokens, over all ranks
-                parts = micro_batches(mb, cfg.micro_batch)
-                policy_figures = accumulate(policy_forward, parts, policy_scaler, it, lambda r: minibatch_policy_loss(
-                    policy_forward, seq[r], attn[r], P, mask[r], old["logprobs"][r], advantages[r], cfg, device, dtype, n))
-                optimizer_step(None, policy_opt, cfg.grad_clip, policy_scaler, it)
-                value_figures = accumulate(critic_forward, parts, critic_scaler, it, lambda r: minibatch_value_loss(
-                    critic_forward, seq[r], attn[r], P, mask[r], old["values"][r], returns[r], cfg, device, dtype, n))
-                optimizer_step(None, critic_opt, cfg.grad_clip, critic_scaler, it)
-                for k, v in {**policy_figures, **value_figures}.items():
-                    stats[k].append(v)
+                n = distributed.total(mask[packing.to_device(mb, device)].sum())  # its response tokens, all ranks
+                parts = [(packing.to_device(r, device), *host_plan(ro, r, device)) for r in micro_batches(mb, cfg.micro_batch)]
+                policy_figures = accumulate(policy_forward, parts, policy_scaler, it, lambda r, plan, at: minibatch_policy_loss(
+                    policy_forward, seq[r], attn[r], P, mask[r], old["logprobs"][r], advantages[r], cfg, device, dtype, n,
+                    plan, at))
+                norm = optimizer_step(None, policy_opt, cfg.grad_clip, policy_scaler, it, check=False)
+                reads.add(it, policy_figures, norm if policy_scaler is None else None, loss="policy_loss")
+                value_figures = accumulate(critic_forward, parts, critic_scaler, it, lambda r, plan, at: minibatch_value_loss(
+                    critic_forward, seq[r], attn[r], P, mask[r], old["values"][r], returns[r], cfg, device, dtype, n, plan))
+                norm = optimizer_step(None, critic_opt, cfg.grad_clip, critic_scaler, it, check=False)
+                reads.add(it, value_figures, norm if critic_scaler is None else None, loss="value_loss")
 
         # score: what PPO maximises (the reward model's score after the EOS trick); rm_score: before it
-        figures = {"score": scores.mean().item(), "rm_score": ro["scores"].mean().item(),
-                   "kl": kl.sum(-1).mean().item(), "kl_coef": kl_ctl.value,
-                   "entropy": masked_mean(old["entropy"], mask).item(), "length": mask.sum(-1).mean().item(),
-                   "eos_fraction": has_eos.float().mean().item(),
-                   "explained_variance": explained_variance(old["values"], returns, mask),
-                   **{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
-                   "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
+        reads.add(it, [(1.0, {"score": scores.mean(), "rm_score": ro["scores"].mean(), "kl": kl.sum(-1).mean(),
+                              "kl_coef": kl_ctl.value, "entropy": masked_mean(old["entropy"], mask),
+                              "length": mask.sum(-1).mean(), "eos_fraction": has_eos.float().mean(),
+                              "explained_variance": explained_variance(old["values"], returns, mask)})], loss=None)
+        *minibatch_rows, figures = [f for _, f in reads.read()]  # the one read of the update; raises at a non-finite step
+        stats = {k: [f[k] for f in minibatch_rows if k in f] for k in ("clipfrac", "approx_kl", "policy_loss", "value_loss")}
+        figures.update({**{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
+                        "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout})
         if gold is not None:  # evaluation, not training: runs.method_costs leaves seconds_gold out
             t1 = time.time()
-            texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), mask.sum(-1).cpu())]
+            texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), ro["lengths"])]
             figures["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
             figures["seconds_gold"] = time.time() - t1
         row = {"iteration": it, **distributed.sum_row({k: v / W for k, v in figures.items()})}  # means over ranks

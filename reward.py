@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
-from data import collate, encode_response, pair_batch, tokenize_pairs
+from data import collate, encode_response, pair_batch, to_device, tokenize_pairs
 from training import FitConfig, autocast, epoch_steps, fit
 
 
@@ -41,7 +41,7 @@ def rewards_at_last_token(values, mask):
 
 def reward_of(model, batch):
     """The reward of each row of a collated batch: (B,)."""
-    values = model(batch["input_ids"], batch["attention_mask"])
+    values = model(batch["input_ids"], batch["attention_mask"], plan=batch.get("plan"))
     return rewards_at_last_token(values.float(), batch["attention_mask"])
 
 
@@ -55,7 +55,7 @@ def score_ids(model, prompts, responses, pad_id, batch_size=64, device="cpu", dt
     for i in range(0, len(prompts), batch_size):
         rs = responses[i:i + batch_size]
         ps = [p[max(0, len(p) - (block - len(r))):] for p, r in zip(prompts[i:i + batch_size], rs)]
-        batch = {k: v.to(device) for k, v in collate(ps, rs, pad_id).items()}
+        batch = to_device(collate(ps, rs, pad_id), device)
         with autocast(device, dtype):
             out.append(reward_of(model, batch).float().cpu())
     return torch.cat(out)
@@ -87,8 +87,8 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
 
     def step_loss(forward, batch):
         chosen, rejected = reward_of(forward, batch).chunk(2)
-        return bt_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean().item(),
-                                           "chosen": chosen.mean().item(), "rejected": rejected.mean().item()}
+        return bt_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean(),  # read later: fit
+                                           "chosen": chosen.mean(), "rejected": rejected.mean()}
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(model, pairs, lambda rows: pair_batch(rows, tokenizer.pad_id), step_loss, cfg, steps, out_dir, seed,

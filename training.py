@@ -119,23 +119,32 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def backward(loss, scaler=None, step=0):
-    """loss.backward(), scaled with fp16. A non-finite loss stops training rather than spreading NaN."""
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"step {step}: the loss is {loss.item()} (learning rate too high?"
-                             " with --dtype fp16, an overflow?)")
+def non_finite_loss(step, value):
+    return NonFiniteError(f"step {step}: the loss is {value} (learning rate too high? with --dtype fp16, an overflow?)")
+
+
+def non_finite_norm(step, value):
+    return NonFiniteError(f"step {step}: the gradient norm is {value} (learning rate too high?)")
+
+
+def backward(loss, scaler=None, step=0, check=True):
+    """loss.backward(), scaled with fp16. A non-finite loss stops training rather than spreading NaN:
+    here (a host read), or with check=False at the next read of the figures (Figures.read)."""
+    if check and not torch.isfinite(loss):
+        raise non_finite_loss(step, loss.item())
     (loss if scaler is None else scaler.scale(loss)).backward()
 
 
-def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
+def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0, check=True):
     """Backward (loss None: the gradients are accumulated already), clip, step, zero. Returns
-    the gradient norm before clipping.
+    the gradient norm before clipping (a tensor, on the device).
 
     A non-finite gradient without fp16 loss scaling (where it is an expected overflow and the
-    scaler skips the step) stops training rather than spreading NaN.
+    scaler skips the step) stops training rather than spreading NaN: here (a host read), or with
+    check=False at the next read of the figures, which then hold the norm (Figures.read).
     """
     if loss is not None:
-        backward(loss, scaler, step)
+        backward(loss, scaler, step, check)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -143,13 +152,52 @@ def optimizer_step(loss, optimizer, grad_clip, scaler=None, step=0):
     if scaler is not None:
         scaler.step(optimizer)  # skipped when the gradients overflowed
         scaler.update()
-    elif not torch.isfinite(norm):
-        raise NonFiniteError(f"step {step}: the gradient norm is {norm.item()} "
-                             "(learning rate too high?)")
+    elif check and not torch.isfinite(norm):
+        raise non_finite_norm(step, norm.item())
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
+
+
+class Figures:
+    """Logged figures kept on the device and read back together, every few steps, in one host read
+    (on a GPU a read makes the host wait until the device has run everything queued before it). The
+    finiteness guard reads with them: a step's losses and its gradient norm, checked in step order
+    at the read, so a non-finite step still stops training, named by its step; a step state is
+    saved only after a read (fit), so nothing non-finite reaches the disk.
+
+    add(step, parts, norm, loss): parts [(weight, {name: 0-dim tensor or float})], one per
+    micro-batch, the figure named `loss` the one checked; norm the step's gradient norm (None: not
+    checked, fp16's scaler skips those steps).
+    read() yields (step, {name: sum of weight x value over the parts}), the floats .item() would
+    give, step by step, raising NonFiniteError at the first non-finite one (after the rows before it)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, step, parts, norm=None, loss="loss"):
+        """loss: the name of the figure checked as the step's loss (None: none)."""
+        self.pending.append((step, parts, norm, loss))
+
+    def read(self):
+        tensors = [v for _, parts, norm, _ in self.pending for v in [*(v for _, f in parts for v in f.values()), norm]
+                   if torch.is_tensor(v)]  # in the order the loop below takes them
+        values = iter(torch.stack([t.detach().double() for t in tensors]).tolist() if tensors else [])
+        read = lambda v: next(values) if torch.is_tensor(v) else v  # float64 holds a float32 or bf16 exactly
+        pending, self.pending = self.pending, []
+        for step, parts, norm, loss in pending:
+            figures = {}
+            for weight, f in parts:
+                f = {k: read(v) for k, v in f.items()}
+                if loss and not math.isfinite(f[loss]):
+                    raise non_finite_loss(step, f[loss])
+                for k, v in f.items():
+                    figures[k] = figures.get(k, 0.0) + v * weight
+            norm = read(norm) if norm is not None else 0.0
+            if not math.isfinite(norm):
+                raise non_finite_norm(step, norm)
+            yield step, figures
 
 
 class Lines:
@@ -209,6 +257,7 @@ def truncate_jsonl(path, key, below):
 # ----------------------------------------------------------------------------- one training loop
 
 GRAD_ACCUM = 1  # train.py --grad-accum sets it: micro-batches per rank and optimizer step
+READ_EVERY = 10  # fit reads its figures back every READ_EVERY steps (and before a step state, a probe, the end)
 
 
 def rows_of(batch):
@@ -250,7 +299,12 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
     batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its
     share of the whole batch's units(batch) (rows; SFT: response tokens), so the update is the
-    whole batch's, up to floating-point order.
+    whole batch's, up to floating-point order. units(batch) is read on the host, before the copy.
+
+    No step reads the device back (on a GPU the host would wait): the figures step_loss returns
+    may be 0-dim tensors, kept with the loss and the gradient norm and read every READ_EVERY
+    steps (Figures), the finiteness guard with them; each batch's packing is planned on the host
+    (data.to_device).
     """
     os.makedirs(folder, exist_ok=True)
     if steps and not examples:
@@ -271,33 +325,39 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     forward = distributed.wrap(compiled(model))
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     bar = progress(steps, desc, start)
-    row = {}
+    row, figures, lrs = {}, Figures(), {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
+        lrs[step] = opt.param_groups[0]["lr"]
         parts = distributed.chunks(distributed.shard(plan[step]), accum)  # this rank's part, in micro-batches
-        batches = [{k: v.to(device) for k, v in collate([examples[i] for i in part]).items()} for part in parts]
-        sizes = [units(b) for b in batches]
-        whole = distributed.total(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
-        figures = {}
-        for j, batch in enumerate(batches):
+        host = [collate([examples[i] for i in part]) for part in parts]
+        sizes = [units(b) for b in host]  # on the host, where collate made them
+        whole = float(sum(sizes)) if W == 1 else distributed.total(
+            torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
+        values = []
+        for j, batch in enumerate(host):
             weight = sizes[j] / whole  # 1 with one rank and one micro-batch
             with (contextlib.nullcontext() if j == accum - 1 else no_sync()):
                 with autocast(device, dtype):
-                    loss, row = step_loss(forward, batch)
-                backward(loss * (weight * W), scaler, step)  # DDP divides the gradient by W
-            for k, v in {"loss": loss.item(), **row}.items():
-                figures[k] = figures.get(k, 0.0) + v * weight
-        optimizer_step(None, opt, cfg.grad_clip, scaler, step)
-        row = {"step": step, **distributed.sum_row(figures), "lr": opt.param_groups[0]["lr"]}
-        if probe and ((step + 1) % probe_every == 0 or step + 1 == steps):
-            t0 = time.time()
-            row.update(probe(model))
-            row["seconds_probe"] = time.time() - t0  # evaluation, not training: runs.method_costs leaves it out
-            model.train()
-        data.append_jsonl(metrics, row)
+                    loss, figure = step_loss(forward, data.to_device(batch, device))
+                backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
+            values.append((weight, {"loss": loss.detach(), **figure}))
+        norm = optimizer_step(None, opt, cfg.grad_clip, scaler, step, check=False)
+        figures.add(step, values, norm if scaler is None else None)  # fp16: the scaler skips an overflowing step
+        probing = probe and ((step + 1) % probe_every == 0 or step + 1 == steps)
+        due = state.due(step + 1)
+        if probing or due or (step + 1) % READ_EVERY == 0 or step + 1 == steps:
+            for s, f in figures.read():  # raises NonFiniteError at the first non-finite step
+                row = {"step": s, **distributed.sum_row(f), "lr": lrs.pop(s)}
+                if probing and s == step:
+                    t0 = time.time()
+                    row.update(probe(model))
+                    row["seconds_probe"] = time.time() - t0  # evaluation, not training: runs.method_costs leaves it out
+                    model.train()
+                data.append_jsonl(metrics, row)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
         bar.update()
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
-        state.save(step + 1)
+        state.save(step + 1)  # after the read: due(step + 1) answers as above
     bar.close()
     return row
 

@@ -366,7 +366,8 @@ def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
                            "--out", str(out), "--dtype", "bf16", "--lora-rank", "4", "--lora-stages", "sft,rm,dpo,ppo",
                            "--checkpointing", "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf",
                            "--n-sft", "200", "--n-pref", "100", "--sft-steps", "10", "--rm-epochs", "1",
-                           "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1"],
+                           "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1",
+                           "--easy-fraction", "0.5"],  # a delta of 1 may leave no easy pair after one RM epoch
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # SFT (on --init's folder, outside the run) merged and stored bf16; the later stages their adapters alone

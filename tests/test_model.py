@@ -265,9 +265,9 @@ def seq_inputs():
 def given_logits(logits):
     """A stand-in model whose logits are given: its hidden states are the logits, at the positions
     response_token_logps asks for, and its vocabulary projection the identity."""
-    from model import scored_logps
-    return lambda ids, attention_mask, logits_from, targets, **kw: scored_logps(
-        logits[logits_from], torch.eye(logits.size(-1)), targets, **kw)
+    from model import projected, scored_logps
+    return lambda ids, attention_mask, logits_from, targets, plan=None, **kw: scored_logps(
+        projected(logits, logits_from), torch.eye(logits.size(-1)), targets, **kw)
 
 
 def logps_of(logits, labels):
@@ -351,12 +351,12 @@ def memory_models():
 def loss_and_gradients(model, entropy=False):
     """The SFT loss of a padded batch (left and right padding: the packed path) and its gradients."""
     import data
-    from model import logps_at
+    from model import logps_at, positions
     batch = data.collate([[3, 4, 5, 6], [7], [8, 9]], [[10, 11, 1], [12, 13, 14, 15, 1], [16, 1]], pad_id=0)
     model.zero_grad()
     mask = batch["response_mask"].bool().clone()
     mask[:, 0] = False
-    logps, entropies = logps_at(model, batch["input_ids"], batch["attention_mask"], mask, 0.7, entropy)
+    logps, entropies = logps_at(model, batch["input_ids"], batch["attention_mask"], positions(mask), 0.7, entropy)
     loss = sft_loss(logps, batch["response_mask"])
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()], entropies

@@ -111,6 +111,28 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_plan_made_on_the_host_gives_the_same_outputs_and_gradients(layout, align, monkeypatch):
+    """data.to_device plans the packing (or alignment) where collate made the mask, so the forward
+    pass reads nothing back; the outputs and gradients are the unplanned pass's exactly."""
+    import packing
+    monkeypatch.setattr(packing, "ALIGN", align)
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]()
+    batch = padded_batch(10, seed=4)
+    weights = torch.randn(*batch["input_ids"].shape, V)
+    outputs = []
+    for planned in (None, data.to_device(batch, "cpu")["plan"]):
+        model.zero_grad()
+        logits = model(batch["input_ids"], batch["attention_mask"], plan=planned)
+        (logits * weights * batch["attention_mask"][..., None]).sum().backward()
+        outputs.append([logits] + [p.grad.clone() for p in model.parameters()])
+    assert outputs[1][0].size(1) == batch["input_ids"].size(1) and packing.plan(batch["attention_mask"]).kind != "same"
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
     """CUDA's training forwards (aligned rows: the log-probs of SFT, DPO and PPO, the reward model's
@@ -121,5 +143,6 @@ def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
     torch.manual_seed(0)
     model = LAYOUTS[layout]()
     for name, (args, kwargs) in bench_compile.forwards(model, padded_batch(6, seed=2)).items():
-        graphs, breaks = bench_compile.graph_breaks(model, args, kwargs, aligned=True)
-        assert graphs == 1 and not breaks, (name, breaks)
+        for planned in (True, False):  # a stage's batch (data.to_device's plan), or a mask alone
+            graphs, breaks = bench_compile.graph_breaks(model, args, kwargs, aligned=True, planned=planned)
+            assert graphs == 1 and not breaks, (name, planned, breaks)

@@ -2,7 +2,10 @@
 size, so one rule serves one process and N ranks, with or without gradient accumulation; and
 FitConfig, the settings it reads, shared by the stages that run it."""
 import dataclasses
+import json
 import os
+
+import pytest
 
 import torch
 
@@ -132,3 +135,30 @@ def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeyp
     clock[0] += 600
     state.save(10)  # the end
     assert not os.path.exists(state.path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_step_still_stops_fit_with_its_step(tmp_path, bad):
+    """The guard reads with the figures, every few steps (training.Figures), not at every step: a
+    non-finite loss at step 3 still stops the stage naming step 3, after the metrics rows of the
+    steps before it, and no step state is saved after it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=1, n_head=2, n_embd=16))
+    examples = [([2, 3, 4], [5, 6, 1])] * 16
+    calls = []
+
+    def step_loss(forward, batch):
+        loss = sft_loss(response_token_logps(forward, batch), batch["response_mask"])
+        calls.append(len(calls))
+        if len(calls) == 4:  # step 3
+            return loss * bad, {}
+        return loss, {}
+    cfg = FitConfig(lr=1e-2, warmup=1, batch_size=2, save_every=2)
+    folder = tmp_path / "sft"
+    with pytest.raises(training.NonFiniteError, match=f"step 3: the loss is {bad}"):
+        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), step_loss, cfg, 8, str(folder), seed=0)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    import checkpoint
+    state = checkpoint.StepState(str(folder), 2, 8, {"model": model}, {})
+    assert state.restore()[0] == 2  # the state of step 2, saved after a read that found it finite
