@@ -104,7 +104,7 @@ class ReadAsTransformers(nn.Module):
         return self.own.encode(self.tokenizer.decode(ids)) + ([self.own.eos_id] if ended else [])
 
     @torch.no_grad()
-    def forward(self, idx, attention_mask):
+    def forward(self, idx, attention_mask, plan=None):  # plan: the policy's rows', not the ones scored here
         rows = [ids[m.bool()].tolist() for ids, m in zip(idx.cpu(), attention_mask.cpu())]
         if self.own is not None:
             rows = [self.retokenized(r) for r in rows]
