@@ -9,10 +9,9 @@ Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference pr
 sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
 cache against recomputing the prefix), logp (the error of bf16 log-probs and of a TF32 head), ops
 (aten ops per sampled token: kernel launches on a GPU), graphs (torch.compile's graphs per training
-forward: bench_compile.py), and, when transformers
-is installed, its GPT-2 of the same shape for lm and sample, and, when `python3 bench_anchors.py
---install` has put them in .anchors/, TRL's DPOTrainer and PPOTrainer of the same shape for dpo and
-ppo (each in its own process).
+forward: bench_compile.py), and, when transformers is installed, its GPT-2 of the same shape for lm
+and sample, and, when `python3 bench_anchors.py --install` has put them in .anchors/, TRL's
+DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 --arch llama times the Llama layout at a preset's shape; the MODELS presets are real small open
 models' shapes in that layout, with transformers' model of the same layout as the twin.

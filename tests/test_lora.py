@@ -3,6 +3,7 @@ changes nothing, a merged adapter gives the unmerged logits, only adapters and h
 MPO stage's reference is its starting policy, and a killed LoRA stage resumes exactly."""
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -162,7 +163,8 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
     """Adapters on the reward model, DPO and PPO (policy and critic), with checkpointing: the whole
     pipeline runs; a PPO stage killed after a step state resumes to the same policy as one run
     straight through, and its step state holds the adapters and heads alone."""
-    flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2"]
+    flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2",
+             "--eval-prompts", "12"]
     whole = micro(tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert (tmp_path / "whole" / "results.json").exists()
@@ -171,7 +173,8 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
         assert "model.safetensors" not in files and "adapter.safetensors" in files
         assert (os.path.getsize(tmp_path / "whole" / stage / "adapter.safetensors")
                 < 0.5 * os.path.getsize(tmp_path / "whole" / "sft" / "model.safetensors"))
-    # the same run, killed in PPO right after its step state at iteration 2
+    # the same run, killed in PPO right after its step state at iteration 2 (the stages before it reused)
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed", ignore=shutil.ignore_patterns("ppo", "eval*", "results*"))
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP_STATE, str(tmp_path / "killed"), *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert killed.returncode == 7, killed.stderr[-2000:]

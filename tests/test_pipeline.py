@@ -86,7 +86,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
     proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--noise-sweep", "4", "--bias-sweep", "0.5",
-                   "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]))
+                   "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     rows = results["methods"]
@@ -110,7 +110,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
 
 def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
     out = tmp_path / "seeds"
-    proc = run_cli("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2")
+    proc = run_cli("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2", "--eval-prompts", "12")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(out / "results.json")
     assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
