@@ -64,8 +64,7 @@ def timed(fn, device, repeat=3):
 
 
 def versus(figure, anchor, unit, ours, theirs, speedup, fmt="{:12,.0f}"):
-    """Print the anchor's line under ours, and keep both for --runs' summary. speedup: how many times
-    faster ours is (theirs / ours for seconds, ours / theirs for a rate)."""
+    """Print the anchor's line under ours, keep both for --runs' summary. speedup: times faster (ours)."""
     print(f"  {anchor:<12} {fmt.format(theirs)} {unit}  ours / theirs {speedup:.2f}x")
     MEASURED[figure, anchor, unit, fmt].append((ours, theirs, speedup))
 
