@@ -71,6 +71,12 @@ def per_step(reads):
     return [len(ops) for ops in reads.per_interval()]
 
 
+def assert_six_steps_within_the_limit(reads, stage):
+    counts = per_step(reads)
+    print(f"{stage} reads per step", counts, reads.per_interval()[0])
+    assert len(counts) == 6 and max(counts) <= LIMIT, reads.per_interval()
+
+
 def test_an_sft_step_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypatch):
     reads = HostReads()
     counting_fit(monkeypatch, sft, reads)
@@ -78,9 +84,7 @@ def test_an_sft_step_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypat
     cfg = SFTConfig(steps=6, batch_size=4, save_every=0)
     demos = [(r["prompt"], r["chosen"]) for r in records()]
     sft.train_sft(GPT(config(tokenizer)), tokenizer, demos, cfg, str(tmp_path / "sft"), 16, "cpu", "fp32", 0)
-    counts = per_step(reads)
-    print("sft reads per step", counts, reads.per_interval()[0])
-    assert len(counts) == 6 and max(counts) <= LIMIT, reads.per_interval()
+    assert_six_steps_within_the_limit(reads, "sft")
 
 
 def test_a_reward_model_step_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypatch):
@@ -91,9 +95,7 @@ def test_a_reward_model_step_reads_the_host_at_most_twice(tokenizer, tmp_path, m
     demos = [(r["prompt"], r["chosen"]) for r in records()]
     reward.train_reward_model(ScalarModel(config(tokenizer)), tokenizer, records(), records(6), demos, cfg,
                               str(tmp_path / "rm"), 16)
-    counts = per_step(reads)
-    print("rm reads per step", counts, reads.per_interval()[0])
-    assert len(counts) == 6 and max(counts) <= LIMIT, reads.per_interval()
+    assert_six_steps_within_the_limit(reads, "rm")
 
 
 def test_a_dpo_step_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypatch):
@@ -104,9 +106,7 @@ def test_a_dpo_step_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypatc
     reference = GPT(config(tokenizer)).eval().requires_grad_(False)
     cfg = DPOConfig(epochs=1, batch_size=4, save_every=0)
     dpo.train_dpo(policy, reference, tokenizer, records(), records(6), cfg, str(tmp_path / "dpo"), 16)
-    counts = per_step(reads)
-    print("dpo reads per step", counts, reads.per_interval()[0])
-    assert len(counts) == 6 and max(counts) <= LIMIT, reads.per_interval()
+    assert_six_steps_within_the_limit(reads, "dpo")
 
 
 def test_a_ppo_minibatch_reads_the_host_at_most_twice(tokenizer, tmp_path, monkeypatch):
