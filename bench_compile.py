@@ -1,7 +1,7 @@
 """Graph breaks of the training forward under torch.compile, counted on the CPU by
 torch._dynamo.explain (it traces, it does not compile): the log-probs forward of SFT, DPO and PPO
 (model.logps_at) and the hidden-state forward of the reward model and the critic, on CUDA's aligned
-rows (packing.align) and on the CPU's packed rows (packing.pack), at a model's shape with two
+rows (packing.align_plan) and on the CPU's packed rows (packing.pack), at a model's shape with two
 layers (a block adds no break). bench.py --figures graphs prints them:
 
     python3 bench.py --preset gpt2 --vocab 50257 --figures graphs

@@ -329,7 +329,7 @@ def to_device(batch, device):
     if "response_mask" in batch:
         scored = batch["response_mask"].bool().clone()
         scored[:, 0] = False  # the first token of a row has no logits before it
-        out["scored"] = packing.to_device(scored.flatten().nonzero().squeeze(1), device)
+        out["scored"] = packing.to_device(packing.positions(scored), device)
     return out
 
 

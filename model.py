@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from packing import pack
+from packing import pack, positions
 
 
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
@@ -318,13 +318,6 @@ def spread(values, at, shape):
     """The values (M,) at the flat positions at (M,) laid out in a tensor of `shape`, 0 elsewhere."""
     out = torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device)
     return out.index_copy(0, at, values).view(shape)
-
-
-def positions(mask):
-    """The flat positions (M,) of a boolean mask's Trues, in order. Its size is the mask's count, so
-    on a GPU the host waits for it: where the mask is known on the host (a collated batch), find
-    them there (data.to_device)."""
-    return mask.flatten().nonzero().squeeze(1)
 
 
 def response_token_logps(model, batch):

@@ -10,7 +10,7 @@ outputs back out as (B, S, ...), a padding position holding a copy of a real one
 every loss, reward and value masks out. The packed mask is (R, 1, T, T) and never the fused causal
 kernel, which padded batches could not take either.
 
-On CUDA a padded batch is aligned instead (align): each row's real tokens moved to the start of
+On CUDA a padded batch is aligned instead (align_plan): each row's real tokens moved to the start of
 the row, right padding alone, so that plain causal attention without a mask computes every real
 token exactly as the masked row does, and SDPA can take its flash kernel: no T x T mask is made,
 and the padding's positions cost less there than a masked kernel's tiles. Both layouts give the
@@ -61,6 +61,13 @@ def to_device(t, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def positions(mask):
+    """The flat positions (M,) of a boolean mask's Trues, in order. Its size is the mask's count, so
+    on a GPU the host waits for it: where the mask is known on the host (a collated batch), find
+    them there (data.to_device)."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def aligned(device):
     return ALIGN or (ALIGN is None and torch.device(device).type == "cuda")
 
@@ -76,7 +83,7 @@ def plan(attention_mask, device="cpu"):
     lengths, offset = found
     B, S = attention_mask.shape
     if aligned(device):
-        return align_plan(lengths, offset)
+        return align_plan(attention_mask, -(-int(lengths.max()) // 8) * 8)
     real = attention_mask.bool()
     row_of, at = first_fit(lengths.tolist())
     R, T = max(row_of) + 1, int(lengths.max())
@@ -97,9 +104,9 @@ def plan(attention_mask, device="cpu"):
 def pack(idx, attention_mask, position_ids=None, cache=None, planned=None):
     """idx and attention_mask (B, S) -> (idx, attention_mask, position_ids, unpack) for the model's
     body: packed rows (R, T), their mask (R, 1, T, T) and positions (R, T), and unpack, which takes
-    an output (R, T, ...) back to (B, S, ...); on CUDA (or with ALIGN) aligned rows instead (align).
+    an output (R, T, ...) back to (B, S, ...); on CUDA (or with ALIGN) aligned rows instead (align_plan).
     planned: the batch's Plan, made on the host (plan); without it, the rows are aligned on the
-    device (align, reading nothing back) or a plan is made here from the mask, reading its sizes.
+    device (align_plan, reading nothing back) or a plan is made here from the mask, reading its sizes.
 
     Unchanged, with unpack the identity: with a cache or given positions, without padding, when a
     row's real tokens are not one run, or when packing would not save positions.
@@ -107,8 +114,8 @@ def pack(idx, attention_mask, position_ids=None, cache=None, planned=None):
     unchanged = idx, attention_mask, position_ids, lambda x: x
     if cache is not None or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
         return unchanged
-    if planned is None and aligned(idx.device):
-        return align(idx, attention_mask)  # no plan: aligned on the device, nothing read back
+    if planned is None and aligned(idx.device):  # no plan: aligned on the device, nothing read back
+        planned = align_plan(attention_mask, -(-idx.size(1) // 8) * 8)
     p = planned or plan(attention_mask, idx.device)
     if p.kind == "same":
         return unchanged
@@ -137,36 +144,18 @@ def first_fit(lengths):
     return row_of, at
 
 
-def align_plan(lengths, offset):
-    """Rows (B, S) whose real tokens are one run each (rows) -> the Plan that aligns them: each run
-    moved to the start of its row, T the longest run rounded up to a multiple of 8 (shapes that
-    compile well), no mask (plain causal attention), and unpack taking an output (B, T, ...) back
-    to (B, S, ...), a padding position holding a copy of a real one of its row."""
-    B, S = offset.shape
-    longest = int(lengths.max())
-    T = -(-longest // 8) * 8
-    cols = torch.arange(T, device=offset.device)
-    column = (cols[None] - offset[:, :1]).clamp(0, S - 1)  # offset[:, 0] = -start: column j reads start + j
-    source = torch.arange(B, device=offset.device)[:, None] * S + column
-    positions = cols.clamp(max=max(longest - 1, 0))[None].expand(B, T)  # the padding's own: any in range
-    back = offset.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])  # (b, s) reads (b, back)
-    return Plan("align", T, source, positions, None, back)
-
-
-def align(idx, attention_mask):
-    """Padded rows (B, S) -> (idx (B, T), None, positions (B, T), unpack): each row's real tokens
-    moved, in order, to the start of its row, T = S rounded up to a multiple of 8 (shapes that
-    compile well), no mask (plain causal attention), and unpack taking an output (B, T, ...) back to
-    (B, S, ...), a padding position holding a copy of a real one of its row. No host read and no
-    shape from the data: under torch.compile the forward stays one graph (bench.py --figures graphs);
-    the columns that are padding in every row are computed, which trimming them would need a host
-    read to avoid."""
-    B, S = idx.shape
-    T = -(-S // 8) * 8
+def align_plan(attention_mask, T):
+    """Padded rows (B, S) -> the Plan that aligns them into (B, T): each row's real tokens moved, in
+    order, to the start of its row, T a multiple of 8 (shapes that compile well) and at least the
+    longest row, no mask (plain causal attention), and unpack taking an output (B, T, ...) back to
+    (B, S, ...), a padding position holding a copy of a real one of its row. Made on the host from
+    the longest row (plan), or on the device from the batch's width (pack without a plan): there no
+    value is read back and no shape comes from the data, so under torch.compile the forward stays
+    one graph (bench.py --figures graphs), the columns that are padding in every row computed."""
+    B, S = attention_mask.shape
     real = attention_mask.bool()
     rank = real.long().cumsum(1) - 1  # a real token's column in its aligned row
-    source = torch.sort((~real).long(), dim=1, stable=True).indices  # the real columns first, in order
-    ids = F.pad(idx.gather(1, source), (0, T - S), value=0)
-    positions = torch.arange(T, device=idx.device).clamp(max=max(S - 1, 0))[None].expand(B, T)  # real: their rank
-    batch = torch.arange(B, device=idx.device)[:, None]
-    return ids, None, positions, lambda x: x[batch, rank.clamp(min=0)]
+    order = torch.sort((~real).long(), dim=1, stable=True).indices[:, :T]  # the real columns first, in order
+    source = F.pad(torch.arange(B, device=real.device)[:, None] * S + order, (0, T - order.size(1)), value=B * S)
+    positions = torch.arange(T, device=real.device).clamp(max=max(S - 1, 0))[None].expand(B, T)  # real: their rank
+    return Plan("align", T, source, positions, None, rank.clamp(min=0))

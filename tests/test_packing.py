@@ -77,7 +77,7 @@ def test_first_fit_fills_rows_longest_first_without_overflow():
 @pytest.mark.parametrize("padding", ["both", "right", "left", "gaps"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layout, padding, monkeypatch):
-    """CUDA's layout (packing.align): each row's tokens moved to its start, no mask, so plain causal
+    """CUDA's layout (packing.align_plan): each row's tokens moved to its start, no mask, so plain causal
     attention (the flash kernel's) runs; every real token's logits and every gradient equal the
     packed path's to float order (fp32), with left, right or both paddings, and the masked rows'
     with padding inside rows too (gaps: not packed)."""
@@ -137,7 +137,7 @@ def test_a_plan_made_on_the_host_gives_the_same_outputs_and_gradients(layout, al
 def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
     """CUDA's training forwards (aligned rows: the log-probs of SFT, DPO and PPO, the reward model's
     and critic's hidden states) trace as one graph each under torch.compile's settings
-    (training.DYNAMO): align reads nothing from the device, and the scored positions' count is traced.
+    (training.DYNAMO): align_plan reads nothing from the device, and the scored positions' count is traced.
     Before: 6 graphs per log-probs forward (bench.py --figures graphs)."""
     import bench_compile
     torch.manual_seed(0)
