@@ -26,8 +26,8 @@ from model import set_checkpointing
 COMPILE = False  # train.py --compile sets it: the training forward passes go through torch.compile
 
 
-# the scored positions' count (model.projected's boolean index) is data: traced, not a graph break, so
-# CUDA's aligned training forward is one graph (bench.py --figures graphs)
+# where the scored positions are found on the device (packing.positions' nonzero, a batch without
+# data.to_device's), their count is data: traced, not a graph break (bench.py --figures graphs)
 DYNAMO = dict(capture_dynamic_output_shape_ops=True)
 
 
