@@ -3,12 +3,11 @@ re-tokenises the policy's text where its tokenizer differs, stops a bad folder w
 any work, and replaces the rm stage of a whole run."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli import run_train
 from hf_reward import ReadAsTransformers, check_reward_model, load_sequence_classifier, pad_token_id, reward_model_at
 from task import make_task
 from tokenizer import Tokenizer
@@ -182,11 +181,6 @@ def test_the_content_hash_covers_weights_and_configs(tmp_path):
 
 # ----------------------------------------------------------------------------- whole runs
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-
-
 FAST = ["--preset", "micro", "--n-sft", "200", "--n-pref", "120", "--sft-steps", "20", "--ppo-iterations", "2",
         "--eval-prompts", "8", "--eval-samples", "1", "--easy-fraction", "0.5"]
 
@@ -201,7 +195,7 @@ def test_micro_run_with_the_policys_tokenizer(tmp_path):
     tokenizer = Tokenizer.load(out / "tokenizer" / "tokenizer.json")
     hf = hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, pad=tokenizer.pad_id, n_positions=96)
     save_classifier(hf, folder, tokenizer)
-    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder))
+    proc = run_train(*FAST, "--out", str(out), "--reward-model", str(folder))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "rm").exists()
     assert "the rm stage was skipped" in (out / "results.md").read_text()
@@ -217,7 +211,7 @@ def test_micro_run_with_the_policys_tokenizer(tmp_path):
             assert abs(gaps[i] - (r[0] - r[1]).item()) < 1e-5
     save_classifier(hf_classifier("gpt2", vocab_size=tokenizer.vocab_size, pad=tokenizer.pad_id, n_positions=96,
                                   seed=1), folder, tokenizer)
-    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder), "--stages", "tokenizer,sft,rm,split,dpo,ppo")
+    proc = run_train(*FAST, "--out", str(out), "--reward-model", str(folder), "--stages", "tokenizer,sft,rm,split,dpo,ppo")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== sft" not in proc.stdout and "== split" in proc.stdout and "== ppo" in proc.stdout
 
@@ -228,7 +222,7 @@ def test_micro_run_with_another_tokenizer(tmp_path):
     own = task_tokenizer(400, seed=3)
     folder = save_classifier(hf_classifier("qwen2", vocab_size=own.vocab_size, pad=own.pad_id), tmp_path / "rm", own)
     out = tmp_path / "run"
-    proc = run_cli(*FAST, "--out", str(out), "--reward-model", str(folder))
+    proc = run_train(*FAST, "--out", str(out), "--reward-model", str(folder))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the rm stage is skipped" in proc.stdout and not (out / "rm").exists()
     assert json.loads((out / "ppo" / "done.json").read_text())["summary"]["critic_from"] == "sft"
@@ -246,7 +240,7 @@ def test_hh_rlhf_tiny_run_with_a_reward_model(tmp_path):
     folder = save_classifier(hf_classifier("gpt2", vocab_size=own.vocab_size, pad=None, n_positions=256),
                              tmp_path / "rm", own)
     out = tmp_path / "run"
-    proc = run_cli("--preset", "tiny", "--data", str(tmp_path / "hh.jsonl"), "--easy-fraction", "0.5", "--reward-model", str(folder),
+    proc = run_train("--preset", "tiny", "--data", str(tmp_path / "hh.jsonl"), "--easy-fraction", "0.5", "--reward-model", str(folder),
                    "--out", str(out), "--sft-steps", "5", "--rm-epochs", "1", "--dpo-epochs", "1",
                    "--ppo-iterations", "2", "--ppo-rollouts", "16", "--max-new-tokens", "16", "--eval-prompts", "8",
                    "--eval-samples", "1")

@@ -5,11 +5,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 
 import pytest
 
+from cli import run_train
 import data
 import mpo
 import stages
@@ -21,11 +20,6 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 MICRO = ["--preset", "micro", "--easy-fraction", "0.5", "--eval-samples", "2"]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
 
 
 def read(path):
@@ -150,15 +144,15 @@ def test_the_judge_is_a_stage_before_eval(run, tmp_path):
     assert mpo.STAGES.index("ppo") < mpo.STAGES.index("judge") == mpo.STAGES.index("eval") - 1
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    proc = run_cli(*MICRO, "--data", path, "--out", str(copy), "--compare", "--force", "judge")
+    proc = run_train(*MICRO, "--data", path, "--out", str(copy), "--compare", "--force", "judge")
     assert proc.returncode == 0, proc.stderr[-2000:]
     reused = read(copy / "results.json")["reused"]
     assert {"sft", "rm", "split", "dpo", "ppo"} <= set(reused) and not {"judge", "eval"} & set(reused)
     shutil.rmtree(copy / "judge")
     shutil.rmtree(copy / "eval")
-    proc = run_cli(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo,ppo")
+    proc = run_train(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo,ppo")
     assert proc.returncode == 0 and not (copy / "judge").exists(), proc.stderr[-2000:]
-    proc = run_cli(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "eval")
+    proc = run_train(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "eval")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: stage judge is needed but not complete in {copy / 'judge'}; add judge to --stages"]
 
@@ -167,7 +161,7 @@ def test_too_few_pairs_for_a_judge_is_one_line(tmp_path):
     path = tmp_path / "three.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"}) + "\n"
                             for i in range(3)))
-    proc = run_cli("--preset", "micro", "--data", str(path), "--out", str(tmp_path / "run"))
+    proc = run_train("--preset", "micro", "--data", str(path), "--out", str(tmp_path / "run"))
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert proc.stderr.strip() == (f"error: {path}: 2 pairs after the held-out part, too few to hold out 0.2 of "
                                    "them for the judge and train on at least 2; give more pairs")

@@ -3,13 +3,12 @@ left padding too, the same greedy tokens through the KV cache, export loads back
 one-line errors; and the micro pipeline runs from a tiny Qwen2 folder with its own tokenizer."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli import run_train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hf import load_gpt, load_hf_llama, save_hf_llama
 from data import DataError
@@ -21,7 +20,6 @@ from task import make_task
 
 transformers = pytest.importorskip("transformers")
 from test_hf_gpt2 import hf_logits  # noqa: E402  transformers' logits with left padding, as for GPT-2
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 120
 
 # name: (transformers config class, its settings, max_shard_size for save_pretrained or None)
@@ -338,9 +336,8 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
     init = tmp_path / "qwen2"
     eos = qwen2_folder(init)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "micro", "--init", str(init),
-                           "--out", str(out), "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_train("--preset", "micro", "--init", init, "--out", out,
+                     "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"end of sequence '<|im_end|>' ({eos})" in proc.stdout  # check_init found the folder's
     results = json.loads((out / "results.json").read_text())
@@ -362,13 +359,11 @@ def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
     --export-hf writes bf16, which transformers loads with our logits."""
     init, out = tmp_path / "qwen2", tmp_path / "run"
     qwen2_folder(init, torch.bfloat16)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "micro", "--init", str(init),
-                           "--out", str(out), "--dtype", "bf16", "--lora-rank", "4", "--lora-stages", "sft,rm,dpo,ppo",
-                           "--checkpointing", "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf",
-                           "--n-sft", "200", "--n-pref", "100", "--sft-steps", "10", "--rm-epochs", "1",
-                           "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1",
-                           "--easy-fraction", "0.5"],  # a delta of 1 may leave no easy pair after one RM epoch
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_train("--preset", "micro", "--init", init, "--out", out, "--dtype", "bf16", "--lora-rank", "4",
+                     "--lora-stages", "sft,rm,dpo,ppo", "--checkpointing", "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval",
+                     "--export-hf", "--n-sft", "200", "--n-pref", "100", "--sft-steps", "10", "--rm-epochs", "1",
+                     "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1",
+                     "--easy-fraction", "0.5")  # a delta of 1 may leave no easy pair after one RM epoch
     assert proc.returncode == 0, proc.stderr[-3000:]
     # SFT (on --init's folder, outside the run) merged and stored bf16; the later stages their adapters alone
     assert load_file(out / "sft" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16

@@ -12,7 +12,7 @@ import checkpoint
 from checkpoint import load_checkpoint, save_checkpoint
 from hf import load_hf_gpt2, load_hf_llama, save_hf_gpt2, save_hf_llama
 from llama import Llama, LlamaConfig
-from model import GPT, GPTConfig, ScalarModel
+from model import GPT, GPTConfig
 
 GPT_CFG = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16)
 LLAMA_CFGS = {

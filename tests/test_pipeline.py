@@ -3,12 +3,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import data
+from cli import run_train
 from checkpoint import load_checkpoint
 from task import FACTS, gold_reward, make_task
 from tokenizer import Tokenizer
@@ -16,15 +16,10 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "micro"
-    proc = run_cli("--preset", "micro", "--out", str(out), "--compare", "--export-hf")
+    proc = run_train("--preset", "micro", "--out", str(out), "--compare", "--export-hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -81,12 +76,12 @@ SELECTION_ROWS = ["no_selection", "reversed", "random_split", "abs_gap", "gold_s
 def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     """The split ablations run from one table row each; every row that tests the selection samples
     MPO's PPO rollouts, and its seconds count the shared stages it needs; the gold split keeps the
-    easy size of the reward model's; the noise and bias sweeps keep the easy size of the main run
-    while the labels change, and share its SFT."""
+    easy size of the reward model's. The noise and bias sweeps (a second run: their rows are the main
+    run's) keep the easy size of the main run while the labels change, and share its SFT."""
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--noise-sweep", "4", "--bias-sweep", "0.5",
-                   "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--compare",
+                     "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     rows = results["methods"]
@@ -100,6 +95,11 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     assert gold["easy"] == split["easy"] and gold["easy_label_agreement"] > gold["hard_label_agreement"]
     assert read(copy / "split_abs" / "summary.json")["gap"] == "abs"
     assert read(copy / "dpo_then_dpo_hard" / "done.json")["summary"]["pairs"] == split["hard"]
+
+    proc = run_train("--preset", "micro", "--out", str(copy), "--noise-sweep", "4", "--bias-sweep", "0.5",
+                     "--eval-prompts", "12")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read(copy / "results.json")["methods"]
     noisy = read(copy / "noise-4" / "split" / "summary.json")
     assert noisy["easy"] == split["easy"] and read(copy / "noise-4" / "results.json")["config"]["label_noise"] == 4
     biased = read(copy / "bias-0.5" / "results.json")
@@ -110,7 +110,8 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
 
 def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
     out = tmp_path / "seeds"
-    proc = run_cli("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2", "--eval-prompts", "12")
+    proc = run_train("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2", "--eval-prompts", "12",
+                     "--sft-steps", "40")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(out / "results.json")
     assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
@@ -123,7 +124,7 @@ def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
 def test_second_run_reuses_every_stage(run_dir):
     out = run_dir
     before = read(out / "results.json")
-    proc = run_cli("--preset", "micro", "--out", str(out), "--compare")
+    proc = run_train("--preset", "micro", "--out", str(out), "--compare")
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = read(out / "results.json")
     assert set(after["reused"]) == set(after["seconds"])
@@ -136,7 +137,7 @@ def test_changed_setting_redoes_that_stage_and_after(run_dir, tmp_path):
     out = run_dir
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
-    proc = run_cli("--preset", "micro", "--out", str(copy), "--easy-fraction", "0.5")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--easy-fraction", "0.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     assert {"tokenizer", "sft", "rm"} <= set(results["reused"])
@@ -148,7 +149,7 @@ def test_evaluation_settings_are_in_the_fingerprint(run_dir, tmp_path):
     """A new evaluation temperature redoes the evaluation alone; nothing is silently reused."""
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--eval-temperature", "0.5")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--compare", "--eval-temperature", "0.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     assert "eval" not in results["reused"] and {"sft", "rm", "split", "dpo", "ppo"} <= set(results["reused"])
@@ -160,7 +161,7 @@ def test_stopping_after_dpo_trains_every_methods_dpo_stage(run_dir, tmp_path):
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
     subprocess.run(["rm", "-r", str(copy / "dpo_all")], check=True)
-    proc = run_cli("--preset", "micro", "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (copy / "dpo_all" / "done.json").exists()
 

@@ -1,0 +1,30 @@
+"""train.py's command line run inside the test process: train.main(argv), its printed output and
+its exit status caught as subprocess.run gives them. A new interpreter spends about 4 s on imports
+before any work (torch, then torch._dynamo, which the first optimizer imports), a micro run's
+whole length; the suite runs dozens of them. Each run starts from the same state a process would:
+train.main sets every module setting from its flags, and each stage seeds the global random
+stream from its name and settings (runs.py).
+
+Tests of what only a real process shows (a kill and a resume, torchrun's ranks, the exit status and
+the one line a shell sees) start one."""
+import contextlib
+import io
+import os
+import subprocess
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*args, cwd=ROOT):
+    """train.py *args, run in cwd -> subprocess.CompletedProcess(args, returncode, stdout, stderr)."""
+    argv = [str(a) for a in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            train.main(argv)
+        except SystemExit as e:  # a user's mistake (2), a non-finite loss (3), argparse's usage (2)
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
