@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import distributed
 
@@ -79,8 +79,7 @@ def load_adapted(folder, info, kind, device):
                               "is read beside the stage folder it was trained on)")
     if file_sha256(base) != a["base_sha256"]:
         raise CheckpointError(f"{folder}: its base folder {base} has changed since the adapter was trained on it")
-    model, _ = load_checkpoint(base, kind=kind, device=device)
-    model.to(getattr(torch, a["base_dtype"]))
+    model, _ = load_checkpoint(base, kind=kind, device=device, dtype=getattr(torch, a["base_dtype"]))
     rename = lambda k: k if kind == info["kind"] else k.removeprefix("gpt.") if kind == "gpt" else "gpt." + k
     if hasattr(model, "head"):
         model.head.float()
@@ -173,13 +172,22 @@ def assign(model, state, strict=True):
     return result
 
 
-def load_weights(path, device="cpu"):
+def load_weights(path, device="cpu", dtype=None):
+    """A safetensors file's tensors, on `device`, read one at a time; with dtype, each floating-point
+    tensor is cast as it is read, so that a model held in bf16 never holds its float32 file whole
+    (the peak is the bf16 model and one tensor as stored)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        return load_file(path, device=str(device))
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {k: cast(f.get_tensor(k), dtype) for k in f.keys()}
     except Exception as e:  # safetensors' own error, on one line
         raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def cast(tensor, dtype):
+    """A floating-point tensor in dtype (None: as it is); other tensors (token ids, states) as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def check_finite(state, path):
@@ -190,10 +198,12 @@ def check_finite(state, path):
     return state
 
 
-def load_checkpoint(folder, kind=None, device="cpu"):
+def load_checkpoint(folder, kind=None, device="cpu", dtype=torch.float32):
     """Load a folder written by save_checkpoint. kind="scalar" from a "gpt" folder gives a
     scalar model whose backbone is that GPT (the reward model starts from SFT); kind="gpt" from
-    a "scalar" folder gives its backbone. Weights only ever come through safetensors."""
+    a "scalar" folder gives its backbone. Weights only ever come through safetensors, in dtype:
+    float32, the master copy a stage trains, or the dtype a frozen model or base is held in
+    (training.Memory.held), each tensor cast as it is read; None: as stored."""
     info = read_checkpoint_config(folder)
     arch = info.get("arch", "gpt")  # folders written before the Llama layout have no arch: GPT
     if arch not in ARCHS:
@@ -205,16 +215,15 @@ def load_checkpoint(folder, kind=None, device="cpu"):
         raise CheckpointError(f"{folder}/config.json: field 'model': {e}") from None
     kind = kind or info["kind"]
     if "adapter" in info:
-        return load_adapted(folder, info, kind, device).to(device), info
-    # straight onto the device; float32, the master copy every stage trains (a no-op for this project's files)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in check_finite(
-        load_weights(os.path.join(folder, "model.safetensors"), device), os.path.join(folder, "model.safetensors")).items()}
+        return load_adapted(folder, info, kind, device).to(device, dtype), info
+    path = os.path.join(folder, "model.safetensors")
+    state = check_finite(load_weights(path, device, dtype), path)  # straight onto the device, in dtype
     if info["kind"] == "scalar" and kind == "gpt":
         state = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
     model = empty(lambda: ScalarModel(config, Backbone) if kind == "scalar" else Backbone(config))
     if info["kind"] == "gpt" and kind == "scalar":  # the reward model from SFT: a fresh head, drawn on the CPU
         state = {"gpt." + k: v for k, v in state.items()}
-        state.update({"head." + k: v.to(device) for k, v in new_head(config.n_embd).state_dict().items()})
+        state.update({"head." + k: v.to(device, dtype) for k, v in new_head(config.n_embd).state_dict().items()})
     try:
         missing, unexpected = assign(model, state, strict=False)
     except RuntimeError as e:  # a size mismatch: name the first offending tensor, in one line

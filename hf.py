@@ -41,8 +41,9 @@ def storage_dtype(path):
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load_hf_gpt2(path, device="cpu"):
-    """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2."""
+def load_hf_gpt2(path, device="cpu", dtype=torch.float32):
+    """A GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors), e.g. gpt2, its weights
+    in dtype (checkpoint.load_checkpoint's)."""
     files = {name: os.path.join(path, name) for name in ("config.json", "model.safetensors")}
     hf = read_config_json(files["config.json"])
     try:
@@ -57,7 +58,7 @@ def load_hf_gpt2(path, device="cpu"):
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")):
         raise CheckpointError(f"{files['config.json']}: only layer_norm_epsilon 1e-5 and "
                               "activation_function gelu_new are supported")
-    hf_state = check_finite(load_weights(files["model.safetensors"], device), files["model.safetensors"])
+    hf_state = check_finite(load_weights(files["model.safetensors"], device, dtype), files["model.safetensors"])
     model = empty(lambda: GPT(config))  # no random initialisation: the weights are the file's
     state = {}
     for key, ours in model.state_dict().items():
@@ -66,14 +67,14 @@ def load_hf_gpt2(path, device="cpu"):
         short = key[len("transformer."):]
         if key not in hf_state and short not in hf_state:
             raise CheckpointError(f"{files['model.safetensors']}: missing key {key!r}")
-        w = hf_state.get(key, hf_state.get(short)).float()  # float32: the master copy (a no-op for float32 files)
+        w = hf_state.pop(key) if key in hf_state else hf_state.pop(short)  # the file's copy gone once read
         w = w.t().contiguous() if key.endswith(_CONV1D) else w
         if w.shape != ours.shape:
             raise CheckpointError(f"{files['model.safetensors']}: {key!r} has shape {tuple(w.shape)}, "
                              f"config.json needs {tuple(ours.shape)}")
         state[key] = w
     head = hf_state.get("lm_head.weight")
-    if head is not None and not torch.equal(head.float(), state["transformer.wte.weight"]):
+    if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
         raise CheckpointError(f"{files['model.safetensors']}: lm_head.weight is not tied to wte")
     state["lm_head.weight"] = state["transformer.wte.weight"]
     assign(model, state)  # buffers such as attn.bias / attn.masked_bias are ignored; lm_head tied again
@@ -145,11 +146,12 @@ def llama_config_from_hf(hf, file):
         model_type=hf["model_type"])
 
 
-def load_hf_llama(path, device="cpu", classifier=False):
+def load_hf_llama(path, device="cpu", classifier=False, dtype=torch.float32):
     """A Llama from a Hugging Face folder of model_type llama or qwen2: config.json and
-    model.safetensors, or shards listed in model.safetensors.index.json. The weights become
-    float32 (the master copy every stage trains; the files are often bf16). classifier: the body of
-    a *ForSequenceClassification folder, which has a score head (hf_reward.py) and no lm_head."""
+    model.safetensors, or shards listed in model.safetensors.index.json. The weights come in dtype
+    (checkpoint.load_checkpoint's: float32, the master copy a stage trains, though the files are
+    often bf16). classifier: the body of a *ForSequenceClassification folder, which has a score head
+    (hf_reward.py) and no lm_head."""
     file = os.path.join(path, "config.json")
     hf = read_config_json(file)
     if hf.get("model_type") not in HF_LLAMA:
@@ -160,7 +162,7 @@ def load_hf_llama(path, device="cpu", classifier=False):
     files = weight_files(path)
     hf_state, where = {}, {}
     for f in files:
-        for k, v in check_finite(load_weights(f, device), f).items():
+        for k, v in check_finite(load_weights(f, device, dtype), f).items():
             hf_state[k], where[k] = v, f
     model = empty(lambda: Llama(config))  # no random initialisation: the weights are the file's
     named = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
@@ -173,9 +175,9 @@ def load_hf_llama(path, device="cpu", classifier=False):
         if w.shape != ours.shape:
             raise CheckpointError(f"{where[theirs]}: {theirs!r} has shape {tuple(w.shape)}, "
                                   f"config.json needs {tuple(ours.shape)}")
-        state[key] = w.float()
+        state[key] = w
     head = hf_state.pop("lm_head.weight", None)  # tied: transformers may still write it
-    if head is not None and not torch.equal(head.float(), state["model.embed_tokens.weight"]):
+    if head is not None and not torch.equal(head, state["model.embed_tokens.weight"]):
         raise CheckpointError(f"{where['lm_head.weight']}: lm_head.weight differs from model.embed_tokens.weight, "
                               "but config.json says tie_word_embeddings")
     extra = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")  # old files store RoPE's table
@@ -225,19 +227,19 @@ def save_hf(model, path, eos_id=None, pad_id=None):
         save_hf_gpt2(model, path, eos_id)
 
 
-def load_gpt(path, device="cpu"):
+def load_gpt(path, device="cpu", dtype=torch.float32):
     """A policy (--init) from a checkpoint folder of this project or a Hugging Face folder whose
-    config.json's model_type is gpt2 (or none), llama or qwen2."""
+    config.json's model_type is gpt2 (or none), llama or qwen2, its weights in dtype."""
     file = os.path.join(path, "config.json")
     info = read_config_json(file)
     if "kind" in info:
-        return load_checkpoint(path, kind="gpt", device=device)[0]
+        return load_checkpoint(path, kind="gpt", device=device, dtype=dtype)[0]
     model_type = info.get("model_type", "gpt2")
     if model_type in HF_LLAMA:
-        return load_hf_llama(path, device=device)
+        return load_hf_llama(path, device=device, dtype=dtype)
     if model_type != "gpt2":
         raise CheckpointError(f"{file}: model_type {model_type!r} is not supported: gpt2, {', '.join(HF_LLAMA)}")
-    return load_hf_gpt2(path, device=device)
+    return load_hf_gpt2(path, device=device, dtype=dtype)
 
 
 def export_hf(out, policies, dtype=torch.float32):
@@ -247,7 +249,7 @@ def export_hf(out, policies, dtype=torch.float32):
     tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
     for method, stage in policies.items():
         folder = os.path.join(out, "hf", method)
-        policy = load_checkpoint(os.path.join(out, stage), kind="gpt")[0].to(dtype)
+        policy = load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0]
         save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
     print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
@@ -272,7 +274,7 @@ def check_init(path, lora, max_new_tokens):
     without --init."""
     if not path:
         return None
-    model = load_gpt(path, "cpu")
+    model = load_gpt(path, "cpu", dtype=None)  # as stored: checked here, trained by the stages
     wrong = missing_target(model, lora.targets) if lora.rank else None
     if wrong:
         raise DataError(f"--lora-targets {lora.targets}: {wrong} ({path})")

@@ -46,9 +46,9 @@ def pad_token_id(folder):
     return pad
 
 
-def load_sequence_classifier(folder, device="cpu"):
-    """A ScalarModel from a *ForSequenceClassification folder: the backbone as hf.py loads it and
-    the score head (1, C), which has no bias, as a float32 head whose bias is zero."""
+def load_sequence_classifier(folder, device="cpu", dtype=torch.float32):
+    """A ScalarModel from a *ForSequenceClassification folder: the backbone as hf.py loads it (in
+    dtype) and the score head (1, C), which has no bias, as a float32 head whose bias is zero."""
     file = os.path.join(folder, "config.json")
     hf = read_config_json(file)
     named = [a for a in hf.get("architectures") or [] if a in CLASSIFIERS]
@@ -63,7 +63,8 @@ def load_sequence_classifier(folder, device="cpu"):
     if labels != 1:
         raise CheckpointError(f"{file}: {labels} labels (field 'id2label'); a reward model has one, its score")
     pad_token_id(folder)
-    body = load_hf_gpt2(folder) if hf["model_type"] == "gpt2" else load_hf_llama(folder, classifier=True)
+    body = (load_hf_gpt2(folder, device, dtype) if hf["model_type"] == "gpt2"
+            else load_hf_llama(folder, device, classifier=True, dtype=dtype))
     score = next((f for f in weight_files(folder) if "score.weight" in safe_open(f, "pt").keys()), None)
     if score is None:
         raise CheckpointError(f"{folder}: no tensor 'score.weight' (the sequence classifier's head)")
@@ -123,27 +124,27 @@ def as_reward_model(folder, tokenizer, model):
     return ReadAsTransformers(model, pad_token_id(folder), tokenizer, None if same_tokenizer(own, tokenizer) else own)
 
 
-def reward_model_at(folder, tokenizer, device="cpu"):
+def reward_model_at(folder, tokenizer, device="cpu", dtype=torch.float32):
     """The reward model in `folder`, frozen, scoring the policy's token ids: the rm stage's, or a
-    sequence classifier (--reward-model)."""
+    sequence classifier (--reward-model); its weights in dtype."""
     if not is_sequence_classifier(folder):
-        return load_reward_model(folder, device)
-    model = load_sequence_classifier(folder, device).eval().requires_grad_(False)
+        return load_reward_model(folder, device, dtype)
+    model = load_sequence_classifier(folder, device, dtype).eval().requires_grad_(False)
     return as_reward_model(folder, tokenizer, model).eval()
 
 
-def critic_start(rm_dir, sft_dir, tokenizer, block_size, device="cpu"):
+def critic_start(rm_dir, sft_dir, tokenizer, block_size, device="cpu", dtype=torch.float32):
     """PPO's critic before training: the reward model (as in the paper's recipe) when it reads the
     policy's tokens as they are, over the policy's whole context; else, a sequence classifier of
     another tokenizer or a shorter context, SFT's weights with a fresh value head. Returns the
-    critic and whether it is the reward model."""
+    critic (its weights in dtype) and whether it is the reward model."""
     if not is_sequence_classifier(rm_dir):
-        return load_checkpoint(rm_dir, kind="scalar", device=device)[0], True
+        return load_checkpoint(rm_dir, kind="scalar", device=device, dtype=dtype)[0], True
     own = Tokenizer.load(os.path.join(rm_dir, "tokenizer.json"))
-    model = load_sequence_classifier(rm_dir, device)
+    model = load_sequence_classifier(rm_dir, device, dtype)
     if same_tokenizer(own, tokenizer) and model.config.block_size >= block_size:
         return model, True
-    return load_checkpoint(sft_dir, kind="scalar", device=device)[0], False
+    return load_checkpoint(sft_dir, kind="scalar", device=device, dtype=dtype)[0], False
 
 
 def content_sha256(folder):
@@ -167,7 +168,7 @@ def check_reward_model(path):
         raise DataError(f"{path}: no config.json; --reward-model needs a Hugging Face sequence classifier's folder")
     if not is_sequence_classifier(path):
         raise DataError(f"{path}: a checkpoint of this project, not a Hugging Face sequence classifier")
-    model = load_sequence_classifier(path)
+    model = load_sequence_classifier(path, dtype=None)  # as stored: checked here, loaded again by the stages
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise DataError(f"{path}: no tokenizer.json beside the weights; --reward-model needs the tokenizer "

@@ -36,7 +36,7 @@ from reward import score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from tokenizer import Tokenizer
-from training import Memory
+from training import DTYPES, Memory
 from runs import Runner, Stop, method_costs, run_record
 
 
@@ -165,7 +165,7 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
     if gap == "gold":
         gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
     else:
-        reward_model = reward_model_at(rm_dir, tokenizer, device)
+        reward_model = reward_model_at(rm_dir, tokenizer, device, DTYPES[dtype])  # frozen: in the compute dtype
         mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
         chosen, rejected = (torch.tensor(distributed.gather(score(
             reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
@@ -239,10 +239,10 @@ def reward_model_of(critic, load, memory, read=lambda model: model):
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
               device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
-    policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "dpo")
+    policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("dpo"))[0], "dpo")
     # the frozen reference is read once, for its log-probs, and freed before training
     reference = reference_logps(reference_of(policy, init_dir == reference_dir,
-                                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0],
+                                             lambda: load_checkpoint(reference_dir, "gpt", device, memory.held())[0],
                                              memory),
                                 tokenizer, records, held_out, policy.config.block_size, max_response, device, dtype)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
@@ -266,12 +266,13 @@ def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, t
     adapter and value head on the reward model's backbone, and the reward model is that backbone
     with the adapters off and its own head: one backbone for both.
     """
-    policy = memory.trained(load_checkpoint(init_dir, kind="gpt", device=device)[0], "ppo")
+    policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("ppo"))[0], "ppo")
     reference = reference_of(policy, init_dir == reference_dir,
-                             lambda: load_checkpoint(reference_dir, kind="gpt", device=device)[0], memory)
-    critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, policy.config.block_size, device)
+                             lambda: load_checkpoint(reference_dir, "gpt", device, memory.held())[0], memory)
+    critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, policy.config.block_size, device,
+                                           memory.held("ppo"))
     critic = memory.trained(critic, "ppo")
-    load = lambda: reward_model_at(rm_dir, tokenizer, device)
+    load = lambda: reward_model_at(rm_dir, tokenizer, device, memory.held())
     reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer))
                     if is_reward_model else memory.frozen(load()))
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,

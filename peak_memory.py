@@ -35,7 +35,9 @@ class PeakMemory(TorchDispatchMode):
         self.live = self.peak = 0
 
     def count(self, t):
-        """Start counting tensor t's storage, once, until it is freed."""
+        """Start counting tensor t's storage, once, until it is freed (a meta tensor has none)."""
+        if t.is_meta:
+            return
         st = t.untyped_storage()
         if st in self.seen:
             return

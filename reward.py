@@ -70,9 +70,10 @@ def score(model, tokenizer, prompts, responses, max_response, device="cpu", dtyp
                      device=device, dtype=dtype)
 
 
-def load_reward_model(folder, device="cpu"):
-    """The reward model, frozen; it is centred already (see the end of train_reward_model)."""
-    model, _ = load_checkpoint(folder, kind="scalar", device=device)
+def load_reward_model(folder, device="cpu", dtype=torch.float32):
+    """The reward model, frozen, its weights in dtype; it is centred already (see the end of
+    train_reward_model)."""
+    model, _ = load_checkpoint(folder, kind="scalar", device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 

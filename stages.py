@@ -55,7 +55,7 @@ def tokenizer_stage(folder, task, vocab_size, init=None):
 def sft_stage(folder, s, cfg, shape, init=None):
     """pi_sft: a fresh GPT of `shape` (or --init's weights) trained on the demonstrations."""
     task, tokenizer, R = s.task, s.tokenizer, s.max_new_tokens
-    model = (load_gpt(init.path, s.device) if init else
+    model = (load_gpt(init.path, s.device, s.memory.held("sft")) if init else
              GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape)).to(s.device))
     before = s.mean_gold(model) if task["gold"] else None
     model = s.memory.trained(model, "sft")
@@ -73,7 +73,7 @@ def sft_stage(folder, s, cfg, shape, init=None):
 def rm_stage(folder, s, sft_dir, cfg):
     """r_phi: the SFT model with a scalar head, Bradley-Terry on every pair."""
     task = s.task
-    model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
+    model = s.memory.trained(load_checkpoint(sft_dir, "scalar", s.device, s.memory.held("rm"))[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
                                  folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
     if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
@@ -89,7 +89,7 @@ def judge_stage(folder, s, sft_dir, cfg):
     (data.load_task), which neither r_phi, the split, DPO, PPO nor SFT's default demonstrations
     see. Writes pairs.json, the line numbers of its pairs in --data."""
     task = s.task
-    model = s.memory.trained(load_checkpoint(sft_dir, kind="scalar", device=s.device)[0], "rm")
+    model = s.memory.trained(load_checkpoint(sft_dir, "scalar", s.device, s.memory.held("rm"))[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
                                  folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
     write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
@@ -99,13 +99,13 @@ def judge_stage(folder, s, sft_dir, cfg):
 def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
     """Every policy ({method: folder}) judged on the evaluation prompts, SFT first; with judge_dir
     (real data) the judge's reward model scores them too, beside the training reward model."""
-    frozen = s.memory.frozen
-    sft = frozen(load_checkpoint(policies["sft"], kind="gpt", device=s.device)[0])
-    reward_model = frozen(reward_model_at(rm_dir, s.tokenizer, s.device))  # the rm stage's, or --reward-model
-    judge = frozen(load_reward_model(judge_dir, s.device)) if judge_dir else None
+    frozen, held = s.memory.frozen, s.memory.held()
+    sft = frozen(load_checkpoint(policies["sft"], "gpt", s.device, held)[0])
+    reward_model = frozen(reward_model_at(rm_dir, s.tokenizer, s.device, held))  # the rm stage's, or --reward-model
+    judge = frozen(load_reward_model(judge_dir, s.device, held)) if judge_dir else None
     judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
     for method, policy_dir in policies.items():
-        policy = frozen(load_checkpoint(policy_dir, kind="gpt", device=s.device)[0])
+        policy = frozen(load_checkpoint(policy_dir, "gpt", s.device, held)[0])
         part = evaluate_policy(policy, sft, reward_model, s.tokenizer, mine, s.max_new_tokens, s.temperature,
                                s.seed + distributed.rank(), s.task, no_eos_score, s.samples, s.device, s.dtype, judge)
         judged[method] = {key: distributed.gather(values) for key, values in part.items()}

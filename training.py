@@ -90,6 +90,12 @@ class Memory(NamedTuple):
                 model.head.float()
         return set_checkpointing(model, self.checkpointing)
 
+    def held(self, stage=None):
+        """The dtype a model's weights are loaded in (checkpoint.load_checkpoint): the compute dtype
+        for a frozen model (stage None) and for the frozen base of a stage with adapters, float32
+        (the master copy) for the weights a stage trains in full."""
+        return DTYPES[self.dtype] if stage is None or self.lora.applies(stage) else torch.float32
+
     def frozen(self, model):
         """A model that is only read (a reference, a reward model): eval mode, no gradients, stored in
         the compute dtype (under bf16, half the bytes; its log-probs and scores still come from a

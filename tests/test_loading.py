@@ -151,3 +151,92 @@ def test_dpos_reference_is_freed_before_training(tmp_path, monkeypatch):
     mpo.dpo_stage(str(tmp_path / "init"), str(tmp_path / "ref"), records, records[:2], DPOConfig(epochs=1, batch_size=4),
                   str(tmp_path / "dpo"), tok, 8)
     assert len(loaded) == 2 and alive_in_training == [1]  # the policy alone
+
+
+# ----------------------------------------------------------------------------- loading in the dtype held
+
+BIG = GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128)
+
+
+def peak_of_loading(load, monkeypatch):
+    """The peak bytes of tensor storage alive while load() runs, the tensors read from a file counted
+    from when they are read (peak_memory.PeakMemory counts what ops make), and load()'s result."""
+    from peak_memory import PeakMemory
+    tracker, real_open = PeakMemory(), checkpoint.safe_open
+
+    class Counted:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            t = self.file.get_tensor(key)
+            tracker.count(t)
+            return t
+    monkeypatch.setattr(checkpoint, "safe_open", Counted)
+    with tracker:
+        model = load()
+    return tracker.peak, model
+
+
+def nbytes(model, dtype=None):
+    return sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", ["checkpoint", "hugging face"])
+def test_a_frozen_model_is_read_in_its_dtype_without_its_float32_copy(tmp_path, monkeypatch, layout):
+    """A model held in bf16 (frozen, or the base under adapters) is read straight into bf16, a tensor at
+    a time: its weights equal the float32 model's cast, and the peak while loading is the bf16 model and
+    about one float32 tensor, where loading in float32 and casting after holds the float32 model whole."""
+    torch.manual_seed(0)
+    if layout == "checkpoint":
+        save_checkpoint(GPT(BIG), str(tmp_path))
+        load = lambda dtype: load_checkpoint(str(tmp_path), kind="gpt", dtype=dtype)[0]
+    else:
+        save_hf_gpt2(GPT(BIG), str(tmp_path))
+        load = lambda dtype: load_hf_gpt2(str(tmp_path), dtype=dtype)
+    peak, held = peak_of_loading(lambda: load(torch.bfloat16), monkeypatch)
+    old_peak, old = peak_of_loading(lambda: load(torch.float32).to(torch.bfloat16), monkeypatch)
+    same(held, old)
+    fp32 = nbytes(old, torch.float32)
+    largest = max(p.numel() for p in old.parameters()) * 4
+    assert old_peak >= fp32  # the meter sees the float32 copy when there is one
+    assert peak <= nbytes(held) + 2 * largest < fp32
+
+
+def test_each_stage_reads_its_models_in_the_dtype_it_holds_them_in(tmp_path, monkeypatch):
+    """A bf16 run with adapters on every stage after SFT holds every model it loads in bf16 (the
+    trained ones' frozen bases; the frozen reward model, references and evaluated policies): every
+    weight file is read in bf16.
+    Without adapters, the models a stage trains are read in float32, the master copy, and the frozen
+    ones in bf16."""
+    from cli import run_train
+    reads, real = [], checkpoint.load_weights
+
+    def spy(path, device="cpu", dtype=None):
+        reads.append((str(path).split("/")[-2:], dtype))
+        return real(path, device, dtype)
+    monkeypatch.setattr(checkpoint, "load_weights", spy)
+    small = ["--preset", "micro", "--dtype", "bf16", "--n-sft", "100", "--n-pref", "60", "--sft-steps", "2",
+             "--rm-epochs", "1", "--ppo-iterations", "1", "--ppo-rollouts", "4", "--eval-prompts", "4",
+             "--eval-samples", "1", "--easy-fraction", "0.5"]
+    proc = run_train(*small, "--out", tmp_path / "lora", "--lora-rank", "2", "--lora-stages", "rm,dpo,ppo")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    models = [(where, dtype) for where, dtype in reads if where[1] == "model.safetensors"]
+    assert models and {dtype for _, dtype in models} == {torch.bfloat16}, models
+    reads.clear()
+    proc = run_train(*small, "--out", tmp_path / "full", "--stages", "tokenizer,sft,rm,split,dpo")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # rm: SFT's weights, trained (float32); split: the reward model, frozen; dpo: its policy, trained,
+    # then SFT as its reference, frozen
+    assert reads == [(["sft", "model.safetensors"], torch.float32), (["rm", "model.safetensors"], torch.bfloat16),
+                     (["sft", "model.safetensors"], torch.float32), (["sft", "model.safetensors"], torch.bfloat16)]
