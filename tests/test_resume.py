@@ -56,16 +56,17 @@ def kill_when(out, path, timeout=300):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
+    """The run never killed, in this process (tests/cli.py); the runs killed and resumed below are processes."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run(out)
+    proc = run_train(*FLAGS, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def test_same_seed_same_results_and_weights(reference_run, tmp_path):
-    """The same run again, in this process (after whatever ran in it before), gives the same bytes."""
+    """The same run again, in a process of its own, gives the same bytes."""
     again = tmp_path / "run"
-    proc = run_train(*FLAGS, "--out", again)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(again)
     assert results_without_timings(again) == results_without_timings(reference_run)
     for stage in STAGE_FOLDERS:
         assert (again / stage / "model.safetensors").read_bytes() == (reference_run / stage / "model.safetensors").read_bytes()
