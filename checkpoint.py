@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import distributed
@@ -180,14 +180,20 @@ def load_weights(path, device="cpu", dtype=None):
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
-            return {k: cast(f.get_tensor(k), dtype) for k in f.keys()}
-    except Exception as e:  # safetensors' own error, on one line
-        raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+            return {k: cast(f.get_tensor(k), dtype, f"{path}: tensor {k!r}") for k in f.keys()}
+    except SafetensorError as e:  # safetensors' own error (a damaged file), on one line
+        raise CheckpointError(f"{path}: not a safetensors file ({(str(e).splitlines() or ['?'])[0]})") from None
 
 
-def cast(tensor, dtype):
-    """A floating-point tensor in dtype (None: as it is); other tensors (token ids, states) as they are."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def cast(tensor, dtype, name):
+    """A floating-point tensor in dtype (None: as it is); other tensors (token ids, states) as they are.
+    A finite weight beyond fp16's range (65504) would become inf: named, as --dtype's doing."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if dtype == torch.float16 and bool(out.isinf().any()) and not bool(tensor.isinf().any()):
+        raise CheckpointError(f"{name} holds values beyond fp16's range (65504): use --dtype bf16")
+    return out
 
 
 def check_finite(state, path):

@@ -240,3 +240,16 @@ def test_each_stage_reads_its_models_in_the_dtype_it_holds_them_in(tmp_path, mon
     # then SFT as its reference, frozen
     assert reads == [(["sft", "model.safetensors"], torch.float32), (["rm", "model.safetensors"], torch.bfloat16),
                      (["sft", "model.safetensors"], torch.float32), (["sft", "model.safetensors"], torch.bfloat16)]
+
+
+def test_a_weight_beyond_fp16s_range_is_named_when_read_in_fp16(tmp_path):
+    """fp16 holds at most 65504: a finite float32 weight above it would become inf, so a frozen model
+    read in fp16 (--dtype fp16) names the tensor and the way out, in one line."""
+    model = GPT(GPT_CFG)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 7e4
+    save_checkpoint(model, str(tmp_path))
+    assert load_checkpoint(str(tmp_path), dtype=torch.bfloat16)[0]  # bf16 has float32's range
+    with pytest.raises(checkpoint.CheckpointError, match=r"'transformer.h.0.mlp.c_fc.weight' holds values beyond "
+                       r"fp16's range \(65504\): use --dtype bf16"):
+        load_checkpoint(str(tmp_path), dtype=torch.float16)

@@ -133,7 +133,12 @@ def test_an_adapter_folder_holds_the_adapters_alone_and_loads_as_the_merged_mode
     save_checkpoint(copy.deepcopy(policy), dpo, base=sft)
     assert sorted(os.listdir(dpo)) == ["adapter.safetensors", "config.json"]
     merged = merge(policy).state_dict()
-    assert all(torch.equal(v, merged[k]) for k, v in load_checkpoint(dpo, kind="gpt")[0].state_dict().items())
+    same = lambda a, b: a.dtype == b.dtype and torch.equal(a, b)
+    assert all(same(v, merged[k]) for k, v in load_checkpoint(dpo, kind="gpt", dtype=None)[0].state_dict().items())
+    # a stage that trains it in full reads it in float32, the master copy; a frozen one in the compute dtype
+    for dtype in (torch.float32, torch.bfloat16):
+        assert all(same(v, merged[k].to(dtype))
+                   for k, v in load_checkpoint(dpo, kind="gpt", dtype=dtype)[0].state_dict().items())
     # stage 2 on stage 1's folder: its base is the merged DPO policy
     second = trained_adapters(memory.trained(load_checkpoint(dpo, kind="gpt")[0], "ppo"), seed=1)
     save_checkpoint(copy.deepcopy(second), ppo, base=dpo)
