@@ -86,10 +86,20 @@ def save_hf_gpt2(gpt, path, eos_id=None):
 
     eos_id (default vocab_size - 1, GPT-2's <|endoftext|> slot) becomes bos/eos_token_id.
     """
+    write_hf(path, *gpt2_layout(gpt, eos_id))
+
+
+def write_hf(path, state, config):
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+
+def gpt2_layout(gpt, eos_id=None):
+    """A GPT's (state, config.json) in GPT-2's layout (save_hf_gpt2)."""
     c = gpt.config
     if not c.bias:
         raise ValueError("GPT-2 has biases: a model with bias=False cannot be saved as GPT-2")
-    os.makedirs(path, exist_ok=True)
     state = {k: (v.t() if k.endswith(_CONV1D) else v).detach().contiguous().cpu()
              for k, v in gpt.state_dict().items() if k != "lm_head.weight"}  # transformers ties it
     eos_id = c.vocab_size - 1 if eos_id is None else eos_id
@@ -100,8 +110,7 @@ def save_hf_gpt2(gpt, path, eos_id=None):
               "attn_pdrop": c.dropout, "initializer_range": 0.02, "tie_word_embeddings": True,
               "torch_dtype": str(next(gpt.parameters()).dtype).removeprefix("torch."),
               "bos_token_id": eos_id, "eos_token_id": eos_id}
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    return state, config
 
 
 # ----------------------------------------------------------------------------- Llama and Qwen2 import/export
@@ -210,21 +219,46 @@ def hf_llama_config(c, eos_id=None, bos_id=None, pad_id=None, dtype=torch.float3
 def save_hf_llama(model, path, eos_id=None, bos_id=None, pad_id=None):
     """Write a Llama as a Hugging Face folder of its model_type (llama or qwen2) that
     AutoModelForCausalLM.from_pretrained reads: config.json and model.safetensors, in the model's dtype."""
+    write_hf(path, *llama_layout(model, eos_id, bos_id, pad_id))
+
+
+def llama_layout(model, eos_id=None, bos_id=None, pad_id=None):
+    """A Llama's (state, config.json) in the layout of its model_type (save_hf_llama)."""
     config = hf_llama_config(model.config, eos_id, bos_id, pad_id, next(model.parameters()).dtype)
-    os.makedirs(path, exist_ok=True)
     state = {("lm_head.weight" if k == "unembed.weight" else k): v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}  # tied: no lm_head, transformers ties it
-    atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    return state, config
+
+
+def hf_layout(model, eos_id=None, pad_id=None):
+    """A policy's (state, config.json) in the Hugging Face layout of its own: GPT-2 for a GPT, llama
+    or qwen2 (the layout it was imported from) for a Llama."""
+    return llama_layout(model, eos_id, pad_id=pad_id) if isinstance(model, Llama) else gpt2_layout(model, eos_id)
 
 
 def save_hf(model, path, eos_id=None, pad_id=None):
-    """A policy as the Hugging Face folder of its own layout: GPT-2 for a GPT, llama or qwen2 (the
-    layout it was imported from) for a Llama."""
-    if isinstance(model, Llama):
-        save_hf_llama(model, path, eos_id, pad_id=pad_id)
-    else:
-        save_hf_gpt2(model, path, eos_id)
+    """A policy as the Hugging Face folder of its own layout (hf_layout)."""
+    write_hf(path, *hf_layout(model, eos_id, pad_id))
+
+
+def save_hf_classifier(reward_model, path, eos_id=None, pad_id=None):
+    """A reward model (a ScalarModel) as the Hugging Face sequence classifier of its backbone's
+    layout (GPT2-, Llama- or Qwen2ForSequenceClassification, one label), which
+    AutoModelForSequenceClassification reads and --reward-model takes back: the backbone as
+    hf_layout writes it, without its vocabulary projection, and the head as `score`. transformers
+    reads the score at the rightmost token that is not pad_id, as this project reads it at the
+    last real token when the padding token is not the end-of-sequence one. Its score has no bias:
+    the exported scores are this project's less the head's bias, a constant (the centring, see
+    reward.train_reward_model), so every difference between two texts, and so every preference,
+    the split and the Bradley-Terry loss, is the same."""
+    body = reward_model.gpt
+    state, config = hf_layout(body, eos_id, pad_id)
+    state.pop("lm_head.weight", None)  # an untied Llama's: a classifier has none
+    state["score.weight"] = reward_model.head.weight.detach().to(next(body.parameters()).dtype).contiguous().cpu()
+    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[config["model_type"]]
+    config.update(architectures=[f"{name}ForSequenceClassification"], id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0}, pad_token_id=pad_id)
+    write_hf(path, state, config)
 
 
 def load_gpt(path, device="cpu", dtype=torch.float32):
@@ -242,17 +276,25 @@ def load_gpt(path, device="cpu", dtype=torch.float32):
     return load_hf_gpt2(path, device=device, dtype=dtype)
 
 
-def export_hf(out, policies, dtype=torch.float32):
+def export_hf(out, policies, dtype=torch.float32, reward_model=True):
     """Each final policy ({method: stage folder}) as a folder that transformers loads, OUT/hf/METHOD:
     GPT-2's layout for a GPT, llama or qwen2 (as imported) for a Llama, in `dtype` (--init's: bf16
-    in, bf16 out)."""
+    in, bf16 out); and with reward_model (the rm stage ran: no --reward-model), the reward model as a
+    sequence classifier, OUT/hf/reward_model (save_hf_classifier)."""
     tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
     for method, stage in policies.items():
         folder = os.path.join(out, "hf", method)
         policy = load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0]
         save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(policies)}}}")
+    names = list(policies)
+    if reward_model:
+        folder = os.path.join(out, "hf", "reward_model")
+        save_hf_classifier(load_checkpoint(os.path.join(out, "rm"), kind="scalar", dtype=dtype)[0], folder,
+                           tokenizer.eos_id, tokenizer.pad_id)
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        names.append("reward_model")
+    print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(names)}}}")
 
 
 # ----------------------------------------------------------------------------- --init, checked

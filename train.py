@@ -96,7 +96,8 @@ class RunConfig:
                             "Qwen2ForSequenceClassification, with its tokenizer.json) as the reward model of the split, "
                             "PPO and the evaluation: the rm stage is skipped", kind="folder")
     export_hf: bool = opt(False, "also write each final policy as a Hugging Face folder of its layout (GPT-2, "
-                          "llama or qwen2), RUN/hf/METHOD")
+                          "llama or qwen2), RUN/hf/METHOD, and the reward model as a sequence classifier, "
+                          "RUN/hf/reward_model")
     # the model and the task (the preset's)
     n_layer: int = opt(2, "transformer blocks", range="[1, inf)")
     n_head: int = opt(4, "attention heads", range="[1, inf)")
@@ -326,7 +327,7 @@ def experiment(run, init, reward=None):
         return
     if run.export_hf:
         for s, results in zip(seeds, runs):
-            export_hf(folder(s), results["policies"], init.dtype if init else torch.float32)
+            export_hf(folder(s), results["policies"], init.dtype if init else torch.float32, reward is None)
     if len(runs) > 1:
         agg = aggregate(runs)
         write_json(os.path.join(run.out, "results.json"), agg)

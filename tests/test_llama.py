@@ -350,6 +350,13 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
     ids = torch.tensor([Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json").encode("\n\nHuman: Hi?\n\nAssistant:")])
     with torch.no_grad():
         assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+    # the reward model as Qwen2ForSequenceClassification: our score less the head's bias, read at the last token
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf" / "reward_model").eval()
+    assert type(classifier).__name__ == "Qwen2ForSequenceClassification"
+    rm, _ = load_checkpoint(out / "rm", kind="scalar")
+    with torch.no_grad():
+        expected = rm.eval()(ids, torch.ones_like(ids))[:, -1] - rm.head.bias
+        assert (classifier(ids).logits[:, 0] - expected).abs().max() < 1e-4
 
 
 def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):

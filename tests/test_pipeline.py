@@ -363,6 +363,31 @@ def test_transformers_loads_and_samples_the_exported_policy(run_dir):
     assert sample.shape[1] > ids.shape[1]
 
 
+def test_transformers_reads_the_exported_reward_model(run_dir):
+    """--export-hf: RUN/hf/reward_model is a GPT2ForSequenceClassification whose scores, read by
+    transformers at the last token that is not padding, of a padded batch, are ours less the head's
+    bias (transformers' score has none); --reward-model takes it back with the same differences."""
+    transformers = pytest.importorskip("transformers")
+    from hf_reward import reward_model_at
+    from reward import load_reward_model, score
+    out, folder = run_dir, run_dir / "hf" / "reward_model"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.num_labels == 1
+    tok = Tokenizer.load(str(folder / "tokenizer.json"))
+    ours = load_reward_model(str(out / "rm"))
+    task = make_task(0, n_sft=0, n_pref=40)
+    prompts, responses = [r["prompt"] for r in task["pref"][:6]], [r["chosen"] for r in task["pref"][:6]]
+    expected = score(ours, tok, prompts, responses, 32, "cpu", "fp32") - ours.head.bias.item()
+    rows = [tok.encode(p) + data.encode_response(tok, r)[:32] for p, r in zip(prompts, responses)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])  # right-padded, as transformers reads
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=(ids != tok.pad_id).long()).logits[:, 0]
+    torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
+    back = score(reward_model_at(str(folder), tok), tok, prompts, responses, 32, "cpu", "fp32")
+    torch.testing.assert_close(back - back[0], expected - expected[0], atol=1e-4, rtol=0)
+
+
 def test_pictures_when_matplotlib_is_installed(run_dir):
     """The gap histogram, DPO's margin and PPO's score and KL curves as PNGs (matplotlib is optional)."""
     pytest.importorskip("matplotlib")
