@@ -22,9 +22,13 @@ def run_train(*args, cwd=ROOT):
     argv = [str(a) for a in args]
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
+    here = os.getcwd()
+    os.chdir(cwd)  # (contextlib.chdir needs Python 3.11)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             train.main(argv)
-        except SystemExit as e:  # a user's mistake (2), a non-finite loss (3), argparse's usage (2)
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except SystemExit as e:  # a user's mistake (2), a non-finite loss (3), argparse's usage (2)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(here)
     return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
