@@ -294,6 +294,9 @@ def export_hf(out, policies, dtype=torch.float32, reward_model=True):
                            tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
         names.append("reward_model")
+        if tokenizer.pad_id == tokenizer.eos_id:
+            print(f"{folder}: the padding token is the end-of-sequence one, so transformers reads the score "
+                  "one token before a final end of sequence, where this project reads it at the end of sequence")
     print(f"Hugging Face folders for transformers: {os.path.join(out, 'hf')}/{{{','.join(names)}}}")
 
 

@@ -351,6 +351,8 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
     with torch.no_grad():
         assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
     # the reward model as Qwen2ForSequenceClassification: our score less the head's bias, read at the last token
+    tok = Tokenizer.load(out / "tokenizer" / "tokenizer.json")
+    assert ("the padding token is the end-of-sequence one" in proc.stdout) == (tok.pad_id == tok.eos_id)
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf" / "reward_model").eval()
     assert type(classifier).__name__ == "Qwen2ForSequenceClassification"
     rm, _ = load_checkpoint(out / "rm", kind="scalar")

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -386,6 +387,23 @@ def test_transformers_reads_the_exported_reward_model(run_dir):
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
     back = score(reward_model_at(str(folder), tok), tok, prompts, responses, 32, "cpu", "fp32")
     torch.testing.assert_close(back - back[0], expected - expected[0], atol=1e-4, rtol=0)
+
+
+def test_the_export_says_when_transformers_reads_the_score_elsewhere(run_dir, tmp_path, capsys):
+    """With the end-of-sequence token as padding, transformers reads a classifier's score one token
+    before a final end of sequence: the export says so in one line (the built-in tokenizer has a
+    padding token of its own, and says nothing)."""
+    from hf import export_hf
+    copy = tmp_path / "copy"
+    for stage in ("tokenizer", "sft", "rm", "dpo", "ppo"):
+        shutil.copytree(run_dir / stage, copy / stage)
+    export_hf(str(copy), {"mpo": "ppo"})
+    assert "padding token is the end-of-sequence one" not in capsys.readouterr().out
+    tok = Tokenizer.load(str(copy / "tokenizer" / "tokenizer.json"))
+    Tokenizer(tok.tok, tok.eos_id, tok.eos_id).save(str(copy / "tokenizer" / "tokenizer.json"))
+    export_hf(str(copy), {"mpo": "ppo"})
+    assert "the padding token is the end-of-sequence one" in capsys.readouterr().out
+    assert json.loads((copy / "hf" / "reward_model" / "config.json").read_text())["pad_token_id"] == tok.eos_id
 
 
 def test_pictures_when_matplotlib_is_installed(run_dir):
