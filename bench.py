@@ -9,7 +9,7 @@ Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference pr
 sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
 cache against recomputing the prefix), logp (the error of bf16 log-probs and of a TF32 head), ops
 (aten ops per sampled token: kernel launches on a GPU), graphs (torch.compile's graphs per training
-forward: bench_compile.py), and, when transformers is installed, its GPT-2 of the same shape for lm
+forward; these two in bench_compile.py), and, when transformers is installed, its GPT-2 of the same shape for lm
 and sample, and, when `python3 bench_anchors.py --install` has put them in .anchors/, TRL's
 DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf import hf_llama_config
 from dpo import pair_logps
@@ -52,15 +51,33 @@ SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py ke
 }
 
 
-def timed(fn, device, repeat=3):
-    """Seconds per call, after one warm-up call (compilation, allocator)."""
+def timed(fn, device, repeat=3, label=None):
+    """Seconds per call, after one warm-up call (compilation, allocator); with a label, then a profile."""
     fn()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
     sync(device)
-    return (time.perf_counter() - t0) / repeat
+    seconds = (time.perf_counter() - t0) / repeat
+    if label:
+        profile(fn, device, label, min(repeat, 2))
+    return seconds
+
+
+def profile(fn, device, label, calls=2):
+    """--profile: `calls` more calls of fn under torch.profiler, the ops by their own time on the device (the
+    CPU without one), beside the wall time (a device busy for much less of it waits on the host)."""
+    cuda, acts = device == "cuda", torch.profiler.ProfilerActivity
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[acts.CPU] + [acts.CUDA] * cuda) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    wall, key = time.perf_counter() - t0, "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in prof.key_averages()) / 1e6
+    print(f"profile of {label}: {calls} calls, {wall:.3f} s wall, ops busy {busy:.3f} s on the "
+          f"{'device' if cuda else 'CPU'}\n{prof.key_averages().table(sort_by=key, row_limit=15)}")
 
 
 def versus(figure, anchor, unit, ours, theirs, speedup, fmt="{:12,.0f}"):
@@ -177,7 +194,7 @@ def bench_lm(model, train_model, cfg, a, dtype, peak):
     T, B = a.prompt + a.new, a.batch
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=a.device)
     opt = model.configure_optimizers(1e-4, device_type=a.device)
-    s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device)
+    s = timed(lambda: lm_step(train_model, ids, opt, a.device, dtype), a.device, label=a.profile and "lm step")
     print(f"lm step        {B * T / s:12,.0f} tokens/s  (batch {B} x {T}){mfu(B * T / s, model.num_params(), peak)}")
     hf = hf_twin(cfg, a.device)
     if hf is not None:
@@ -203,7 +220,7 @@ def bench_dpo(model, train_model, cfg, a, dtype, peak):
             chosen, rejected = pair_logps(train_model, batch)
         loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref) - (rejected - ref))).mean()
         optimizer_step(loss, opt, 1.0)
-    s = timed(dpo_step, a.device)
+    s = timed(dpo_step, a.device, label=a.profile and "dpo step")
     print(f"dpo step       {B / s:12,.1f} pairs/s   (batch {B} pairs, {a.prompt} + {a.new} tokens)"
           f"{mfu(2 * B * T / s, model.num_params(), peak)}")
     trl = trl_anchor("dpo", cfg, a, dtype)
@@ -217,7 +234,8 @@ def bench_sample(model, cfg, a, dtype):
     g = torch.Generator(device=a.device).manual_seed(0)
     model.eval()
     with autocast(a.device, dtype):
-        s = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1)
+        s = timed(lambda: generate(model, prompt, None, a.new, generator=g), a.device, repeat=1,
+                  label=a.profile and "sampling")
     n = a.rollouts * a.new
     print(f"sampling       {n / s:12,.0f} new tokens/s  (batch {a.rollouts}, {a.prompt} -> {a.new}, temperature 1)")
     hf = hf_twin(cfg, a.device)
@@ -228,30 +246,6 @@ def bench_sample(model, cfg, a, dtype):
                                              max_new_tokens=a.new, min_new_tokens=a.new, top_k=0,
                                              pad_token_id=0), a.device, repeat=1)
         versus("sampling", "transformers", "new tokens/s", n / s, n / s_hf, s_hf / s)
-
-
-class OpCount(TorchDispatchMode):
-    """Counts the aten ops run inside: on a GPU each is a kernel launch, what bounds small-batch sampling."""
-    ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-def bench_ops(model, cfg, a, dtype):
-    """aten ops per new token of sampling, prompts without padding and left-padded (as PPO samples):
-    the count of 16 new tokens less that of 8, over 8."""
-    prompt = torch.randint(0, cfg.vocab_size, (2, 8), device=a.device)
-    padded = torch.ones_like(prompt)
-    padded[0, :3] = 0
-    for mask, what in ((torch.ones_like(prompt), "no padding"), (padded, "left-padded")):
-        counts = []
-        for n in (8, 16):
-            with OpCount() as count, autocast(a.device, dtype):
-                generate(model.eval(), prompt, mask, n, generator=torch.Generator(a.device).manual_seed(0))
-            counts.append(count.ops)
-        print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, {what})")
 
 
 def bench_cache(model, cfg, a, dtype):
@@ -284,6 +278,10 @@ def bench_ppo(model, cfg, a, dtype):
     with tempfile.TemporaryDirectory() as tmp:
         train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new, a.device, dtype)
         rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
+        if a.profile:  # one more iteration
+            one = dataclasses.replace(ppo_cfg, iterations=1)
+            profile(lambda: train_ppo(model, reference, reward_model, critic, Ids, prompts, one,
+                                      os.path.join(tmp, "profile"), a.new, a.device, dtype), a.device, "ppo iteration", 1)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     total = mean("seconds_rollout") + mean("seconds_update")
     print(f"ppo iteration  {total:12.2f} s  (generate {mean('seconds_generate'):.2f}, score "
@@ -332,6 +330,8 @@ def main():
     p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: each "
                    "stage's peak memory at real shapes (bench_memory.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
+    p.add_argument("--profile", action="store_true", help="after each timed figure, a few calls under torch.profiler: "
+                   "the ops by their own time, printed")
     p.add_argument("--runs", type=int, default=1, help="run the figures this many times, one after the other, "
                    "then print each one's minimum and median")
     a = p.parse_args()
@@ -386,7 +386,7 @@ def run_figures(cfg, a, dtype, figures, peak):
     if "cache" in figures:
         bench_cache(model, cfg, a, dtype)
     if "ops" in figures:
-        bench_ops(model, cfg, a, dtype)
+        bench_compile.bench_ops(model, cfg, a, dtype)
     if "graphs" in figures:
         bench_compile.bench_graphs(model, cfg)
     if "ppo" in figures:

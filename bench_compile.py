@@ -2,7 +2,8 @@
 torch._dynamo.explain (it traces, it does not compile): the log-probs forward of SFT, DPO and PPO
 (model.logps_at) and the hidden-state forward of the reward model and the critic, on CUDA's aligned
 rows (packing.align_plan) and on the CPU's packed rows (packing.pack), at a model's shape with two
-layers (a block adds no break). bench.py --figures graphs prints them:
+layers (a block adds no break). bench.py --figures graphs prints them; --figures ops prints the aten
+ops per sampled token (OpCount), each a kernel launch on a GPU:
 
     python3 bench.py --preset gpt2 --vocab 50257 --figures graphs
     python3 bench.py --preset qwen2-0.5b --figures graphs
@@ -11,11 +12,13 @@ import dataclasses
 
 import torch
 import torch._dynamo
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import packing
 from model import LOGIT_CHUNK_BYTES, positions
-from training import DYNAMO
+from sampling import generate
+from training import DYNAMO, autocast
 
 
 def training_batch(vocab_size, rows, seed=0):
@@ -72,3 +75,27 @@ def bench_graphs(model, cfg):
                       f"{chunk} positions)")
                 for reason in breaks:
                     print(f"    break: {reason}")
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops run inside: on a GPU each is a kernel launch, what bounds small-batch sampling."""
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bench_ops(model, cfg, a, dtype):
+    """aten ops per new token of sampling, prompts without padding and left-padded (as PPO samples):
+    the count of 16 new tokens less that of 8, over 8."""
+    prompt = torch.randint(0, cfg.vocab_size, (2, 8), device=a.device)
+    padded = torch.ones_like(prompt)
+    padded[0, :3] = 0
+    for mask, what in ((torch.ones_like(prompt), "no padding"), (padded, "left-padded")):
+        counts = []
+        for n in (8, 16):
+            with OpCount() as count, autocast(a.device, dtype):
+                generate(model.eval(), prompt, mask, n, generator=torch.Generator(a.device).manual_seed(0))
+            counts.append(count.ops)
+        print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, {what})")

@@ -9,8 +9,8 @@ runs out does not stop the next:
   env       the GPU's name, torch and CUDA versions, the date             -> env.json
   anchors   TRL 1.16 (DPO) and 0.29.1 (PPO) from .whl/, offline (bench_anchors.py --install --wheels)
   cuda      the tests that need CUDA (tests/test_precision.py, tests/test_bench_memory.py)  -> tests.txt
-  bench     bench.py at the GPT-2 124M shape, TRL and transformers beside it, then the LM step compiled
-                                                                           -> bench.txt
+  bench     bench.py at the GPT-2 124M shape, TRL and transformers beside it, each figure's profile
+            (bench.py --profile: where the time goes), then the LM step compiled      -> bench.txt
   memory    bench_memory.py --device cuda: the README's rows and GPT-2's  -> memory-cuda.json, .txt
   pipeline  train.py --preset gpt2 with a few steps per stage: each stage's seconds and peak GiB
                                                                            -> pipeline.txt
@@ -40,8 +40,8 @@ def steps(out, dry):
     """[(name, argv, seconds allowed, file its stdout goes to or None)]: the full check, or at tiny
     sizes on the CPU (dry)."""
     py, run = sys.executable, os.path.join(out, "run")
-    bench = ["--preset", "micro", "--figures", "lm,sample", "--batch", "4", "--prompt", "8", "--new", "8",
-             "--rollouts", "4"] if dry else ["--figures", "lm,dpo,sample,ppo"]
+    bench = ["--profile", "--preset", "micro", "--figures", "lm,sample", "--batch", "4", "--prompt", "8", "--new",
+             "8", "--rollouts", "4"] if dry else ["--profile", "--figures", "lm,dpo,sample,ppo"]
     memory = (["--device", "cpu", "--models", "gpt2-124m", "--settings", "LoRA bf16 + ckpt", "--stages", "sft", "--no-check"]
               if dry else ["--device", "cuda", "--models", "gpt2-124m,qwen2-0.5b,qwen2-1.5b",
                            "--settings", "LoRA bf16 + ckpt,full bf16 + ckpt"])

@@ -41,6 +41,7 @@ def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, mo
     monkeypatch.setattr(bench, "train_ppo", fake_train_ppo)
     monkeypatch.setattr(bench, "trl_anchor", lambda *args: None)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    bench.bench_ppo(GPT(cfg), cfg, argparse.Namespace(device="cpu", rollouts=4, prompt=4, new=4), "fp32")
+    bench.bench_ppo(GPT(cfg), cfg, argparse.Namespace(device="cpu", rollouts=4, prompt=4, new=4, profile=False),
+                    "fp32")
     # rollout 2.0 + update 3.0 on average; generate 0.5, scoring the rest of the rollout phase
     assert capsys.readouterr().out.startswith("ppo iteration          5.00 s  (generate 0.50, score 1.50, update 3.00;")

@@ -15,7 +15,8 @@ def test_the_dry_run_runs_every_step_and_leaves_what_comes_back(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for step in ("cuda", "bench", "memory", "pipeline"):
         assert f"| {step} | ok |" in summary, summary
-    assert "lm step" in (tmp_path / "bench.txt").read_text()
+    bench = (tmp_path / "bench.txt").read_text()
+    assert "lm step" in bench and "profile of lm step" in bench and "profile of sampling" in bench
     assert [line.split(" | ")[0] for line in (tmp_path / "pipeline.txt").read_text().splitlines()[2:]] == [
         "| tokenizer", "| sft", "| rm"]
     files = sorted(os.listdir(tmp_path))
