@@ -61,23 +61,8 @@ def timed(fn, device, repeat=3, label=None):
     sync(device)
     seconds = (time.perf_counter() - t0) / repeat
     if label:
-        profile(fn, device, label, min(repeat, 2))
+        bench_compile.profile(fn, device, label, min(repeat, 2))
     return seconds
-
-
-def profile(fn, device, label, calls=2):
-    """--profile: `calls` more calls of fn under torch.profiler, the ops by their own time on the device (the
-    CPU without one), beside the wall time (a device busy for much less of it waits on the host)."""
-    cuda, acts = device == "cuda", torch.profiler.ProfilerActivity
-    t0 = time.perf_counter()
-    with torch.profiler.profile(activities=[acts.CPU] + [acts.CUDA] * cuda) as prof:
-        for _ in range(calls):
-            fn()
-        sync(device)
-    wall, key = time.perf_counter() - t0, "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sum(getattr(e, key) for e in prof.key_averages()) / 1e6
-    print(f"profile of {label}: {calls} calls, {wall:.3f} s wall, ops busy {busy:.3f} s on the "
-          f"{'device' if cuda else 'CPU'}\n{prof.key_averages().table(sort_by=key, row_limit=15)}")
 
 
 def versus(figure, anchor, unit, ours, theirs, speedup, fmt="{:12,.0f}"):
@@ -97,7 +82,7 @@ def summary(runs):
 
 
 def sync(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -279,9 +264,8 @@ def bench_ppo(model, cfg, a, dtype):
         train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new, a.device, dtype)
         rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
         if a.profile:  # one more iteration
-            one = dataclasses.replace(ppo_cfg, iterations=1)
-            profile(lambda: train_ppo(model, reference, reward_model, critic, Ids, prompts, one,
-                                      os.path.join(tmp, "profile"), a.new, a.device, dtype), a.device, "ppo iteration", 1)
+            bench_compile.profile(lambda: train_ppo(model, reference, reward_model, critic, Ids, prompts, dataclasses.replace(
+                ppo_cfg, iterations=1), os.path.join(tmp, "profile"), a.new, a.device, dtype), a.device, "ppo iteration", 1)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     total = mean("seconds_rollout") + mean("seconds_update")
     print(f"ppo iteration  {total:12.2f} s  (generate {mean('seconds_generate'):.2f}, score "

@@ -3,12 +3,14 @@ torch._dynamo.explain (it traces, it does not compile): the log-probs forward of
 (model.logps_at) and the hidden-state forward of the reward model and the critic, on CUDA's aligned
 rows (packing.align_plan) and on the CPU's packed rows (packing.pack), at a model's shape with two
 layers (a block adds no break). bench.py --figures graphs prints them; --figures ops prints the aten
-ops per sampled token (OpCount), each a kernel launch on a GPU:
+ops per sampled token (OpCount), each a kernel launch on a GPU; --profile follows each timed figure
+with a profile of where its time goes (profile):
 
     python3 bench.py --preset gpt2 --vocab 50257 --figures graphs
     python3 bench.py --preset qwen2-0.5b --figures graphs
 """
 import dataclasses
+import time
 
 import torch
 import torch._dynamo
@@ -99,3 +101,31 @@ def bench_ops(model, cfg, a, dtype):
                 generate(model.eval(), prompt, mask, n, generator=torch.Generator(a.device).manual_seed(0))
             counts.append(count.ops)
         print(f"sampling ops   {(counts[1] - counts[0]) / 8:12,.0f} aten ops per new token (batch 2, prompt 8, {what})")
+
+
+def profile(fn, device, label, calls=2):
+    """`calls` more calls of fn (a figure, timed already) under torch.profiler: the ops by their own
+    time on the device (on the CPU without one), printed beside the wall time and the time the
+    device (or the CPU) was busy; a device busy for much less than the wall waits on the host."""
+    cuda, acts = torch.device(device).type == "cuda", torch.profiler.ProfilerActivity
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[acts.CPU] + [acts.CUDA] * cuda) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    wall, rows = time.perf_counter() - t0, prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"profile of {label}: {calls} calls, {wall:.3f} s wall, busy {busy_seconds(rows, cuda):.3f} s on the "
+          f"{'device' if cuda else 'CPU'}\n{rows.table(sort_by=key, row_limit=15)}")
+
+
+def busy_seconds(rows, cuda):
+    """The seconds of work in a profile's rows (key_averages): on CUDA the kernels' own rows alone (an
+    op's row carries its kernels' time too, and a user annotation spans others), as torch's table
+    footer counts; on the CPU the ops' own time."""
+    if not cuda:
+        return rows.self_cpu_time_total / 1e6
+    kernels = [e for e in rows if e.device_type != torch.autograd.DeviceType.CPU
+               and not getattr(e, "is_user_annotation", False)]  # getattr: an older torch has no such attribute
+    return sum(e.self_device_time_total for e in kernels) / 1e6

@@ -11,18 +11,26 @@ import contextlib
 import io
 import os
 import subprocess
+import sys
 
+import torch
+
+import checkpoint
 import train
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, cwd=ROOT):
-    """train.py *args, run in cwd -> subprocess.CompletedProcess(args, returncode, stdout, stderr)."""
+    """train.py *args, run in cwd -> subprocess.CompletedProcess(args, returncode, stdout, stderr).
+    What main sets for the process (the matmul precision, the module settings of its flags) is set
+    back after it, as a process's would end with it."""
     argv = [str(a) for a in args]
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
-    here = os.getcwd()
+    here, precision = os.getcwd(), torch.get_float32_matmul_precision()
+    settings = training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES
     os.chdir(cwd)  # (contextlib.chdir needs Python 3.11)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -31,4 +39,12 @@ def run_train(*args, cwd=ROOT):
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         os.chdir(here)
+        torch.set_float32_matmul_precision(precision)
+        training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES = settings
     return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_process(*args, cwd=ROOT):
+    """train.py *args in a process of its own: what a shell sees (its exit status, every line it writes)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)

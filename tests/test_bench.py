@@ -1,12 +1,15 @@
 """bench.py's summary over --runs: each figure's minimum and median, the ratio taken within each run;
-and the PPO figure, timed as its TRL anchor times its own."""
+the PPO figure, timed as its TRL anchor times its own; and --profile's busy time."""
 import argparse
 import json
 import os
 import subprocess
 import sys
 
+import torch
+
 import bench
+import bench_compile
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,3 +48,23 @@ def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, mo
                     "fp32")
     # rollout 2.0 + update 3.0 on average; generate 0.5, scoring the rest of the rollout phase
     assert capsys.readouterr().out.startswith("ppo iteration          5.00 s  (generate 0.50, score 1.50, update 3.00;")
+
+
+def test_a_profile_counts_each_kernel_once(capsys):
+    """bench.py --profile: on CUDA an op's row carries its kernels' time and each kernel has a row of
+    its own, so the device's busy time is the kernels' rows alone (a list as torch's kineto parser
+    builds it: an op of 50 us that launched a 40 us kernel); on the CPU, the ops' own time."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+    op = FunctionEvent(id=1, name="aten::mm", thread=0, start_us=0, end_us=50, use_device="cuda", stack=[])
+    op.append_kernel("gemm", 0, 40)
+    kernel = FunctionEvent(id=2, name="gemm", thread=0, start_us=10, end_us=50, use_device="cuda",
+                           device_type=DeviceType.CUDA, stack=[])
+    events = EventList([op, kernel], use_device="cuda")
+    events._build_tree()
+    rows = events.key_averages()
+    assert sum(e.self_device_time_total for e in rows) == 80  # counted twice
+    assert bench_compile.busy_seconds(rows, cuda=True) == 40e-6
+    bench_compile.profile(lambda: torch.ones(64, 64) @ torch.ones(64, 64), "cpu", "a product", calls=2)
+    out = capsys.readouterr().out
+    assert out.startswith("profile of a product: 2 calls,") and "aten::mm" in out

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from cli import run_train
+from cli import run_process, run_train
 import data
 import mpo
 import stages
@@ -152,7 +152,7 @@ def test_the_judge_is_a_stage_before_eval(run, tmp_path):
     shutil.rmtree(copy / "eval")
     proc = run_train(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "tokenizer,sft,rm,split,dpo,ppo")
     assert proc.returncode == 0 and not (copy / "judge").exists(), proc.stderr[-2000:]
-    proc = run_train(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "eval")
+    proc = run_process(*MICRO, "--data", path, "--out", str(copy), "--compare", "--stages", "eval")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: stage judge is needed but not complete in {copy / 'judge'}; add judge to --stages"]
 
@@ -161,7 +161,7 @@ def test_too_few_pairs_for_a_judge_is_one_line(tmp_path):
     path = tmp_path / "three.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"}) + "\n"
                             for i in range(3)))
-    proc = run_train("--preset", "micro", "--data", str(path), "--out", str(tmp_path / "run"))
+    proc = run_process("--preset", "micro", "--data", str(path), "--out", str(tmp_path / "run"))
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert proc.stderr.strip() == (f"error: {path}: 2 pairs after the held-out part, too few to hold out 0.2 of "
                                    "them for the judge and train on at least 2; give more pairs")
