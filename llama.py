@@ -133,7 +133,8 @@ def grouped_attention(q, k, v, mask):
     heads j * G ... (j + 1) * G - 1, G = H / KV, and no key or value is copied per query head.
     Without a mask (causal rows): SDPA's enable_gqa, which its flash kernel runs on CUDA. With one
     (a KV cache's padding, packed rows): the G query heads of each key/value head become G times
-    as many queries on that head, the mask repeated to match (a boolean (B, 1, G T, S), small)."""
+    as many queries on that head, the mask repeated to match (a boolean (B, 1, G T, S), small).
+    The output (B, H, T, D) may not be contiguous: CUDA's fused kernels return (B, T, H, D) memory."""
     B, H, T, D = q.shape
     KV, S = k.size(1), k.size(2)
     G = H // KV
@@ -143,7 +144,7 @@ def grouped_attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
     mask = mask[:, :, None].expand(mask.size(0), 1, G, T, S).reshape(mask.size(0), 1, G * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, KV, G * T, D), k, v, attn_mask=mask)
-    return y.view(B, H, T, D)
+    return y.reshape(B, H, T, D)  # a view, or on CUDA's fused layout a copy (tests/cuda_like.py)
 
 
 class MLP(nn.Module):

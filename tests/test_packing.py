@@ -1,9 +1,12 @@
 """Packed rows (packing.py): a padded batch's outputs and gradients at every real token are each
 row's alone, for both layouts and the scalar heads, in fewer positions."""
+import contextlib
+
 import pytest
 import torch
 
 import data
+from cuda_like import fused_sdpa_layout
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel
 from packing import first_fit, pack
@@ -131,6 +134,36 @@ def test_a_plan_made_on_the_host_gives_the_same_outputs_and_gradients(layout, al
     assert outputs[1][0].size(1) == batch["input_ids"].size(1) and packing.plan(batch["attention_mask"]).kind != "same"
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", ["causal", "padded", "packed", "aligned"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_training_forwards_on_cudas_fused_attention_layout_give_the_same_outputs(layout, rows, monkeypatch):
+    """SDPA's output in the layout of CUDA's fused kernels (tests/cuda_like.py): the logits and every
+    gradient of a training forward are the contiguous output's, for rows without a mask (the fused
+    causal path), padded rows run as they are (padding inside rows: a mask, not packed), packed
+    rows (a block-diagonal mask) and aligned rows (no mask, CUDA's)."""
+    import packing
+    monkeypatch.setattr(packing, "ALIGN", rows == "aligned")
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]()
+    batch = padded_batch(6, seed=5)
+    ids, mask = batch["input_ids"], batch["attention_mask"].clone()
+    if rows == "causal":
+        mask = torch.ones_like(mask)
+    if rows == "padded":
+        mask[:, ids.size(1) // 2] = 0
+    weights = torch.randn(*ids.shape, V)
+    outputs = []
+    for mode in (contextlib.nullcontext, fused_sdpa_layout):
+        model.zero_grad()
+        with mode() as calls:
+            logits = model(ids, None if rows == "causal" else mask)
+            (logits * weights * mask[..., None]).sum().backward()
+        outputs.append([logits] + [p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 2  # both layers' attention ran in the fused layout
+    for a, b in zip(*outputs):  # equal here; within float order of their size where a build's kernels sum otherwise
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cuda_like import fused_sdpa_layout
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig
 from sampling import KVCache, autocast_dtype, categorical, filter_logits, generate, response_mask
@@ -79,6 +80,22 @@ def test_the_fixed_shape_decode_step_gives_the_slicing_samplers_tokens(layout, s
         ours = generate(model, prompt, mask, generator=torch.Generator().manual_seed(1), **kw)
         before = generate_by_slicing(model, prompt, mask, generator=torch.Generator().manual_seed(1), **kw)
         assert torch.equal(ours[0], before[0]) and torch.equal(ours[1], before[1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+def test_sampling_on_cudas_fused_attention_layout_gives_the_same_tokens(layout, padded):
+    """SDPA's output in the layout of CUDA's fused kernels (tests/cuda_like.py): the prefill and every
+    decode step (a mask: grouped-query attention's masked path) give the contiguous output's tokens."""
+    torch.manual_seed(0)
+    model = LAYOUTS[layout]().eval()
+    prompt, mask = left_padded_prompts()
+    mask = mask if padded else None
+    plain = generate(model, prompt, mask, 12, temperature=0.8, generator=torch.Generator().manual_seed(1))
+    with fused_sdpa_layout() as calls:
+        fused = generate(model, prompt, mask, 12, temperature=0.8, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 12 * 2  # the prefill and 11 decode steps, 2 layers each, all in the mode
+    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
 
 
 def test_eos_ends_sampling_at_the_same_check_as_before():
