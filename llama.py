@@ -187,6 +187,15 @@ class Llama(nn.Module):
         self.checkpointing = False  # model.run_block
         self.apply(self._init_weights)
 
+    def _apply(self, fn, *args, **kwargs):
+        """As nn.Module's (.to, .half, .bfloat16, .cuda: every cast and move), but the RoPE frequencies
+        stay float32, computed again on the buffer's new device: in bf16, theta^(-2i / d) keeps 8
+        bits, and at Qwen's theta (1e6, head dim 64) the angle at position 1,000 is off by up to a
+        radian, for the frozen reference and reward model held in bf16 and not for the policy."""
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
