@@ -231,3 +231,63 @@ def test_a_template_that_fails_to_render_names_the_line(tmp_path):
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
     with pytest.raises(chat.ChatError, match=r"broken.jinja: not a Jinja template"):
         chat.load(str(tmp_path / "broken.jinja"), path)
+
+
+# ----------------------------------------------------------------------------- files
+
+HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+IMPLICIT = {"chosen": [USER, {"role": "assistant", "content": "Hello."}],
+            "rejected": [USER, {"role": "assistant", "content": "Go away."}]}
+
+
+def test_explicit_and_implicit_prompts_and_demonstrations(tmp_path):
+    """TRL's two preference forms read as the same pair, auto-detected; a {messages} demonstration
+    gives a pair per assistant turn, each with the conversation before it."""
+    logs = []
+    explicit = data.load_preferences(write(tmp_path / "e.jsonl", [GOOD]), "auto", logs.append)
+    implicit = data.load_preferences(write(tmp_path / "i.jsonl", [IMPLICIT]), "auto", logs.append)
+    assert explicit == implicit == [{"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello.",
+                                     "rejected": " Go away.", "line": 1}]
+    assert "format chat (from its first line)" in logs[0]
+    two = {"messages": [USER, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"},
+                        {"role": "assistant", "content": "Bye."}]}
+    demos = data.load_demonstrations(write(tmp_path / "d.jsonl", [two]))
+    assert demos == [("\n\nHuman: Hi?\n\nAssistant:", " Hello."),
+                     ("\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant:", " Bye.")]
+    with pytest.raises(data.DataError, match=r"d.jsonl:1: cannot tell the format .* are --sft-data"):
+        data.load_preferences(str(tmp_path / "d.jsonl"))
+
+
+def hh_lines(n):
+    import gzip
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+def as_conversations(rows, keep, explicit):
+    """HH-RLHF lines in TRL's conversational form, by hand: implicit (whole conversations) or explicit."""
+    out = []
+    for row in (rows[n - 1] for n in keep):
+        chosen, rejected = chat.hh_messages(row["chosen"]), chat.hh_messages(row["rejected"])
+        out.append({"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]} if explicit
+                   else {"chosen": chosen, "rejected": rejected})
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists(HH_FILE), reason="the HH-RLHF file beside the project is absent")
+@pytest.mark.parametrize("explicit", [False, True])
+def test_hh_rlhf_lines_as_conversations_give_the_same_pairs(tmp_path, explicit):
+    """40 lines of HH-RLHF's harmless-base test file made conversations: without a template the same
+    pairs as the HH reader's, text for text; with one, the same as the HH reader's dialogues made messages."""
+    rows = hh_lines(40)
+    plain = data.load_preferences(write(tmp_path / "hh.jsonl", rows), "hh", lambda m: None)
+    keep = [r["line"] for r in plain]
+    path = write(tmp_path / "chat.jsonl", as_conversations(rows, keep, explicit))
+    converted = data.load_preferences(path, "auto", lambda m: None)
+    assert len(plain) > 30 and [{**r, "line": keep[r["line"] - 1]} for r in converted] == plain
+    template = chat.load("auto", family_folder(tmp_path / "qwen", "chatml-qwen2.5"))
+    kept = write(tmp_path / "kept.jsonl", [rows[n - 1] for n in keep])
+    rendered = data.load_preferences(kept, "hh", lambda m: None, template)
+    assert data.load_preferences(path, "auto", lambda m: None, template) == rendered
+    assert rendered[0]["prompt"].startswith("<|im_start|>system\n") and rendered[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert rendered[0]["chosen"] == json.loads(json.dumps(rows[keep[0] - 1]))["chosen"].rsplit("\n\nAssistant: ", 1)[1]
