@@ -112,8 +112,8 @@ class Tokenizer:
     def save(self, path):
         """tokenizer.json; with special tokens other than EOS and PAD, or a chat template, a
         tokenizer_config.json beside it names them (as a Hugging Face folder does), and with stop ids
-        besides eos_id a generation_config.json lists them, so that load finds them again and
-        transformers reads them."""
+        besides eos_id, or a chat template, a generation_config.json lists them, so that load finds
+        them again and transformers' generate stops where sampling here does."""
         atomic_write(path, self.tok.save)
         own_eos, own_pad = self.tok.token_to_id(EOS), self.tok.token_to_id(PAD)
         folder = os.path.dirname(path)
@@ -122,7 +122,7 @@ class Tokenizer:
                 {**(self.chat or {}), "tokenizer_class": "PreTrainedTokenizerFast",
                  "eos_token": self.tok.id_to_token(self.eos_id), "pad_token": self.tok.id_to_token(self.pad_id)},
                 indent=2))
-        if self.stop_ids != [self.eos_id]:
+        if self.stop_ids != [self.eos_id] or self.chat:
             write_text(os.path.join(folder, "generation_config.json"), json.dumps(
                 {"eos_token_id": self.stop_ids, "pad_token_id": self.pad_id}, indent=2))
 

@@ -82,8 +82,9 @@ CONVERSATIONS = [  # (prompt, answer)
 ]
 
 
-def tiny_tokenizer():
-    """A byte-level BPE with Qwen2's pre-tokenizer and every family's special tokens."""
+def tiny_tokenizer(more=()):
+    """A byte-level BPE with Qwen2's pre-tokenizer and every family's special tokens, trained on the
+    test conversations and the texts `more`."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERN), "isolated"),
@@ -91,17 +92,17 @@ def tiny_tokenizer():
     tok.decoder = decoders.ByteLevel()
     texts = [m["content"] for prompt, answer in CONVERSATIONS for m in prompt] + [a for _, a in CONVERSATIONS]
     texts += ["You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "system user assistant\n\n"]
-    tok.train_from_iterator(texts * 20, trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIAL, show_progress=False,
+    tok.train_from_iterator(texts * 20 + list(more), trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIAL, show_progress=False,
                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 
 
-def family_folder(folder, family):
+def family_folder(folder, family, more=()):
     """A tokenizer folder as a Hugging Face instruct model's: tokenizer.json, and tokenizer_config.json
     with its special tokens and chat template."""
     source, tokens, _ = FAMILIES[family]
     folder.mkdir(parents=True, exist_ok=True)
-    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    tiny_tokenizer(more).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": source, **tokens}))
     return str(folder / "tokenizer.json")
 
@@ -291,3 +292,60 @@ def test_hh_rlhf_lines_as_conversations_give_the_same_pairs(tmp_path, explicit):
     assert data.load_preferences(path, "auto", lambda m: None, template) == rendered
     assert rendered[0]["prompt"].startswith("<|im_start|>system\n") and rendered[0]["prompt"].endswith("<|im_start|>assistant\n")
     assert rendered[0]["chosen"] == json.loads(json.dumps(rows[keep[0] - 1]))["chosen"].rsplit("\n\nAssistant: ", 1)[1]
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+def test_micro_pipeline_from_an_instruct_qwen2_folder_over_conversations(tmp_path):
+    """A tiny random Qwen2 folder with a ChatML template, over TRL's conversational pairs (the built-in
+    task's, made messages): every stage runs on the rendered conversations; the samples show the
+    template's markers and end at the end of turn; the exported folder keeps the template, which
+    transformers renders as the run did, and the end-of-turn id among its generation config's."""
+    from cli import run_train
+    from task import make_task
+    init, out = tmp_path / "qwen2", tmp_path / "run"
+    pairs = make_task(0, n_sft=0, n_pref=96)["pref"]
+    path = family_folder(init, "chatml-qwen2.5", [r["prompt"] + r["chosen"] for r in pairs])
+    tok = Tokenizer.load(path)
+    im_end = tok.tok.token_to_id("<|im_end|>")
+    config = transformers.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=192,
+                                      tie_word_embeddings=True, bos_token_id=None,
+                                      eos_token_id=[im_end, tok.tok.token_to_id("<|endoftext|>")])  # as Qwen2.5-Instruct's
+    transformers.Qwen2ForCausalLM(config).save_pretrained(init)
+    answer = lambda text: [{"role": "assistant", "content": text}]  # short: SFT learns to end its turn in a few steps
+    lines = write(tmp_path / "chat.jsonl", [{"prompt": chat.hh_messages(r["prompt"]), "chosen": answer("Sure."),
+                                             "rejected": answer(r["rejected"].split(".")[0].strip() + ".")}
+                                            for r in pairs])
+    proc = run_train("--preset", "micro", "--init", init, "--data", lines, "--out", out, "--sft-steps", "30",
+                     "--sft-lr", "1e-2", "--rm-epochs", "1", "--dpo-epochs", "1", "--ppo-iterations", "1",
+                     "--ppo-rollouts", "8", "--eval-prompts", "6", "--eval-samples", "1", "--easy-fraction", "0.5",
+                     "--max-new-tokens", "8", "--export-hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"rendered with the chat template of {init / 'tokenizer_config.json'}; a response ends with <|im_end|>" in proc.stdout
+    samples = json.loads((out / "eval" / "samples.json").read_text())
+    texts = [s[m] for s in samples for m in ("sft", "mpo")]
+    assert all(s["prompt"].startswith("<|im_start|>system\n") and s["prompt"].endswith("<|im_start|>assistant\n")
+               for s in samples)
+    assert all(t.count("<|im_end|>") <= 1 and (t.endswith("<|im_end|>") or "<|im_end|>" not in t) for t in texts)
+    assert any(t.endswith("<|im_end|>") for t in texts), texts
+    hf = out / "hf" / "mpo"
+    prompt = chat.hh_messages(pairs[0]["prompt"])
+    ours = chat.load("auto", path).render(prompt, True)
+    assert transformers.AutoTokenizer.from_pretrained(hf).apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=True) == ours
+    assert im_end in transformers.GenerationConfig.from_pretrained(hf).eos_token_id
+    assert transformers.AutoModelForCausalLM.from_pretrained(hf).generation_config.eos_token_id[0] == im_end
+
+
+def test_the_flag_and_bad_lines_stop_the_run_with_one_line(tmp_path):
+    """--chat-template FILE needs --data and --init; a bad conversation stops train.py with one line
+    naming the file, the line and the field, exit status 2, before any stage runs."""
+    from cli import run_train
+    (tmp_path / "t.jinja").write_text(QWEN)
+    lines = write(tmp_path / "pairs.jsonl", [GOOD] * 30 + [BAD[0][0]])
+    for flags, message in (([], "give --data"), (["--data", lines], "give --init"),
+                           (["--chat-template", "none", "--data", lines], f"{lines}:31: field 'prompt': message 0 has role 'bot'")):
+        proc = run_train("--preset", "micro", "--out", tmp_path / "run", "--chat-template", tmp_path / "t.jinja", *flags)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "run" / "tokenizer").exists()
