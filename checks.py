@@ -94,6 +94,7 @@ KINDS = {  # a kind -> what is wrong with a value of it, or None
     "file": file_problem,
     "folder": folder_problem,
     "run folder": run_folder_problem,
+    "chat template": lambda v: None if v in ("auto", "none") else file_problem(v) if v else "choose auto, none or a file",
 }
 
 

@@ -11,6 +11,7 @@ import random
 
 import torch
 
+import chat
 import distributed
 import packing
 from task import answer_choices, entropy_floor, gold_reward, make_task, prompt_kind, reference_scores, well_formed
@@ -151,23 +152,39 @@ def _from_jsonl(row, where):
             "rejected": _field(row, "rejected", where)}
 
 
-FORMATS = {"hh": _from_hh, "tldr": _from_tldr, "jsonl": _from_jsonl}
+def _chat(fn, *args):
+    """chat.py's functions, their mistakes as DataError (one line, exit status 2)."""
+    try:
+        return fn(*args)
+    except chat.ChatError as e:
+        raise DataError(str(e)) from None
+
+
+def _from_chat(row, where):
+    """A line of TRL's conversational format: {"prompt": messages, "chosen": answer, "rejected": answer}."""
+    return dict(zip(("prompt", "chosen", "rejected"), _chat(chat.preference, row, where)))
+
+
+FORMATS = {"hh": _from_hh, "tldr": _from_tldr, "jsonl": _from_jsonl, "chat": _from_chat}
 
 
 def detect_format(row):
-    """jsonl, tldr or hh from the fields of one line, or None."""
+    """chat (conversations: lists of messages), jsonl, tldr or hh from the fields of one line, or None."""
+    if any(isinstance(row.get(key), list) for key in ("prompt", "chosen", "rejected")):
+        return "chat"
     for name, key in (("jsonl", "prompt"), ("tldr", "summaries"), ("hh", "chosen")):
         if key in row:
             return name
     return None
 
 
-def load_preferences(path, format="auto", log=print):
+def load_preferences(path, format="auto", log=print, template=None):
     """A preference file -> [{"prompt", "chosen", "rejected", "line"}], responses alone.
 
     Formats: hh (Anthropic HH-RLHF), tldr (OpenAI summarize-from-feedback comparisons), jsonl
-    ({"prompt", "chosen", "rejected"}, as in TRL), or auto (told apart by the first line). Plain or
-    gzip. Pairs whose two responses are identical, and HH lines whose dialogues differ before the
+    ({"prompt", "chosen", "rejected"}, as in TRL), chat (TRL's conversational form), or auto (told
+    apart by the first line). Plain or gzip. Conversations, and HH dialogues given a chat template,
+    are rendered with `template` (a chat.Template; None: the HH text form) into the texts. Pairs whose two responses are identical, and HH lines whose dialogues differ before the
     last Assistant turn or end in an empty turn, are skipped and counted. Any other mistake raises
     DataError naming the file, the line and the field.
     """
@@ -179,10 +196,13 @@ def load_preferences(path, format="auto", log=print):
         if format == "auto":
             format = detect_format(row)
             if format is None:
-                raise DataError(f"{where}: cannot tell the format (fields {sorted(row)}); give --format")
+                raise DataError(f"{where}: cannot tell the format (fields {sorted(row)}); " + (
+                    "conversations to imitate ('messages') are --sft-data" if "messages" in row else "give --format"))
             log(f"{path}: format {format} (from its first line)")
         try:
             record = FORMATS[format](row, where)
+            if isinstance(record, dict) and (format == "chat" or format == "hh" and template):
+                record = _rendered(record, template, where)
         except DataError as e:
             seen = detect_format(row)
             raise DataError(f"{e} (reading as {format}{f'; the line looks like {seen}' if seen and seen != format else ''})") from None
@@ -199,11 +219,27 @@ def load_preferences(path, format="auto", log=print):
     return records
 
 
-def load_demonstrations(path, format="auto", log=print):
-    """(prompt, response) pairs: {"prompt", "response"} lines, or the chosen side of a preference file."""
+def _rendered(record, template, where):
+    """A record of messages (an HH one made messages) as the texts every stage reads (chat.rendered)."""
+    if isinstance(record["prompt"], str):  # HH-RLHF: its dialogue as messages, each answer less its space
+        record = {"prompt": chat.hh_messages(record["prompt"]), "chosen": record["chosen"].removeprefix(" "),
+                  "rejected": record["rejected"].removeprefix(" ")}
+    prompt, (chosen, rejected) = _chat(chat.rendered, template, record["prompt"],
+                                       [record["chosen"], record["rejected"]], where)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def load_demonstrations(path, format="auto", log=print, template=None):
+    """(prompt, response) pairs: {"prompt", "response"} lines, {"messages"} conversations (one pair
+    per assistant turn, rendered with `template`), or the chosen side of a preference file."""
     lines = read_lines(path)
-    if "response" not in _json(*lines[0], path):
-        return [(r["prompt"], r["chosen"]) for r in load_preferences(path, format, log)]
+    first = _json(*lines[0], path)
+    if "messages" in first or isinstance(first.get("completion"), list):
+        return [(prompt, answer) for n, text in lines
+                for messages, said in _chat(chat.demonstrations, _json(n, text, path), f"{path}:{n}")
+                for prompt, (answer,) in [_chat(chat.rendered, template, messages, [said], f"{path}:{n}")]]
+    if "response" not in first:
+        return [(r["prompt"], r["chosen"]) for r in load_preferences(path, format, log, template)]
     # an empty prompt is refused: the first response token would be scored from padding before it
     return [(_field(row, "prompt", f"{path}:{n}"), _field(row, "response", f"{path}:{n}"))
             for n, row in ((n, _json(n, text, path)) for n, text in lines)]
@@ -223,13 +259,15 @@ def _json(n, text, path):
 
 def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft_data="", eval_prompts=0,
               eval_split="test", n_sft=4000, n_pref=2000, annotator_bias=0.0, bias_kind="longer", on_policy_pairs=False,
-              label_flips=0.0, judge_fraction=0.2):
+              label_flips=0.0, judge_fraction=0.2, chat_template="auto", tokenizer=None):
     """The built-in task (its settings: n_sft to on_policy_pairs, tau the label noise), or the
     records of the preference file `data` with a held-out part (or the file eval_data) and the
     judge's part: a seeded share judge_fraction of the remaining pairs, "judge", that trains the
     evaluation's judge alone (stages.judge_stage); "pref", the pairs the reward model, the split,
     DPO and PPO use, and SFT's default demonstrations are the rest. Each setting is the flag of
-    the same name (train.py)."""
+    the same name (train.py). Conversations (and HH-RLHF dialogues) are rendered with the chat
+    template chat_template chooses (chat.choose) beside the tokenizer.json at `tokenizer` (--init's):
+    task["template"], None where no template is used."""
     if not data:
         task = make_task(seed, n_sft, n_pref, tau, annotator_bias, bias_kind, on_policy_pairs, label_flips)
         if eval_split == "valid":  # choosing settings: the test prompts stay unseen, held-out pairs too
@@ -244,10 +282,15 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                                                **({"on_policy": True} if on_policy_pairs else {}),
                                                **({"flips": label_flips} if label_flips else {})}},
                 "judge": None}
-    records = load_preferences(data, format, log)
+    n, text = read_lines(data)[0]
+    template, note = _chat(chat.choose, chat_template, tokenizer, data,
+                           detect_format(_json(n, text, data)) if format == "auto" else format)
+    if note:
+        log(note)
+    records = load_preferences(data, format, log, template)
     rng = random.Random(seed)
     if eval_data:
-        held_out = load_preferences(eval_data, format, log)
+        held_out = load_preferences(eval_data, format, log, template)
     else:  # a seeded tenth of the file, at most 1000 pairs, never trained on
         order = list(range(len(records)))
         rng.shuffle(order)
@@ -265,15 +308,15 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                         f"few to hold out {judge_fraction:g} of them for the judge and train on at least 2; give "
                         f"more pairs")
     judge, records = [records[i] for i in sorted(order[:n])], [records[i] for i in sorted(order[n:])]
-    demos = (load_demonstrations(sft_data, format, log) if sft_data
+    demos = (load_demonstrations(sft_data, format, log, template) if sft_data
              else [(r["prompt"], r["chosen"]) for r in records])
     prompts = list(dict.fromkeys(r["prompt"] for r in held_out))[:eval_prompts or 256]
     files = [f for f in (data, eval_data, sft_data) if f]
     key = {"seed": seed, "data": {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files},
-           "judge_fraction": judge_fraction}
+           "judge_fraction": judge_fraction, **({"chat_template": template.sha256()} if template else {})}
     return {"sft": demos, "pref": records, "held_out": held_out, "judge": judge, "eval": prompts, "gold": None,
             "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
-            "key": key}
+            "key": key, "template": template}
 
 
 def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):

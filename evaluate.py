@@ -34,7 +34,7 @@ def sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0
         prompt, mask = (t.to(device) for t in left_pad(ids, tokenizer.pad_id))
         with autocast(device, dtype):
             tokens, rmask = generate(policy, prompt, mask, max_new_tokens, temperature,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=g)
+                                     eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=g)
         out += [(p, t[:int(m.sum())].tolist()) for p, t, m in zip(ids, tokens.cpu(), rmask.cpu())]
     return out
 
@@ -45,7 +45,7 @@ def scored(samples, reward_model, tokenizer, no_eos_score, device, dtype):
     rm = score_ids(reward_model, *zip(*samples), tokenizer.pad_id, device=device, dtype=dtype)
     if no_eos_score is None:
         return rm.tolist()
-    finished = torch.tensor([tokenizer.eos_id in r for _, r in samples])
+    finished = torch.tensor([any(i in tokenizer.stop_ids for i in r) for _, r in samples])
     return torch.where(finished, rm, torch.full_like(rm, no_eos_score)).tolist()
 
 

@@ -101,8 +101,8 @@ class ReadAsTransformers(nn.Module):
         self.pad_token_id, self.tokenizer, self.own = pad_token_id, tokenizer, own
 
     def retokenized(self, ids):
-        ended = bool(ids) and ids[-1] == self.tokenizer.eos_id
-        return self.own.encode(self.tokenizer.decode(ids)) + ([self.own.eos_id] if ended else [])
+        ended = bool(ids) and ids[-1] in self.tokenizer.stop_ids
+        return self.own.encode(self.tokenizer.decode(ids[:-1] if ended else ids)) + ([self.own.eos_id] if ended else [])
 
     @torch.no_grad()
     def forward(self, idx, attention_mask, plan=None):  # plan: the policy's rows', not the ones scored here

@@ -312,7 +312,7 @@ def policy_stages(methods, runner, pairs, cfgs, flips=0.0):
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "judge", "eval"]  # judge: real data only, for eval
 TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eval_split", "n_sft", "n_pref",
                  "annotator_bias", "bias_kind", "on_policy_pairs", "label_flips",
-                 "judge_fraction"]  # RunConfig's fields that data.load_task reads
+                 "judge_fraction", "chat_template"]  # RunConfig's fields that data.load_task reads
 
 
 def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None):
@@ -325,7 +325,8 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None)
     when --stages ends before eval.
     """
     tau = run.label_noise
-    task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS})
+    task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS},
+                          tokenizer=init.tokenizer if init else None)
     runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
     at, R = runner.path, run.max_new_tokens
     # what every stage depends on: the task, the weights' content (not their path), the longest response

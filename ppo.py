@@ -19,7 +19,7 @@ from model import kl_penalty, positions, response_logprobs
 from checkpoint import StepState
 from training import Figures, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
 from reward import rewards_at_last_token
-from sampling import generate
+from sampling import generate, is_stop
 
 
 @dataclass
@@ -116,8 +116,9 @@ def token_rewards(scores, kl, mask, kl_coef):
 
 
 def eos_trick(scores, tokens, mask, eos_id, penalty):
-    """Responses that hit the length limit without eos get the fixed score `penalty` instead."""
-    has_eos = ((tokens == eos_id) & mask.bool()).any(-1)
+    """Responses that hit the length limit without eos (an id or a list of ids) get the fixed score
+    `penalty` instead."""
+    has_eos = (is_stop(tokens, eos_id) & mask.bool()).any(-1)
     return torch.where(has_eos, scores, torch.full_like(scores, penalty)), has_eos
 
 
@@ -182,7 +183,7 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
     t0 = time.perf_counter()
     with autocast(device, dtype):
         tokens, mask = generate(policy, prompt, prompt_mask, max_new_tokens, cfg.temperature,
-                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=generator)
+                                eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id, generator=generator)
         if tokens.is_cuda:
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
         seconds_generate = time.perf_counter() - t0
@@ -336,7 +337,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
         first = [part for mb in epochs[0] for part in micro_batches(mb, cfg.micro_batch)]
         old = old_logprobs(policy_forward, reference, critic_forward, ro, first, cfg.temperature, device, dtype)
         # EOS trick: a response cut at the length limit gets a fixed penalty score
-        scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.eos_id, cfg.no_eos_score)
+        scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.stop_ids, cfg.no_eos_score)
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)

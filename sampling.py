@@ -61,7 +61,8 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
              top_p=None, eos_id=None, pad_id=0, generator=None, check_every=8):
     """Sample responses with a KV cache (temperature 0: greedy).
 
-    prompt (B, P) left-padded token ids, prompt_mask (B, P) 1 on real tokens.
+    prompt (B, P) left-padded token ids, prompt_mask (B, P) 1 on real tokens; eos_id, an id or a
+    list of them (a chat model's end of turn and end of sequence), ends a response.
     Returns tokens (B, N) and mask (B, N), N <= max_new_tokens: mask is 1 up to and including
     the first eos, and tokens are pad_id after it. Log-probs are recomputed by a full forward pass
     (response_logprobs), the computation every later use makes.
@@ -87,7 +88,7 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
             next_token = categorical(probs, generator)
         tokens[:, t] = torch.where(alive, next_token, pad_id)
         if eos_id is not None:
-            alive = alive & (next_token != eos_id)
+            alive = alive & ~is_stop(next_token, eos_id)
         # the one read of the device, every check_every tokens: has every row ended?
         if t == max_new_tokens - 1 or (eos_id is not None and t % check_every == check_every - 1
                                        and not bool(alive.any())):
@@ -162,10 +163,15 @@ def categorical(probs, generator=None):
     return (probs / -uniform.log()).argmax(-1)
 
 
+def is_stop(tokens, eos_id):
+    """Which tokens end a response: eos_id an id or a list of ids, tokens (...) -> bool (...)."""
+    return torch.isin(tokens, torch.tensor(eos_id, device=tokens.device).reshape(-1))
+
+
 def response_mask(tokens, eos_id, pad_id):
-    """1 up to and including the first eos of each row, 0 after: (B, N) -> (B, N)."""
+    """1 up to and including the first eos (an id or a list of ids) of each row, 0 after: (B, N) -> (B, N)."""
     if eos_id is None:
         return torch.ones_like(tokens)
-    is_eos = (tokens == eos_id).long()
+    is_eos = is_stop(tokens, eos_id).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_eos).long()

@@ -41,11 +41,14 @@ class Setup(NamedTuple):
 
 
 def tokenizer_stage(folder, task, vocab_size, init=None):
-    """--init's tokenizer as it is, or a byte-level BPE trained on the training text only: the
-    held-out prompts' wording stays unseen."""
+    """--init's tokenizer as it is (a chat run's: ending a response with its template's end of turn,
+    Tokenizer.for_chat), or a byte-level BPE trained on the training text only: the held-out
+    prompts' wording stays unseen."""
     path = os.path.join(folder, "tokenizer.json")
     if init:  # with its end-of-sequence and padding tokens (Tokenizer.save keeps them beside it)
-        Tokenizer.load(init.tokenizer).save(path)
+        tokenizer = Tokenizer.load(init.tokenizer)
+        template = task.get("template")
+        (tokenizer.for_chat(template) if template else Tokenizer(tokenizer.tok, tokenizer.eos_id, tokenizer.pad_id)).save(path)
         return {"from": init.tokenizer}
     texts = [p + r for p, r in task["sft"]] + [r["prompt"] + r["chosen"] for r in task["pref"]]
     Tokenizer.train(texts, vocab_size).save(path)

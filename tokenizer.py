@@ -3,6 +3,7 @@ loaded from a tokenizer.json (a Hugging Face folder's configs name its special t
 import json
 import os
 
+import chat
 from data import DataError, atomic_write, read_json, write_text
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -10,9 +11,12 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 class Tokenizer:
     """A byte-level BPE from the `tokenizers` library, with end-of-sequence and padding ids: the
-    ones given (a Hugging Face folder's, see load), else this project's EOS and PAD tokens."""
+    ones given (a Hugging Face folder's, see load), else this project's EOS and PAD tokens. A response
+    ends with eos_id (a chat run's: the template's end of turn, for_chat); sampling stops at any of
+    stop_ids, eos_id first. chat: the chat template and the special tokens it reads, kept for export
+    ({"chat_template", "bos_token", ...} of tokenizer_config.json), or None."""
 
-    def __init__(self, tok, eos_id=None, pad_id=None):
+    def __init__(self, tok, eos_id=None, pad_id=None, stop_ids=(), chat=None):
         self.tok = tok
         self.eos_id = tok.token_to_id(EOS) if eos_id is None else eos_id
         if self.eos_id is None:
@@ -21,7 +25,9 @@ class Tokenizer:
         pad = tok.token_to_id(PAD) if pad_id is None else pad_id
         self.pad_id = self.eos_id if pad is None else pad  # padding is always masked out
         self.vocab_size = tok.get_vocab_size()
-        for name, i in (("end-of-sequence", self.eos_id), ("padding", self.pad_id)):
+        self.stop_ids = list(dict.fromkeys([self.eos_id, *stop_ids]))
+        self.chat = chat
+        for name, i in (("end-of-sequence", self.eos_id), ("padding", self.pad_id), *(("stop", i) for i in stop_ids)):
             if tok.id_to_token(i) is None:
                 raise ValueError(f"the {name} id {i} is not a token of the tokenizer ({self.vocab_size} tokens)")
 
@@ -47,9 +53,10 @@ class Tokenizer:
             tok = HFTokenizer.from_str(text)
         except Exception as e:  # the library's own message, on one line
             raise DataError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+        folder = os.path.dirname(path)
         try:
-            return cls(tok, *cls.special_ids(os.path.dirname(path), tok))
-        except ValueError as e:
+            return cls(tok, *cls.special_ids(folder, tok), *cls.chat_ids(folder))
+        except ValueError as e:  # chat.ChatError among them
             raise DataError(f"{path}: {e}") from None
 
     @staticmethod
@@ -80,19 +87,52 @@ class Tokenizer:
                     ids[key] = value
         return ids["eos"], ids["pad"]
 
+    @staticmethod
+    def chat_ids(folder):
+        """(stop ids, chat) as a Hugging Face folder names them: generation_config.json's eos_token_id
+        (a list: transformers' generate stops at each), and the folder's chat template with
+        tokenizer_config.json's special tokens (chat.folder_template), or None."""
+        path = os.path.join(folder, "generation_config.json")
+        eos = (read_json(path) if os.path.isfile(path) else {}) or {}
+        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
+        stops = [i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int]
+        found = chat.folder_template(folder)
+        if found is None:
+            return stops, None
+        config = os.path.join(folder, "tokenizer_config.json")
+        return stops, {"chat_template": found[0], **chat.special_tokens(read_json(config) if os.path.isfile(config) else {})}
+
+    def for_chat(self, template):
+        """This tokenizer as a chat run's, rendering with `template` (a chat.Template): a response ends
+        with its end of turn (where it has none, with this end of sequence), sampling also stops at
+        this tokenizer's stop ids, and the template is kept for export."""
+        eot = self.eos_id if template.end_of_turn is None else self.tok.token_to_id(template.end_of_turn)
+        return Tokenizer(self.tok, eot, self.pad_id, self.stop_ids, {"chat_template": template.source, **template.tokens})
+
     def save(self, path):
-        """tokenizer.json; with special tokens other than EOS and PAD, a tokenizer_config.json beside
-        it names them (as a Hugging Face folder does), so that load finds them again."""
+        """tokenizer.json; with special tokens other than EOS and PAD, or a chat template, a
+        tokenizer_config.json beside it names them (as a Hugging Face folder does), and with stop ids
+        besides eos_id, or a chat template, a generation_config.json lists them, so that load finds
+        them again and transformers' generate stops where sampling here does."""
         atomic_write(path, self.tok.save)
         own_eos, own_pad = self.tok.token_to_id(EOS), self.tok.token_to_id(PAD)
-        if (self.eos_id, self.pad_id) != (own_eos, own_eos if own_pad is None else own_pad):
-            write_text(os.path.join(os.path.dirname(path), "tokenizer_config.json"), json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.tok.id_to_token(self.eos_id),
-                 "pad_token": self.tok.id_to_token(self.pad_id)}, indent=2))
+        folder = os.path.dirname(path)
+        if (self.eos_id, self.pad_id) != (own_eos, own_eos if own_pad is None else own_pad) or self.chat:
+            write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(
+                {**(self.chat or {}), "tokenizer_class": "PreTrainedTokenizerFast",
+                 "eos_token": self.tok.id_to_token(self.eos_id), "pad_token": self.tok.id_to_token(self.pad_id)},
+                indent=2))
+        if self.stop_ids != [self.eos_id] or self.chat:
+            write_text(os.path.join(folder, "generation_config.json"), json.dumps(
+                {"eos_token_id": self.stop_ids, "pad_token_id": self.pad_id}, indent=2))
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
+        """The text of ids, without end-of-sequence and padding tokens; a chat run's (self.chat)
+        shows its other special tokens (the template's markers) and an end of turn that is not padding."""
+        if self.chat:
+            return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=False)
         ids = [i for i in ids if i not in (self.eos_id, self.pad_id)]
         return self.tok.decode(ids)

@@ -83,6 +83,9 @@ class RunConfig:
     data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
                     "a tenth of it is held out, and --judge-fraction of the rest trains the judge", kind="file")
     format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
+    chat_template: str = opt("auto", "how conversations (chat lines, and HH-RLHF dialogues) of --data become text: "
+                             "auto (the chat template beside --init's tokenizer, when it has one), none (the "
+                             "HH-RLHF text form), or a Jinja template file", kind="chat template")
     eval_data: str = opt("", "held-out preference file for evaluation (with --data)", kind="file")
     sft_data: str = opt("", "demonstrations for SFT: {prompt, response} lines or a preference file's "
                         "chosen side (default: the chosen side of --data)", kind="file")
@@ -254,6 +257,9 @@ def check(run):
         return f"--ablations {run.ablations}: all stands alone"
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
+    if run.chat_template not in ("auto", "none") and not (run.data and run.init):
+        return (f"--chat-template {run.chat_template} renders the conversations of --data with the special tokens of "
+                f"--init's tokenizer: give {'--data' if not run.data else '--init'}")
     if run.format != "auto" and not run.data:
         return f"--format {run.format} is the format of --data: give --data"
     if run.judge_fraction != preset.judge_fraction and not run.data:

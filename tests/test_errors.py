@@ -212,6 +212,7 @@ KIND_BAD = {
     "device": lambda d: ["tpu", "cuda:99"],
     "lora targets": lambda d: ["attn,magic", ","],
     "lora stages": lambda d: ["dpo,split", ""],
+    "chat template": lambda d: [str(d / "d"), str(d / "missing.jinja"), ""],
 }
 
 

@@ -15,7 +15,7 @@ from training import StageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
-LAYERS = [["task", "distributed", "packing", "sampling", "peak_memory"], ["data"], ["tokenizer", "model"], ["llama", "lora"], ["checkpoint"], ["hf", "training", "report"], ["runs"],
+LAYERS = [["task", "distributed", "packing", "sampling", "peak_memory", "chat"], ["data"], ["tokenizer", "model"], ["llama", "lora"], ["checkpoint"], ["hf", "training", "report"], ["runs"],
           ["sft", "reward", "dpo"], ["ppo", "evaluate", "hf_reward"], ["stages"], ["mpo"], ["checks"], ["train"],
           ["bench_memory", "bench_compile"], ["bench", "bench_anchors", "bench_pipeline", "publish"], ["gpu_check"]]
 ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench_anchors.py's alone, from .anchors/
