@@ -186,8 +186,8 @@ def hold(model):
 
 
 def holding(model, state):
-    """Wrap each projection of an empty model whose held adapters `state` (a state dict) holds, in
-    place: its held.N.A and held.N.B are popped from state, its base stays to be loaded."""
+    """Wrap each projection of an empty model (on the meta device) whose held adapters `state`, the
+    state dict about to be loaded, holds (name.held.N.A and .B), in a LoRALinear holding them."""
     for key in sorted((k for k in state if ".held." in k and k.endswith(".A")), key=held_order):
         name, _, _ = key.rpartition(".held.")
         m = model.get_submodule(name)
@@ -195,7 +195,7 @@ def holding(model, state):
             parent, _, child = name.rpartition(".")
             m = LoRALinear(m)
             setattr(model.get_submodule(parent), child, m)
-        m.held.append(Held(state.pop(key), state.pop(key[:-1] + "B")))
+        m.held.append(Held(state[key], state[key[:-1] + "B"]))
     return model
 
 
