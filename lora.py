@@ -118,12 +118,13 @@ class LoRALinear(nn.Module):
     def merged(self):
         """The plain base with every adapter folded in, W + B_h A_h + (alpha / r) B A, summed in
         float32 and rounded once to W's storage dtype: in bf16, as PEFT's merge_and_unload rounds a
-        bf16 model, it loses what is below half an ulp of W (only --export-hf writes it so)."""
+        bf16 model, it loses what is below half an ulp of W (only --export-hf writes it so).
+        Trainable again, as before its adapters: a stage may train the merged model in full."""
         with torch.no_grad():
             w = self.base.weight
             pairs = [(h.A, h.B) for h in self.held] + ([self.frozen()] if self.lora_A is not None else [])
             w.copy_((w.float() + sum(B.float() @ A.float() for A, B in pairs)).to(w.dtype))
-        return self.base
+        return self.base.requires_grad_(True)
 
 
 def targeted(name, targets):
