@@ -70,7 +70,7 @@ def held_state(model):
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.lora_A is not None:
             del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-            state[f"{name}.held.{len(m.held)}.A"], state[f"{name}.held.{len(m.held)}.B"] = m.frozen()
+            state[f"{name}.held.{len(m.held)}.A"], state[f"{name}.held.{len(m.held)}.B"] = m.as_held()
     return state
 
 

@@ -284,7 +284,8 @@ def export_hf(out, policies, dtype=torch.float32, reward_model=True):
     tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
     for method, stage in policies.items():
         folder = os.path.join(out, "hf", method)
-        policy = merge(load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0])  # bf16: rounded as PEFT merges a bf16 model
+        # adapters merged in dtype: in bf16 rounded once, as PEFT's merge_and_unload rounds a bf16 model
+        policy = merge(load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0])
         save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
     names = list(policies)

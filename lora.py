@@ -10,7 +10,7 @@ MPO gets each stage's KL reference from it for free: a stage's reference is the 
 from (stage 1: SFT; stage 2: the DPO policy), and that is exactly the model with the stage's own
 adapters switched off (AdaptersOff), with no copy of it. A stage's adapter is never merged into a
 bf16 base: rounding W + (alpha / r) B A to bf16 loses every entry of the update below half a bf16
-ulp of W (78% of the effect of an update of 1e-3 of ||W|| at a q_proj of Qwen2.5-1.5B). It is held
+ulp of W (80% of the effect of an update of 1e-3 of ||W|| at a q_proj of Qwen2.5-1.5B). It is held
 instead, frozen, under the next stage's fresh one (LoRALinear's held adapters), so that stage 2's
 base, and reference, is the DPO policy as it was trained. Merging is for --export-hf alone.
 """
@@ -52,7 +52,7 @@ class LoRAConfig:
 
 class Held(nn.Module):
     """An earlier stage's adapter, frozen: x -> (alpha / r) B A x, its scale folded into B (so its
-    output is the trained adapter's bit for bit where alpha / r is a power of two, as in every preset)."""
+    output is the trained adapter's bit for bit where alpha / r is a power of two: gpu24's 32 / 16)."""
 
     def __init__(self, A, B):
         super().__init__()
@@ -66,7 +66,7 @@ class Held(nn.Module):
 class LoRALinear(nn.Module):
     """A frozen nn.Linear `base`, the frozen adapters of the stages before this one, and this stage's own:
 
-        y = W x + b + sum_i (alpha / r) B_i A_i x + (alpha / r) B A dropout(x)
+        y = W x + b + sum_i (alpha_i / r_i) B_i A_i x + (alpha / r) B A dropout(x)
 
     The earlier stages' adapters (held, in the order they were trained) are never rounded into W:
     each is added to the output as the stage that trained it added it, so a loaded model computes
@@ -98,13 +98,13 @@ class LoRALinear(nn.Module):
         self.alpha, self.scale = alpha, alpha / rank
         self.dropout = nn.Dropout(dropout)
 
-    def frozen(self):
+    def as_held(self):
         """This stage's adapter as a held one (Held): (A, (alpha / r) B)."""
         return self.lora_A.detach(), self.scale * self.lora_B.detach()
 
     def hold(self):
         """This stage's adapter, frozen, joins the held ones: the projection computes the same."""
-        self.held.append(Held(*self.frozen()))
+        self.held.append(Held(*self.as_held()))
         self.lora_A = self.lora_B = None
 
     def forward(self, x):
@@ -116,13 +116,13 @@ class LoRALinear(nn.Module):
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def merged(self):
-        """The plain base with every adapter folded in, W + B_h A_h + (alpha / r) B A, summed in
+        """The plain base with every adapter folded in, W + sum_i (alpha_i / r_i) B_i A_i, summed in
         float32 and rounded once to W's storage dtype: in bf16, as PEFT's merge_and_unload rounds a
         bf16 model, it loses what is below half an ulp of W (only --export-hf writes it so).
         Trainable again, as before its adapters: a stage may train the merged model in full."""
         with torch.no_grad():
             w = self.base.weight
-            pairs = [(h.A, h.B) for h in self.held] + ([self.frozen()] if self.lora_A is not None else [])
+            pairs = [(h.A, h.B) for h in self.held] + ([self.as_held()] if self.lora_A is not None else [])
             w.copy_((w.float() + sum(B.float() @ A.float() for A, B in pairs)).to(w.dtype))
         return self.base.requires_grad_(True)
 
@@ -233,8 +233,9 @@ def switched_off(model):
 
 class AdaptersOff(nn.Module):
     """The base of an adapted model, sharing its weights: the same calls as the model, computed with
-    its own adapters off, the held ones on (no_grad: a frozen reference or reward model). head, if given, replaces a
-    scalar model's own: the reward model is the critic's backbone with the reward model's head."""
+    its own adapters off, the held ones on (no_grad: a frozen reference or reward model). head, if
+    given, replaces a scalar model's own: the reward model is the critic's backbone with the reward
+    model's head."""
 
     def __init__(self, model, head=None):
         super().__init__()

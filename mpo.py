@@ -219,8 +219,9 @@ def select(records, split_dir, which, seed=0):
 def reference_of(policy, starts_from_it, load, memory):
     """A stage's frozen KL reference. A policy with adapters that starts from its reference (MPO's
     two stages: starts_from_it) has it already: the policy with its own adapters off (the earlier
-    stages' held ones on), exactly the model the stage started from, in no extra memory. Otherwise (full fine-tuning, or mpo_ref_sft's SFT
-    reference for a policy that starts from DPO) a second model, load(), frozen in the compute dtype."""
+    stages' held ones on), exactly the model the stage started from, in no extra memory. Otherwise
+    (full fine-tuning, or mpo_ref_sft's SFT reference for a policy that starts from DPO) a second
+    model, load(), frozen in the compute dtype."""
     if adapters(policy) and starts_from_it:
         return AdaptersOff(policy)  # the reference is the policy with this stage's adapters off
     return memory.frozen(load())
