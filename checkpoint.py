@@ -16,7 +16,7 @@ import distributed
 
 from data import DataError, UserError, atomic_write, read_json, write_text
 from llama import Llama, LlamaConfig, rope_frequencies, rope_scaling_problem
-from lora import LoRALinear, adapters, merge
+from lora import LoRALinear, adapters, hold, holding
 from model import GPT, GPTConfig, ScalarModel, new_head
 
 SAVE_MINUTES = 0.0  # train.py --save-minutes sets it: step states also by the time since the last
@@ -37,13 +37,15 @@ def save_checkpoint(model, folder, base=None, **extra):
     A model with adapters (lora.py) on a frozen base that is the folder `base` as loaded (cast to
     the dtype it is held in) keeps its trained weights alone, adapter.safetensors (the adapters and
     a scalar model's head), and config.json says where its base is: a stage on a 1.5B model then
-    writes megabytes, not gigabytes. Without `base` its adapters are merged into the weights first."""
+    writes megabytes, not gigabytes. Without `base` (SFT's adapters on --init, a folder outside the
+    run) its adapters are stored as held ones beside the base's weights, never merged into them:
+    in bf16 that would round most of a small update away (lora.LoRALinear)."""
     os.makedirs(folder, exist_ok=True)
     kind = "scalar" if isinstance(model, ScalarModel) else "gpt"
     arch = "llama" if isinstance(model.config, LlamaConfig) else "gpt"
     config = {"kind": kind, "arch": arch, "model": asdict(model.config), **extra}
     if base is not None and adapters(model):
-        names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+        names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.lora_A is not None]
         first = adapters(model)[0]
         config["adapter"] = {"base": os.path.relpath(base, folder), "base_sha256": file_sha256(base),
                              "base_dtype": str(first.base.weight.dtype).removeprefix("torch."),
@@ -52,7 +54,7 @@ def save_checkpoint(model, folder, base=None, **extra):
                  if ".lora_" in k or k.startswith("head.")}
         file = ADAPTER_FILE
     else:
-        state = {k: v.detach().contiguous().cpu() for k, v in merge(model).state_dict().items()
+        state = {k: v.detach().contiguous().cpu() for k, v in held_state(model).items()
                  if not k.endswith("lm_head.weight")}  # tied to wte: stored once
         file = "model.safetensors"
     atomic_write(os.path.join(folder, file), lambda p: save_file(state, p))
@@ -60,6 +62,16 @@ def save_checkpoint(model, folder, base=None, **extra):
 
 
 ADAPTER_FILE = "adapter.safetensors"  # an adapter folder's weights: the adapters and a scalar model's head
+
+
+def held_state(model):
+    """model's state dict with each adapter as a held one (held.N.A and .B), the model unchanged."""
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.lora_A is not None:
+            del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
+            state[f"{name}.held.{len(m.held)}.A"], state[f"{name}.held.{len(m.held)}.B"] = m.as_held()
+    return state
 
 
 def adapter_info(folder):
@@ -70,8 +82,8 @@ def adapter_info(folder):
 
 def load_adapted(folder, info, kind, device):
     """An adapter folder's model: its base folder loaded (recursively: stage 2's base is stage 1's
-    adapter folder), cast to the dtype the base was held in, the adapters put back and merged. The
-    merged weights are the very ones merging at the end of the stage would have stored."""
+    adapter folder), cast to the dtype the base was held in, the adapters put back and held
+    (lora.hold), never merged: the model computes what the stage's trained model computed."""
     a = info["adapter"]
     base = os.path.normpath(os.path.join(folder, a["base"]))
     if not os.path.isfile(os.path.join(base, "config.json")):
@@ -86,7 +98,11 @@ def load_adapted(folder, info, kind, device):
     with torch.random.fork_rng(devices=[]):  # the adapters' initialisation draws nothing from the run's stream
         for name in map(rename, a["modules"]):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), a["rank"], a["alpha"]))
+            m = model.get_submodule(name)
+            if isinstance(m, LoRALinear):  # the base folder's held adapters: this one goes on top
+                m.add(a["rank"], a["alpha"])
+            else:
+                setattr(model.get_submodule(parent), child, LoRALinear(m, a["rank"], a["alpha"]))
     path = os.path.join(folder, ADAPTER_FILE)
     state = {rename(k): v for k, v in load_weights(path, device).items() if kind == info["kind"] or not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -94,7 +110,7 @@ def load_adapted(folder, info, kind, device):
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match config.json's adapter (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
-    return merge(model)
+    return hold(model)
 
 
 def file_sha256(folder):
@@ -230,6 +246,7 @@ def load_checkpoint(folder, kind=None, device="cpu", dtype=torch.float32):
     if info["kind"] == "gpt" and kind == "scalar":  # the reward model from SFT: a fresh head, drawn on the CPU
         state = {"gpt." + k: v for k, v in state.items()}
         state.update({"head." + k: v.to(device, dtype) for k, v in new_head(config.n_embd).state_dict().items()})
+    holding(model, state)  # the adapters of a stage on --init (save_checkpoint), held as trained
     try:
         missing, unexpected = assign(model, state, strict=False)
     except RuntimeError as e:  # a size mismatch: name the first offending tensor, in one line

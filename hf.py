@@ -15,7 +15,7 @@ from checkpoint import (CheckpointError, assign, check_config, check_finite, emp
                         load_weights, read_config_json, weight_files)
 from data import DataError, atomic_write, write_text
 from llama import Llama, LlamaConfig, rope_scaling_problem
-from lora import missing_target
+from lora import merge, missing_target
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -284,13 +284,14 @@ def export_hf(out, policies, dtype=torch.float32, reward_model=True):
     tokenizer = Tokenizer.load(os.path.join(out, "tokenizer", "tokenizer.json"))
     for method, stage in policies.items():
         folder = os.path.join(out, "hf", method)
-        policy = load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0]
+        # adapters merged in dtype: in bf16 rounded once, as PEFT's merge_and_unload rounds a bf16 model
+        policy = merge(load_checkpoint(os.path.join(out, stage), kind="gpt", dtype=dtype)[0])
         save_hf(policy, folder, tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
     names = list(policies)
     if reward_model:
         folder = os.path.join(out, "hf", "reward_model")
-        save_hf_classifier(load_checkpoint(os.path.join(out, "rm"), kind="scalar", dtype=dtype)[0], folder,
+        save_hf_classifier(merge(load_checkpoint(os.path.join(out, "rm"), kind="scalar", dtype=dtype)[0]), folder,
                            tokenizer.eos_id, tokenizer.pad_id)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
         names.append("reward_model")

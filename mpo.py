@@ -218,11 +218,12 @@ def select(records, split_dir, which, seed=0):
 
 def reference_of(policy, starts_from_it, load, memory):
     """A stage's frozen KL reference. A policy with adapters that starts from its reference (MPO's
-    two stages: starts_from_it) has it already: its base with the adapters off, exactly the weights
-    the stage started from, in no extra memory. Otherwise (full fine-tuning, or mpo_ref_sft's SFT
-    reference for a policy that starts from DPO) a second model, load(), frozen in the compute dtype."""
+    two stages: starts_from_it) has it already: the policy with its own adapters off (the earlier
+    stages' held ones on), exactly the model the stage started from, in no extra memory. Otherwise
+    (full fine-tuning, or mpo_ref_sft's SFT reference for a policy that starts from DPO) a second
+    model, load(), frozen in the compute dtype."""
     if adapters(policy) and starts_from_it:
-        return AdaptersOff(policy)  # the reference is the base with the adapters off
+        return AdaptersOff(policy)  # the reference is the policy with this stage's adapters off
     return memory.frozen(load())
 
 
@@ -247,8 +248,8 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
                                 tokenizer, records, held_out, policy.config.block_size, max_response, device, dtype)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe)
-    # with adapters, they alone (load_checkpoint merges them into init_dir's weights: stage 2 starts
-    # from, and is referenced to, that merged policy)
+    # with adapters, they alone (load_checkpoint holds them, unmerged, over init_dir's model: stage 2
+    # starts from, and is referenced to, this policy as trained)
     save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "step", ["loss", "margin", "accuracy", "gold"],

@@ -63,7 +63,7 @@ def sft_stage(folder, s, cfg, shape, init=None):
     before = s.mean_gold(model) if task["gold"] else None
     model = s.memory.trained(model, "sft")
     loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
-    save_checkpoint(model, folder)  # --init's folder lies outside the run: adapters (if any) merged
+    save_checkpoint(model, folder)  # --init's folder lies outside the run: its weights, adapters (if any) held
     if not task["gold"]:
         return {"final_loss": loss}
     after = s.mean_gold(model, show=4)

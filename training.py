@@ -17,7 +17,7 @@ import data
 import distributed
 from checkpoint import StepState
 from data import write_text
-from lora import LoRAConfig, add_adapters
+from lora import LoRAConfig, add_adapters, merge
 from model import set_checkpointing
 
 
@@ -83,11 +83,15 @@ class Memory(NamedTuple):
     def trained(self, model, stage):
         """The model a stage trains: with adapters, its base frozen and stored in the compute dtype
         (the adapters and a scalar model's head stay float32, the master copy); with
-        checkpointing, each block recomputed in the backward pass (model.run_block)."""
+        checkpointing, each block recomputed in the backward pass (model.run_block). Earlier
+        stages' adapters stay held under the fresh ones; trained in full, they are merged into the
+        float32 master weights (lossless there)."""
         if self.lora.applies(stage):
             add_adapters(model.to(DTYPES[self.dtype]), self.lora)
             if hasattr(model, "head"):  # a scalar model's head is trained: float32, the master copy
                 model.head.float()
+        else:
+            merge(model)
         return set_checkpointing(model, self.checkpointing)
 
     def held(self, stage=None):

@@ -2,6 +2,7 @@
 left padding too, the same greedy tokens through the KV cache, export loads back, bad folders are
 one-line errors; and the micro pipeline runs from a tiny Qwen2 folder with its own tokenizer."""
 import json
+import math
 import os
 
 import pytest
@@ -361,34 +362,100 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
         assert (classifier(ids).logits[:, 0] - expected).abs().max() < 1e-4
 
 
-def test_lora_on_every_stage_from_a_bf16_folder_exports_bf16(tmp_path):
-    """Adapters on SFT, the reward model, DPO and PPO from a bf16 Qwen2 folder, under bf16: the run
-    completes, SFT's checkpoint keeps the bf16 base (half the bytes of float32) and the later
-    stages' their float32 adapters alone (loading merges them into the bf16 base), and
-    --export-hf writes bf16, which transformers loads with our logits."""
+# --preset gpu24 at the smallest sizes: every stage a step or two, on a batch of 16
+GPU24_TINY = ["--n-sft", "64", "--n-pref", "64", "--max-new-tokens", "8", "--sft-steps", "4", "--sft-batch-size", "8",
+              "--rm-epochs", "1", "--rm-batch-size", "16", "--dpo-epochs", "1", "--dpo-batch-size", "16",
+              "--ppo-iterations", "2", "--ppo-rollouts", "4", "--ppo-epochs", "1", "--ppo-minibatches", "1",
+              "--eval-prompts", "4", "--eval-samples", "1", "--easy-fraction", "0.5"]
+
+
+def test_the_gpu24_pipeline_starts_each_stage_from_the_one_before_as_trained(tmp_path, monkeypatch):
+    """--preset gpu24 (adapters on SFT, the reward model, DPO and PPO; bf16; checkpointing) from a
+    tiny bf16 Qwen2 folder, every stage boundary read on one batch under bf16 autocast, as the
+    stages compute: DPO starts from, and is anchored to, SFT as trained; PPO the DPO policy as
+    trained; the split, the critic and PPO read the reward model as trained; each evaluated row is
+    its policy as trained. Each within a fifth of bf16's own deviation from float32 on the trained
+    model: the code before issue 45, which merged each adapter into the bf16 base on loading, was
+    off by 0.8-1.2 times it at every boundary. DPO's first loss is log 2, PPO's first KL 0. SFT keeps
+    the bf16 base and its adapters, the later stages their float32 adapters alone; --export-hf
+    writes bf16 (merged as PEFT merges a bf16 model), which transformers loads with our logits."""
+    import copy
+    import mpo
+    import reward
+    import stages
     init, out = tmp_path / "qwen2", tmp_path / "run"
     qwen2_folder(init, torch.bfloat16)
-    proc = run_train("--preset", "micro", "--init", init, "--out", out, "--dtype", "bf16", "--lora-rank", "4",
-                     "--lora-stages", "sft,rm,dpo,ppo", "--checkpointing", "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval",
-                     "--export-hf", "--n-sft", "200", "--n-pref", "100", "--sft-steps", "10", "--rm-epochs", "1",
-                     "--ppo-iterations", "2", "--ppo-rollouts", "8", "--eval-prompts", "8", "--eval-samples", "1",
-                     "--easy-fraction", "0.5")  # a delta of 1 may leave no easy pair after one RM epoch
+    vocab = json.loads((init / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(3, vocab, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+
+    def outputs(model, dtype="bf16"):
+        """Logits (or scores) on ids, as a stage computes them (bf16 autocast), or in float32."""
+        model = copy.deepcopy(model).eval()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+            return (model.float() if dtype == "fp32" else model)(ids, mask).float()
+
+    trained, seen = {}, {}  # {stage: (outputs, bf16's deviation from float32)} at its save; {what read: outputs}
+
+    def keep(save):
+        def saved(model, folder, *args, **kwargs):
+            bf16 = outputs(model)
+            trained[os.path.basename(folder)] = bf16, (bf16 - outputs(model, "fp32")).abs().max().item()
+            return save(model, folder, *args, **kwargs)
+        return saved
+
+    def reads(module, name, *calls, returned=None):
+        """module.name records the outputs of its arguments at its first calls, each call's named by
+        one tuple of calls (None: not recorded), and of what it returns, named by returned."""
+        fn, calls = getattr(module, name), iter(calls)
+
+        def recorded(*args, **kwargs):
+            seen.update({role: outputs(m) for role, m in zip(next(calls, ()), args) if role})
+            result = fn(*args, **kwargs)
+            if returned:
+                seen.setdefault(returned, outputs(result))
+            return result
+        monkeypatch.setattr(module, name, recorded)
+
+    for module in (stages, reward, mpo):
+        monkeypatch.setattr(module, "save_checkpoint", keep(module.save_checkpoint))
+    reads(mpo, "train_dpo", ("dpo start",))
+    reads(mpo, "reference_logps", ("dpo reference",))
+    reads(mpo, "reward_model_at", returned="split reward model")  # the split's; PPO's is the critic's backbone
+    reads(mpo, "train_ppo", ("ppo start", "ppo reference", "ppo reward model", "critic start"))
+    # eval_stage judges SFT first, then each method in order
+    reads(stages, "evaluate_policy", ("eval sft", None, "eval reward model"), ("eval mpo_stage1",), ("eval mpo",))
+    proc = run_train("--preset", "gpu24", "--init", init, "--out", out, "--device", "cpu", *GPU24_TINY, "--export-hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # SFT (on --init's folder, outside the run) merged and stored bf16; the later stages their adapters alone
-    assert load_file(out / "sft" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    for read_as, stage in {"dpo start": "sft", "dpo reference": "sft", "split reward model": "rm", "critic start": "rm",
+                           "ppo reward model": "rm", "ppo start": "dpo", "ppo reference": "dpo", "eval sft": "sft",
+                           "eval mpo_stage1": "dpo", "eval mpo": "ppo", "eval reward model": "rm"}.items():
+        (want, noise), off = trained[stage], (seen[read_as] - trained[stage][0]).abs().max().item()
+        assert off <= 0.2 * noise, f"{read_as}: {off:.2g} off the {stage} stage's model as trained (bf16: {noise:.2g})"
+    # the first step's policy is its reference: DPO's margin h 0 (loss log 2) and PPO's KL 0, to bf16's
+    # noise in a log-prob (at most 2x the logits') over the R = 8 tokens of each response
+    beta, R, logprob_noise = 0.1, 8, 2 * trained["sft"][1]
+    first = lambda stage: json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first("dpo")["loss"] - math.log(2)) <= beta / 2 * 2 * R * logprob_noise  # -log sigmoid(beta h)
+    assert abs(first("ppo")["kl"]) <= R * logprob_noise
+    # SFT (on --init's folder, outside the run) keeps the bf16 base and its float32 adapters, held;
+    # the later stages their adapters alone
+    sft = load_file(out / "sft" / "model.safetensors")
+    assert sft["model.layers.0.mlp.up_proj.base.weight"].dtype == torch.bfloat16
+    assert sft["model.layers.0.mlp.up_proj.held.0.A"].dtype == torch.float32
     for stage in ("rm", "dpo", "ppo"):
         assert not (out / stage / "model.safetensors").exists()
         assert {t.dtype for t in load_file(out / stage / "adapter.safetensors").values()} == {torch.float32}
-        policy = load_checkpoint(out / stage, kind="gpt", dtype=None)[0]  # as stored: merged into the bf16 base
-        assert policy.state_dict()["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     exported = load_file(out / "hf" / "mpo" / "model.safetensors")
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}
     assert json.loads((out / "hf" / "mpo" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf" / "mpo").eval()
     ours = load_checkpoint(out / "ppo", kind="gpt")[0].eval().to(torch.bfloat16)
-    ids = torch.tensor([Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json").encode("\n\nHuman: Hi?\n\nAssistant:")])
+    tokenizer = Tokenizer.load(out / "hf" / "mpo" / "tokenizer.json")
+    prompt = torch.tensor([tokenizer.encode("\n\nHuman: Hi?\n\nAssistant:")])
     with torch.no_grad():
-        assert (hf(ids).logits.float() - ours(ids)).abs().max() < 0.05
+        assert (hf(prompt).logits.float() - ours(prompt)).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("masked", ["causal", "padding", "cache"])
