@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data
 import distributed
 from checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from checks import setting
 from data import read_json, write_json
 from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
@@ -42,12 +43,11 @@ from runs import Runner, Stop, method_costs, run_record
 
 @dataclass
 class SplitConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    delta: float = field(default=1.0, metadata={"help": "easy = gap > delta, in reward units: under Bradley-Terry "
-                                                "the reward model gives the chosen response sigmoid(delta) "
-                                                "chance of winning (delta 1 = 73%%)", "range": "(-inf, inf)"})
-    easy_fraction: float = field(default=0.0, metadata={"help": "if > 0, choose delta so that this fraction "
-                                                        "of the pairs is easy (overrides --delta)", "range": "[0, 1)"})
+    """Flags --delta and --easy-fraction: where the reward gap splits the pairs."""
+    delta: float = setting(1.0, "easy = gap > delta, in reward units: under Bradley-Terry the reward model gives "
+                           "the chosen response sigmoid(delta) chance of winning (delta 1 = 73%%)", range="(-inf, inf)")
+    easy_fraction: float = setting(0.0, "if > 0, choose delta so that this fraction of the pairs is easy (overrides "
+                                   "--delta)", range="[0, 1)")
 
 
 class Method(NamedTuple):

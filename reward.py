@@ -3,21 +3,21 @@
 docs/method.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
 initialised from the SFT weights and trained on the preference pairs.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
+from checks import setting
 from data import collate, encode_response, pair_batch, to_device, tokenize_pairs
 from training import FitConfig, autocast, epoch_steps, fit
 
 
 @dataclass
 class RMConfig(FitConfig):
-    """fit()'s settings and their defaults are FitConfig's. Each field's "range" is what checks.py
-    accepts (an interval: [ and ] include the end)."""
-    epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
+    """fit()'s settings and their defaults are FitConfig's."""
+    epochs: int = setting(2, "passes over the training pairs", range="[1, inf)")
 
 
 def bt_loss(chosen_rewards, rejected_rewards):

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -16,6 +16,7 @@ from tqdm import tqdm
 import data
 import distributed
 from checkpoint import StepState
+from checks import setting
 from data import write_text
 from lora import LoRAConfig, add_adapters
 from model import set_checkpointing
@@ -273,21 +274,15 @@ def rows_of(batch):
 @dataclass
 class FitConfig:
     """What fit() reads: the optimizer settings of SFT, the reward model and DPO. Each stage's config
-    subclasses it, adds its own fields (steps or epochs, beta, ...) and redeclares with fit_field()
-    the defaults that differ; these are the reward model's (two of the three stages train on pairs). Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
-    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: by --save-minutes alone)",
-                                                  "range": "[0, inf)"})
-
-
-def fit_field(name, default, **metadata):
-    """FitConfig's field `name` with a stage's own default (and help, if given); its range stays
-    FitConfig's. In a subclass: lr: float = fit_field("lr", 3e-3)."""
-    return field(default=default, metadata={**FitConfig.__dataclass_fields__[name].metadata, **metadata})
+    subclasses it, adds its own fields (steps or epochs, beta, ...) and declares again the fields
+    whose defaults differ; these are the reward model's (two of the three stages train on pairs)."""
+    batch_size: int = setting(32, "pairs per step", range="[1, inf)")
+    lr: float = setting(3e-4, "peak learning rate", range="(0, inf)")
+    warmup: int = setting(10, "warmup steps", range="[0, inf)")
+    weight_decay: float = setting(0.0, "AdamW weight decay", range="[0, inf)")
+    grad_clip: float = setting(1.0, "gradient norm clip", range="(0, inf)")
+    save_every: int = setting(50, "save a resumable step state every N steps (0: by --save-minutes alone)",
+                              range="[0, inf)")
 
 
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
