@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from checks import setting
 from data import batches, pair_batch, to_device, tokenize_pairs
 from model import response_token_logps
-from training import FitConfig, autocast, epoch_steps, fit
+from training import FitConfig, Runtime, autocast, epoch_steps, fit
 
 
 @dataclass
@@ -89,7 +89,7 @@ def reference_logps(reference, tokenizer, train, held_out, block_size, max_respo
 
 
 def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_response,
-              device="cpu", dtype="fp32", seed=0, probe=None):
+              device="cpu", dtype="fp32", seed=0, probe=None, runtime=Runtime()):
     """Train policy with DPO against the frozen reference on the preference records `train`.
     reference: the model, or its log-probs (reference_logps).
 
@@ -119,7 +119,7 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
-        os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size))
+        os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size), runtime=runtime)
     return {"pairs": len(pairs), "steps": steps,
             "held_out_accuracy": preference_accuracy(policy, reference["held_out"], tokenizer, held_out,
                                                      max_response, device, dtype)}

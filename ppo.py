@@ -18,7 +18,8 @@ from data import append_jsonl, left_pad
 from model import kl_penalty, positions, response_logprobs
 from checkpoint import StepState
 from checks import setting
-from training import Figures, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
+from training import (Figures, Runtime, autocast, backward, compiled, grad_scaler, optimizer_step, progress,
+                      truncate_jsonl)
 from reward import rewards_at_last_token
 from sampling import generate, is_stop
 
@@ -286,7 +287,7 @@ def accumulate(forward, parts, scaler, step, loss_of):
 # ----------------------------------------------------------------------------- the loop
 
 def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
-              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0, gold=None):
+              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0, gold=None, runtime=Runtime()):
     """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl.
 
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
@@ -309,13 +310,14 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     sample_g = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
                       {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g],
-                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler})
+                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler}, runtime.save_minutes)
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "iteration", start)
     # DDP(compile(model)) on purpose: see training.fit
-    policy_forward, critic_forward = distributed.wrap(compiled(policy)), distributed.wrap(compiled(critic))
+    policy_forward = distributed.wrap(compiled(policy, runtime.compile))
+    critic_forward = distributed.wrap(compiled(critic, runtime.compile))
     bar = progress(cfg.iterations, os.path.basename(out_dir), start)
     for it in range(start, cfg.iterations):
         t0 = time.time()

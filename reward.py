@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from checkpoint import load_checkpoint, save_checkpoint
 from checks import setting
 from data import collate, encode_response, pair_batch, to_device, tokenize_pairs
-from training import FitConfig, autocast, epoch_steps, fit
+from training import FitConfig, Runtime, autocast, epoch_steps, fit
 
 
 @dataclass
@@ -78,7 +78,7 @@ def load_reward_model(folder, device="cpu", dtype=torch.float32):
 
 
 def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, out_dir,
-                       max_response, device="cpu", dtype="fp32", seed=0, base=None):
+                       max_response, device="cpu", dtype="fp32", seed=0, base=None, runtime=Runtime()):
     """Train on preference records, centre on the demonstrations, save to out_dir (with adapters
     on a frozen base loaded from the folder `base`: the adapters and the head alone).
 
@@ -93,7 +93,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(model, pairs, lambda rows: pair_batch(rows, tokenizer.pad_id), step_loss, cfg, steps, out_dir, seed,
-        device, dtype, "rm", show=("loss", "accuracy"))
+        device, dtype, "rm", show=("loss", "accuracy"), runtime=runtime)
 
     # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020), folded into the
     # head's bias so that every later reader, the critic that starts from these weights included,

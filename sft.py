@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import data
 from checks import setting
 from model import response_token_logps, sft_loss
-from training import FitConfig, fit
+from training import FitConfig, Runtime, fit
 
 
 @dataclass
@@ -18,7 +18,7 @@ class SFTConfig(FitConfig):
     weight_decay: float = setting(0.1, "AdamW weight decay", range="[0, inf)")
 
 
-def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed):
+def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, device, dtype, seed, runtime=Runtime()):
     """Next-token loss on the response tokens of the demonstrations; returns the final loss."""
     block = model.config.block_size
     examples = []
@@ -31,5 +31,6 @@ def train_sft(model, tokenizer, demonstrations, cfg, out_dir, max_response, devi
 
     collate = lambda rows: data.collate(*zip(*rows), tokenizer.pad_id)
     tokens = lambda batch: batch["response_mask"][:, 1:].sum().item()  # what the loss averages over
-    row = fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft", units=tokens)
+    row = fit(model, examples, collate, step_loss, cfg, cfg.steps, out_dir, seed, device, dtype, "sft", units=tokens,
+              runtime=runtime)
     return row.get("loss", float("nan"))  # nan: --sft-steps 0, nothing trained

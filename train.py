@@ -17,7 +17,6 @@ import checks
 import distributed
 import training
 from data import FORMATS, UserError, write_json
-import checkpoint
 from hf import check_init, export_hf
 from hf_reward import check_reward_model
 from checks import device_problem, problem, setting, settings, unknown
@@ -363,7 +362,6 @@ def main(argv=None):
     run = dataclasses.replace(run, device=distributed.setup(run.device))  # cuda:LOCAL_RANK under torchrun
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 prints, as it alone writes
-    training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES = run.compile, run.grad_accum, run.save_minutes
     training.float32_matmuls(run.device, run.dtype)
     try:
         init = check_init(run.init, run.lora, run.max_new_tokens)

@@ -24,7 +24,17 @@ from model import set_checkpointing
 
 # ----------------------------------------------------------------------------- precision and steps
 
-COMPILE = False  # train.py --compile sets it: the training forward passes go through torch.compile
+class Runtime(NamedTuple):
+    """How the training loops use the machine, from train.py's --compile, --grad-accum and
+    --save-minutes. In no stage's fingerprint or seed: they change how a stage runs, not what it
+    learns (micro-batches: up to floating-point order).
+
+    compile: the training forward passes go through torch.compile (compiled);
+    grad_accum: fit's micro-batches per rank and optimizer step;
+    save_minutes: a step state also once this many minutes have passed since the last (StepState)."""
+    compile: bool = False
+    grad_accum: int = 1
+    save_minutes: float = 0.0
 
 
 # where the scored positions are found on the device (packing.positions' nonzero, a batch without
@@ -32,13 +42,13 @@ COMPILE = False  # train.py --compile sets it: the training forward passes go th
 DYNAMO = dict(capture_dynamic_output_shape_ops=True)
 
 
-def compiled(model):
-    """The model itself, or a torch.compile'd view of it sharing its parameters (with --compile).
+def compiled(model, use):
+    """The model itself, or (use: --compile) a torch.compile'd view of it sharing its parameters.
 
     dynamic=True: batches are padded to different lengths, and a recompile per shape would cost
     more than it saves.
     """
-    if not COMPILE:
+    if not use:
         return model
     for name, value in DYNAMO.items():  # read when a forward is traced, not here: set for the process
         setattr(torch._dynamo.config, name, value)
@@ -263,7 +273,6 @@ def truncate_jsonl(path, key, below):
 
 # ----------------------------------------------------------------------------- one training loop
 
-GRAD_ACCUM = 1  # train.py --grad-accum sets it: micro-batches per rank and optimizer step
 READ_EVERY = 10  # fit reads its figures back every READ_EVERY steps (and before a step state, a probe, the end)
 
 
@@ -286,7 +295,7 @@ class FitConfig:
 
 
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
-        desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of):
+        desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of, runtime=Runtime()):
     """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
     cosine decay, a guarded optimizer step, one metrics.jsonl row per step, a progress bar, and a
     step state every cfg.save_every steps to resume from.
@@ -297,8 +306,8 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
     end. Returns the last row. epoch_steps converts epochs to steps.
 
-    Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
-    batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its
+    Data parallel (distributed.py) and with runtime.grad_accum > 1, each rank takes its part of every
+    batch and splits it into runtime.grad_accum micro-batches. A micro-batch's loss is weighted by its
     share of the whole batch's units(batch) (rows; SFT: response tokens), so the update is the
     whole batch's, up to floating-point order. units(batch) is read on the host, before the copy.
 
@@ -313,17 +322,18 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
-    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt}, scalers={"scaler": scaler})
+    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt}, scalers={"scaler": scaler},
+                      minutes=runtime.save_minutes)
     start, _ = state.restore()
     metrics = os.path.join(folder, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
-    W, accum = distributed.world_size(), GRAD_ACCUM
+    W, accum = distributed.world_size(), runtime.grad_accum
     if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
         raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
                          "micro-batches; raise the batch size or lower --grad-accum")
     model.train()
     # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
-    forward = distributed.wrap(compiled(model))
+    forward = distributed.wrap(compiled(model, runtime.compile))
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     bar = progress(steps, desc, start)
     row, figures, lrs = {}, Figures(), {}

@@ -68,6 +68,23 @@ def test_every_flag_is_declared_by_checks_setting():
                 assert name != "field" or module == "checks", f"{module}.py:{node.lineno} declares a field's metadata"
 
 
+def test_no_module_sets_another_modules_globals():
+    """Settings travel in the config or the training.Runtime that needs them: nothing assigns a
+    global of another module of the project (train.main once set training.COMPILE and kin). A
+    benchmark may patch one for a measurement and set it back (bench_compile: packing.ALIGN)."""
+    for module, tree in project_trees().items():
+        if module.startswith("bench"):
+            continue
+        modules = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name in MODULES}  # imported whole: import training
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in [e for target in targets for e in ast.walk(target)]:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
+                    raise AssertionError(f"{module}.py:{node.lineno} sets {t.value.id}.{t.attr}")
+
+
 def test_bench_shapes_are_the_presets():
     """bench.py keeps its own table of the presets' model shapes rather than import train.py, the
     command line; the table must not drift from train.PRESETS."""

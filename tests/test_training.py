@@ -15,7 +15,7 @@ from dpo import DPOConfig
 from model import GPT, GPTConfig, response_token_logps, sft_loss
 from reward import RMConfig
 from sft import SFTConfig
-from training import FitConfig, batch_plan, epoch_steps, fit
+from training import FitConfig, Runtime, batch_plan, epoch_steps, fit
 
 
 def test_every_batch_is_full_and_every_pass_visits_each_example_once():
@@ -48,12 +48,8 @@ def fit_once(tmp_path, accum, n=37):
                 for _ in range(n)]
     cfg = FitConfig(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
     tokens = lambda batch: batch["response_mask"].sum().item()
-    training.GRAD_ACCUM = accum
-    try:
-        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {}),
-            cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens)
-    finally:
-        training.GRAD_ACCUM = 1
+    fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {}),
+        cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens, runtime=Runtime(grad_accum=accum))
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -118,11 +114,11 @@ def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeyp
     the step count, and never at the stage's end (its checkpoint follows)."""
     import time
     import checkpoint
-    monkeypatch.setattr(checkpoint, "SAVE_MINUTES", 1.0)
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     model = torch.nn.Linear(2, 2)
-    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": torch.optim.SGD(model.parameters(), 0.1)})
+    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": torch.optim.SGD(model.parameters(), 0.1)},
+                                 minutes=1.0)
     state.save(1)
     assert not os.path.exists(state.path)  # a second in: not due
     clock[0] += 61
