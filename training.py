@@ -302,23 +302,22 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
     row of floats), computed under autocast. `steps` counts optimizer steps, each on exactly
-    cfg.batch_size examples (batch_plan). cfg: a FitConfig (or anything with its fields). probe(model)
-    -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
-    end. Returns the last row. epoch_steps converts epochs to steps.
-
-    Data parallel (distributed.py) and with runtime.grad_accum > 1, each rank takes its part of every
-    batch and splits it into runtime.grad_accum micro-batches. A micro-batch's loss is weighted by its
-    share of the whole batch's units(batch) (rows; SFT: response tokens), so the update is the
-    whole batch's, up to floating-point order. units(batch) is read on the host, before the copy.
+    cfg.batch_size examples (batch_plan), in runtime.grad_accum micro-batches per rank
+    (accumulate_gradients, which weighs them by units(batch)). cfg: a FitConfig (or anything with
+    its fields). probe(model) -> a row of figures (held-out gold, say) joins the metrics every
+    probe_every steps and at the end. Returns the last row. epoch_steps converts epochs to steps.
 
     No step reads the device back (on a GPU the host would wait): the figures step_loss returns
     may be 0-dim tensors, kept with the loss and the gradient norm and read every READ_EVERY
-    steps (Figures), the finiteness guard with them; each batch's packing is planned on the host
-    (data.to_device).
+    steps (Figures), the finiteness guard with them.
     """
     os.makedirs(folder, exist_ok=True)
     if steps and not examples:
         raise StageError(f"{desc}: no examples to train on")
+    W, accum = distributed.world_size(), runtime.grad_accum
+    if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
+        raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
+                         "micro-batches; raise the batch size or lower --grad-accum")
     plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
     scaler = grad_scaler(device, dtype)
@@ -327,49 +326,66 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     start, _ = state.restore()
     metrics = os.path.join(folder, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
-    W, accum = distributed.world_size(), runtime.grad_accum
-    if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
-        raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
-                         "micro-batches; raise the batch size or lower --grad-accum")
     model.train()
     # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
     forward = distributed.wrap(compiled(model, runtime.compile))
-    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     bar = progress(steps, desc, start)
     row, figures, lrs = {}, Figures(), {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
         lrs[step] = opt.param_groups[0]["lr"]
         parts = distributed.chunks(distributed.shard(plan[step]), accum)  # this rank's part, in micro-batches
-        host = [collate([examples[i] for i in part]) for part in parts]
-        sizes = [units(b) for b in host]  # on the host, where collate made them
-        whole = float(sum(sizes)) if W == 1 else distributed.total(
-            torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
-        values = []
-        for j, batch in enumerate(host):
-            weight = sizes[j] / whole  # 1 with one rank and one micro-batch
-            with (contextlib.nullcontext() if j == accum - 1 else no_sync()):
-                with autocast(device, dtype):
-                    loss, figure = step_loss(forward, data.to_device(batch, device))
-                backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
-            values.append((weight, {"loss": loss.detach(), **figure}))
+        batches = [collate([examples[i] for i in part]) for part in parts]
+        values = accumulate_gradients(forward, batches, step_loss, units, scaler, step, device, dtype)
         norm = optimizer_step(None, opt, cfg.grad_clip, scaler, step, check=False)
         figures.add(step, values, norm if scaler is None else None)  # fp16: the scaler skips an overflowing step
         probing = probe and ((step + 1) % probe_every == 0 or step + 1 == steps)
-        due = state.due(step + 1)
+        due = state.due(step + 1)  # before the read: a step state is saved only after one
         if probing or due or (step + 1) % READ_EVERY == 0 or step + 1 == steps:
             for s, f in figures.read():  # raises NonFiniteError at the first non-finite step
                 row = {"step": s, **distributed.sum_row(f), "lr": lrs.pop(s)}
                 if probing and s == step:
-                    t0 = time.time()
-                    row.update(probe(model))
-                    row["seconds_probe"] = time.time() - t0  # evaluation, not training: runs.method_costs leaves it out
-                    model.train()
+                    row.update(timed_probe(probe, model))
                 data.append_jsonl(metrics, row)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
         bar.update()
         state.save(step + 1)  # after the read: due(step + 1) answers as above
     bar.close()
+    return row
+
+
+def accumulate_gradients(forward, batches, step_loss, units, scaler, step, device, dtype):
+    """One optimizer step's gradient from this rank's micro-batches (host batches from collate).
+
+    Data parallel (distributed.py) and with --grad-accum above 1, each rank takes its part of every
+    batch and splits it into micro-batches. A micro-batch's loss is weighted by its share of the
+    whole batch's units(batch) (rows; SFT: response tokens), so the update is the whole batch's,
+    up to floating-point order. units(batch) is read on the host, before the copy; each batch's
+    packing is planned on the host (data.to_device). Returns [(weight, {"loss": ..., figures})],
+    one per micro-batch, for Figures.add.
+    """
+    W = distributed.world_size()
+    sizes = [units(b) for b in batches]  # on the host, where collate made them
+    whole = float(sum(sizes)) if W == 1 else distributed.total(
+        torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
+    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
+    values = []
+    for j, batch in enumerate(batches):
+        weight = sizes[j] / whole  # 1 with one rank and one micro-batch
+        with (contextlib.nullcontext() if j == len(batches) - 1 else no_sync()):
+            with autocast(device, dtype):
+                loss, figure = step_loss(forward, data.to_device(batch, device))
+            backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
+        values.append((weight, {"loss": loss.detach(), **figure}))
+    return values
+
+
+def timed_probe(probe, model):
+    """probe(model)'s row and its seconds, which are evaluation, not training (runs.method_costs
+    leaves them out); the model goes back to training mode."""
+    t0 = time.time()
+    row = {**probe(model), "seconds_probe": time.time() - t0}
+    model.train()
     return row
 
 
