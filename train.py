@@ -249,12 +249,29 @@ def check(run):
         wrong = problem(value, meta, KINDS)
         if wrong:
             return f"{flag} {value if value != '' else repr(value)}: {wrong}"
-    W, preset, ppo = distributed.world_size(), PRESETS[run.preset], run.ppo
-    changed = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(run, n) != getattr(preset, n)]
     if not run.stage_list:
         return "--stages: name at least one stage"
     if "all" in run.ablations.split(",") and run.ablations != "all":
         return f"--ablations {run.ablations}: all stands alone"
+    wrong = data_conflict(run) or shape_conflict(run) or batch_conflict(run) or adapter_conflict(run)
+    if wrong:
+        return wrong
+    for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
+                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep),
+                        ("--flip-sweep", run.flip_sweep)):
+        if given and "eval" not in run.stage_list:
+            return f"{flag} runs after the eval stage: add eval to --stages"
+    return None
+
+
+def changed(run, names):
+    """The flags of `names` whose values differ from the preset's."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(run, n) != getattr(PRESETS[run.preset], n)]
+
+
+def data_conflict(run):
+    """The task's settings against each other: --data against the built-in task's, --init's shape."""
+    preset = PRESETS[run.preset]
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
     if run.chat_template not in ("auto", "none") and not (run.data and run.init):
@@ -265,14 +282,19 @@ def check(run):
     if run.judge_fraction != preset.judge_fraction and not run.data:
         return (f"--judge-fraction {run.judge_fraction:g} holds out pairs of --data for the judge (the built-in task "
                 "judges with its gold reward): give --data")
-    if run.data and changed(BUILTIN_TASK):
-        return f"{changed(BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
+    if run.data and changed(run, BUILTIN_TASK):
+        return f"{changed(run, BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
         return "gold_split splits on the built-in task's gold reward: not with --data"
-    if run.init and changed(MODEL_SHAPE):
-        return f"{changed(MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
+    if run.init and changed(run, MODEL_SHAPE):
+        return f"{changed(run, MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
     if run.bias_kind != preset.bias_kind and not (run.annotator_bias or run.bias_sweep):
         return f"--bias-kind {run.bias_kind} says what biased annotators prefer: it needs --annotator-bias above 0"
+    return None
+
+
+def shape_conflict(run):
+    """The model's shape, the response length and the easy set's size against each other."""
     if not run.init and run.n_embd % run.n_head:
         return f"--n-embd {run.n_embd} is not a multiple of --n-head {run.n_head}"
     if not run.init and run.max_new_tokens >= run.block_size:
@@ -281,6 +303,12 @@ def check(run):
     if not run.data and run.split.easy_fraction > 0 and not 0 < easy < run.n_pref:
         return (f"--easy-fraction {run.split.easy_fraction} of --n-pref {run.n_pref} pairs leaves the "
                 f"{'easy' if easy == 0 else 'hard'} set empty")
+    return None
+
+
+def batch_conflict(run):
+    """The batches against the ranks (torchrun) and micro-batches; the losses' settings together."""
+    W, ppo = distributed.world_size(), run.ppo
     for name in ("sft", "rm", "dpo"):
         if getattr(run, name).batch_size < W * run.grad_accum:
             return (f"--{name}-batch-size {getattr(run, name).batch_size} is smaller than {W} ranks x --grad-accum "
@@ -297,7 +325,12 @@ def check(run):
                 f"{ppo.rollouts / 5:g}, or one update can make the KL coefficient 0 or negative")
     if run.dpo.loss_type.startswith("ipo") and run.dpo.label_smoothing:
         return f"--dpo-label-smoothing is for --dpo-loss-type sigmoid: {run.dpo.loss_type} has none"
-    lora = run.lora
+    return None
+
+
+def adapter_conflict(run):
+    """The adapters (--lora-*) and activation checkpointing against the model and the stages run."""
+    lora, preset = run.lora, PRESETS[run.preset]
     if not lora.rank and lora != dataclasses.replace(preset.lora, rank=0):
         given = next(f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(preset.lora, f.name))
         return f"--lora-{given.replace('_', '-')} sets the adapters: it needs --lora-rank above 0"
@@ -313,11 +346,6 @@ def check(run):
             wrong = missing_target(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), lora.targets)
         if wrong:
             return f"--lora-targets {lora.targets}: {wrong}"
-    for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
-                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep),
-                        ("--flip-sweep", run.flip_sweep)):
-        if given and "eval" not in run.stage_list:
-            return f"{flag} runs after the eval stage: add eval to --stages"
     return None
 
 
