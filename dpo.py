@@ -21,7 +21,8 @@ class DPOConfig(FitConfig):
     label_smoothing: float = setting(0.0, "the assumed label flip rate eps: conservative DPO (sigmoid loss) or "
                                      "robust DPO", range="[0, 0.5)")
     loss_type: str = setting("sigmoid", "sigmoid (DPO), robust (robust DPO), ipo (log-ratios per token, as IPO's "
-                             "authors and TRL) or ipo_sum (per sequence)", choices=["sigmoid", "robust", "ipo", "ipo_sum"])
+                             "authors and TRL) or ipo_sum (per sequence)",
+                             choices=["sigmoid", "robust", "ipo", "ipo_sum"])
     epochs: int = setting(2, "passes over the training pairs", range="[1, inf)")
     lr: float = setting(1e-4, "peak learning rate", range="(0, inf)")
 

@@ -327,7 +327,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     metrics = os.path.join(folder, "metrics.jsonl")
     truncate_jsonl(metrics, "step", start)
     model.train()
-    # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
+    # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager (DDPOptimizer splits at buckets)
     forward = distributed.wrap(compiled(model, runtime.compile))
     bar = progress(steps, desc, start)
     row, figures, lrs = {}, Figures(), {}

@@ -48,14 +48,16 @@ def fit_once(tmp_path, accum, n=37):
                 for _ in range(n)]
     cfg = FitConfig(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
     tokens = lambda batch: batch["response_mask"].sum().item()
-    fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {}),
-        cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens, runtime=Runtime(grad_accum=accum))
+    step_loss = lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {})
+    fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), step_loss, cfg, epoch_steps(2, n, 8),
+        str(tmp_path / f"accum-{accum}"), seed=0, units=tokens, runtime=Runtime(grad_accum=accum))
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_the_fit_stage_configs_share_fitconfigs_fields():
-    """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, with
-    FitConfig's ranges (checks.py reads them), and add their own fields."""
+    """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, and add their
+    own fields; a field declared again for its own default keeps FitConfig's range (checks.py reads
+    it) and help (SFT's batch size aside: demonstrations, not pairs)."""
     shared = [f.name for f in dataclasses.fields(FitConfig)]
     for cls, own in ((SFTConfig, ["steps"]), (RMConfig, ["epochs"]),
                      (DPOConfig, ["beta", "label_smoothing", "loss_type", "epochs"])):
@@ -63,7 +65,9 @@ def test_the_fit_stage_configs_share_fitconfigs_fields():
         for f in dataclasses.fields(cls):
             assert f.metadata["help"] and ("range" in f.metadata or "choices" in f.metadata), (cls, f.name)
             if f.name in shared:
-                assert f.metadata["range"] == FitConfig.__dataclass_fields__[f.name].metadata["range"]
+                fit_meta = FitConfig.__dataclass_fields__[f.name].metadata
+                assert f.metadata["range"] == fit_meta["range"], (cls, f.name)
+                assert f.metadata["help"] == fit_meta["help"] or (cls, f.name) == (SFTConfig, "batch_size")
     assert SFTConfig.__dataclass_fields__["batch_size"].metadata["help"] == "demonstrations per step"
     assert (SFTConfig().lr, RMConfig().lr, DPOConfig().lr) == (3e-3, 3e-4, 1e-4)
     assert dataclasses.replace(DPOConfig(), lr=1e-3, beta=0.5) == DPOConfig(beta=0.5, lr=1e-3)
@@ -117,8 +121,8 @@ def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeyp
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     model = torch.nn.Linear(2, 2)
-    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": torch.optim.SGD(model.parameters(), 0.1)},
-                                 minutes=1.0)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": opt}, minutes=1.0)
     state.save(1)
     assert not os.path.exists(state.path)  # a second in: not due
     clock[0] += 61
