@@ -162,3 +162,15 @@ def test_a_non_finite_step_still_stops_fit_with_its_step(tmp_path, bad):
     import checkpoint
     state = checkpoint.StepState(str(folder), 2, 8, {"model": model}, {})
     assert state.restore()[0] == 2  # the state of step 2, saved after a read that found it finite
+
+
+def test_the_runtime_settings_leave_a_complete_stage_as_it_is(tmp_path):
+    """--compile, --grad-accum and --save-minutes say how a stage runs, not what it learns
+    (training.Runtime): in no stage's fingerprint, so a complete stage is reused under them."""
+    from cli import run_train
+    flags = ["--preset", "micro", "--stages", "tokenizer,sft", "--sft-steps", "2", "--out", str(tmp_path)]
+    assert run_train(*flags).returncode == 0
+    done = (tmp_path / "sft" / "done.json").read_text()
+    again = run_train(*flags, "--compile", "--grad-accum", "2", "--save-minutes", "5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "sft" / "done.json").read_text() == done
