@@ -39,7 +39,7 @@ import bench_compile
 import bench_memory
 import training
 from bench_memory import MODELS  # real small open models of the Llama layout: their shapes
-from training import autocast, compiled, default_dtype, optimizer_step
+from training import Runtime, autocast, compiled, default_dtype, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
@@ -260,12 +260,15 @@ def bench_ppo(model, cfg, a, dtype):
     ppo_cfg = PPOConfig(iterations=3, rollouts=a.rollouts, epochs=4, minibatches=4, sample_every=0, save_every=0)
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    runtime = Runtime(compile=a.compile)
     with tempfile.TemporaryDirectory() as tmp:
-        train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new, a.device, dtype)
+        train_ppo(model, reference, reward_model, critic, Ids, prompts, ppo_cfg, tmp, a.new, a.device, dtype,
+                  runtime=runtime)
         rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))][1:]
         if a.profile:  # one more iteration
             bench_compile.profile(lambda: train_ppo(model, reference, reward_model, critic, Ids, prompts, dataclasses.replace(
-                ppo_cfg, iterations=1), os.path.join(tmp, "profile"), a.new, a.device, dtype), a.device, "ppo iteration", 1)
+                ppo_cfg, iterations=1), os.path.join(tmp, "profile"), a.new, a.device, dtype, runtime=runtime),
+                a.device, "ppo iteration", 1)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     total = mean("seconds_rollout") + mean("seconds_update")
     print(f"ppo iteration  {total:12.2f} s  (generate {mean('seconds_generate'):.2f}, score "
@@ -353,8 +356,7 @@ def run_figures(cfg, a, dtype, figures, peak):
     """One run of the asked-for figures, on a model drawn from seed 0."""
     torch.manual_seed(0)
     model = (Llama if isinstance(cfg, LlamaConfig) else GPT)(cfg).to(a.device)
-    training.COMPILE = a.compile
-    train_model = compiled(model)
+    train_model = compiled(model, a.compile)
     layout = f" in the Llama layout ({cfg.model_type})" if isinstance(cfg, LlamaConfig) else ""
     print(f"{a.preset} shape{layout} ({model.num_params() / 1e6:.1f}M parameters), {a.device}, {dtype}"
           f"{', compiled' if a.compile else ''}; torch {torch.__version__}"

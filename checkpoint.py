@@ -19,8 +19,6 @@ from llama import Llama, LlamaConfig, rope_frequencies, rope_scaling_problem
 from lora import LoRALinear, adapters, hold, holding
 from model import GPT, GPTConfig, ScalarModel, new_head
 
-SAVE_MINUTES = 0.0  # train.py --save-minutes sets it: step states also by the time since the last
-
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -273,13 +271,13 @@ def weight_files(path):
 # ----------------------------------------------------------------------------- resuming inside a stage
 
 class StepState:
-    """Resume inside a stage. Every `every` steps, and once SAVE_MINUTES have passed since the last
-    save (--save-minutes): the weights, the optimizer states, the RNG states, the fp16 loss
+    """Resume inside a stage. Every `every` steps, and once `minutes` have passed since the last
+    save (--save-minutes; 0: by the steps alone): the weights, the optimizer states, the RNG states, the fp16 loss
     scalers' states, the step and `extra` (JSON), in one safetensors file renamed into place, no
     pickle. Saving draws no random number, so when it happens leaves training as it is.
 
         state = StepState(folder, every, steps, {"model": model}, {"opt": opt}, [generator],
-                          {"scaler": scaler})
+                          {"scaler": scaler}, minutes)
         start, extra = state.restore()          # 0, {} on a fresh start
         for step in range(start, steps):
             ...
@@ -287,12 +285,12 @@ class StepState:
     The run folder's Runner deletes the file once the stage is complete.
     """
 
-    def __init__(self, folder, every, steps, modules, optimizers, generators=(), scalers=None):
+    def __init__(self, folder, every, steps, modules, optimizers, generators=(), scalers=None, minutes=0.0):
         self.path = os.path.join(folder, "step_state.safetensors")
         self.every, self.steps = every, steps
         self.modules, self.optimizers, self.generators = modules, optimizers, generators
         self.scalers = {n: s for n, s in (scalers or {}).items() if s is not None}  # None: no fp16
-        self.minutes, self.last = SAVE_MINUTES, time.time()
+        self.minutes, self.last = minutes, time.time()
         self.asked = None, False  # (step, due(step)), the last asked
 
     def due(self, step):

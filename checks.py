@@ -1,9 +1,7 @@
-"""Every setting checked before any work. A field of a config dataclass says in its metadata what it
-may hold: "range", an interval such as "[1, inf)" or "(0, 1]" (for a comma list of numbers, each),
-with "why" when the bound needs a reason; or "kind", a path or a list of names (KINDS); or
-"choices". A bool is a switch. problem() checks one value against its field; train.check walks
-every field with settings() and then the settings that contradict each other.
-tests/test_errors.py fails on a field that declares nothing.
+"""Every setting checked before any work. Each field of a config dataclass is declared by setting(),
+with its help and what it may hold; train.py makes a flag of each. problem() checks one value
+against its field; train.check walks every field with settings() and then the settings that
+contradict each other. tests/test_errors.py fails on a field that declares nothing.
 """
 import dataclasses
 import math
@@ -11,8 +9,16 @@ import os
 
 import torch
 
-from lora import LORA_STAGES, TARGETS
-from mpo import ABLATIONS, BASELINES, STAGES
+
+def setting(default, help, range=None, **what):
+    """A field of a config dataclass, and so a flag (train.py): its default, its help line, and what
+    problem() accepts. range: an interval such as "[1, inf)" or "(0, 1]" ([ and ] include the end,
+    ( and ) do not; for a comma list of numbers, each), with why="..." when a bound needs a reason;
+    or kind="...", a path or a list of names (KINDS); or choices=[...]. A bool is a switch: none.
+
+        lr: float = setting(3e-4, "peak learning rate", range="(0, inf)")
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **({"range": range} if range else {}), **what})
 
 
 def flag(stage, name):
@@ -85,11 +91,7 @@ def device_problem(device):
         return f"only {n} CUDA devices here" if n else "no CUDA device here"
 
 
-KINDS = {  # a kind -> what is wrong with a value of it, or None
-    "stages": lambda v: unknown(v, STAGES, "stage"),
-    "ablations": lambda v: unknown(v, [*ABLATIONS, *BASELINES, "all"], "row"),
-    "lora targets": lambda v: unknown(v, TARGETS, "projection") or (None if v.strip(",") else "name a projection"),
-    "lora stages": lambda v: unknown(v, LORA_STAGES, "stage") or (None if v.strip(",") else "name a stage"),
+KINDS = {  # a kind -> what is wrong with a value of it, or None (train.KINDS adds the names of this project's lists)
     "device": device_problem,
     "file": file_problem,
     "folder": folder_problem,

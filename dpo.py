@@ -3,29 +3,28 @@
 docs/method.md, "Stage 1": MPO runs DPO on the easy pairs with the SFT model as the reference.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from checks import setting
 from data import batches, pair_batch, to_device, tokenize_pairs
 from model import response_token_logps
-from training import FitConfig, autocast, epoch_steps, fit, fit_field
+from training import FitConfig, Runtime, autocast, epoch_steps, fit
 
 
 @dataclass
 class DPOConfig(FitConfig):
-    """fit()'s settings are FitConfig's, with DPO's own learning rate. Each field's "range" is what
-    checks.py accepts (an interval: [ and ] include the end)."""
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward",
-                                               "range": "(0, inf)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "the assumed label flip rate eps: conservative DPO "
-                                                          "(sigmoid loss) or robust DPO", "range": "[0, 0.5)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO), robust (robust DPO), ipo (log-ratios "
-                                                        "per token, as IPO's authors and TRL) or ipo_sum (per sequence)",
-                                                        "choices": ["sigmoid", "robust", "ipo", "ipo_sum"]})
-    epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
-    lr: float = fit_field("lr", 1e-4)
+    """fit()'s settings are FitConfig's, with DPO's own learning rate."""
+    beta: float = setting(0.1, "inverse temperature of the implicit reward", range="(0, inf)")
+    label_smoothing: float = setting(0.0, "the assumed label flip rate eps: conservative DPO (sigmoid loss) or "
+                                     "robust DPO", range="[0, 0.5)")
+    loss_type: str = setting("sigmoid", "sigmoid (DPO), robust (robust DPO), ipo (log-ratios per token, as IPO's "
+                             "authors and TRL) or ipo_sum (per sequence)",
+                             choices=["sigmoid", "robust", "ipo", "ipo_sum"])
+    epochs: int = setting(2, "passes over the training pairs", range="[1, inf)")
+    lr: float = setting(1e-4, "peak learning rate", range="(0, inf)")
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -91,7 +90,7 @@ def reference_logps(reference, tokenizer, train, held_out, block_size, max_respo
 
 
 def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_response,
-              device="cpu", dtype="fp32", seed=0, probe=None):
+              device="cpu", dtype="fp32", seed=0, probe=None, runtime=Runtime()):
     """Train policy with DPO against the frozen reference on the preference records `train`.
     reference: the model, or its log-probs (reference_logps).
 
@@ -121,7 +120,7 @@ def train_dpo(policy, reference, tokenizer, train, held_out, cfg, out_dir, max_r
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(policy, examples, collate, step_loss, cfg, steps, out_dir, seed, device, dtype,
-        os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size))
+        os.path.basename(out_dir), ("loss", "margin"), probe, max(1, 256 // cfg.batch_size), runtime=runtime)
     return {"pairs": len(pairs), "steps": steps,
             "held_out_accuracy": preference_accuracy(policy, reference["held_out"], tokenizer, held_out,
                                                      max_response, device, dtype)}

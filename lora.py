@@ -16,12 +16,13 @@ base, and reference, is the DPO policy as it was trained. Merging is for --expor
 """
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checks import setting
 from model import scalar_head
 
 # the projections of each layout, by module name (model.py's GPT-2 layout, llama.py's Llama layout)
@@ -33,18 +34,14 @@ LORA_STAGES = ["sft", "rm", "dpo", "ppo"]  # rm: the reward model and the judge;
 
 @dataclass
 class LoRAConfig:
-    """Flags --lora-*. Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    rank: int = field(default=0, metadata={"help": "adapter rank r (0: no adapters, full fine-tuning)",
-                                           "range": "[0, inf)"})
-    alpha: float = field(default=32.0, metadata={"help": "adapter scale alpha: the update is (alpha / r) B A",
-                                                 "range": "(0, inf)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input", "range": "[0, 1)"})
-    targets: str = field(default="attn,mlp", metadata={
-        "help": "comma list of projections to adapt: attn and mlp (all of each), or module names: "
-                + ",".join(TARGETS[2:]), "kind": "lora targets"})
-    stages: str = field(default="dpo,ppo", metadata={"help": "comma list of the stages that train adapters, the "
-                                                     "others full weights: " + ",".join(LORA_STAGES),
-                                                     "kind": "lora stages"})
+    """Flags --lora-*."""
+    rank: int = setting(0, "adapter rank r (0: no adapters, full fine-tuning)", range="[0, inf)")
+    alpha: float = setting(32.0, "adapter scale alpha: the update is (alpha / r) B A", range="(0, inf)")
+    dropout: float = setting(0.0, "dropout on the adapters' input", range="[0, 1)")
+    targets: str = setting("attn,mlp", "comma list of projections to adapt: attn and mlp (all of each), or module "
+                           "names: " + ",".join(TARGETS[2:]), kind="lora targets")
+    stages: str = setting("dpo,ppo", "comma list of the stages that train adapters, the others full weights: "
+                          + ",".join(LORA_STAGES), kind="lora stages")
 
     def applies(self, stage):
         return self.rank > 0 and stage in self.stages.split(",")

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data
 import distributed
 from checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from checks import setting
 from data import read_json, write_json
 from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
@@ -36,18 +37,17 @@ from reward import score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
 from tokenizer import Tokenizer
-from training import DTYPES, Memory
+from training import DTYPES, Memory, Runtime
 from runs import Runner, Stop, method_costs, run_record
 
 
 @dataclass
 class SplitConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    delta: float = field(default=1.0, metadata={"help": "easy = gap > delta, in reward units: under Bradley-Terry "
-                                                "the reward model gives the chosen response sigmoid(delta) "
-                                                "chance of winning (delta 1 = 73%%)", "range": "(-inf, inf)"})
-    easy_fraction: float = field(default=0.0, metadata={"help": "if > 0, choose delta so that this fraction "
-                                                        "of the pairs is easy (overrides --delta)", "range": "[0, 1)"})
+    """Flags --delta and --easy-fraction: where the reward gap splits the pairs."""
+    delta: float = setting(1.0, "easy = gap > delta, in reward units: under Bradley-Terry the reward model gives "
+                           "the chosen response sigmoid(delta) chance of winning (delta 1 = 73%%)", range="(-inf, inf)")
+    easy_fraction: float = setting(0.0, "if > 0, choose delta so that this fraction of the pairs is easy (overrides "
+                                   "--delta)", range="[0, 1)")
 
 
 class Method(NamedTuple):
@@ -238,7 +238,7 @@ def reward_model_of(critic, load, memory, read=lambda model: model):
 
 
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
-              device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory()):
+              device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory(), runtime=Runtime()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
     policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("dpo"))[0], "dpo")
     # the frozen reference is read once, for its log-probs, and freed before training
@@ -247,7 +247,7 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
                                              memory),
                                 tokenizer, records, held_out, policy.config.block_size, max_response, device, dtype)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
-                        device, dtype, seed, probe)
+                        device, dtype, seed, probe, runtime)
     # with adapters, they alone (load_checkpoint holds them, unmerged, over init_dir's model: stage 2
     # starts from, and is referenced to, this policy as trained)
     save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
@@ -258,7 +258,7 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
 
 
 def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
-              device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory()):
+              device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory(), runtime=Runtime()):
     """Stage 2: PPO from init_dir, KL to reference_dir (MPO: both the DPO policy, hard prompts).
 
     The critic starts from the reward model (from SFT with a fresh value head where the reward
@@ -277,7 +277,7 @@ def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, t
     reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer))
                     if is_reward_model else memory.frozen(load()))
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
-                      out_dir, max_new_tokens, device, dtype, seed, gold)
+                      out_dir, max_new_tokens, device, dtype, seed, gold, runtime)
     save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
                     reference_sha256=file_sha256(reference_dir))
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), "iteration", ["score", "gold", "kl", "kl_coef"],
@@ -339,7 +339,9 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None)
         tokenizer = Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
         memory = Memory(cfgs["lora"], run.checkpointing, run.dtype)
         lora = lambda stage: {"lora": cfgs["lora"]} if cfgs["lora"].applies(stage) else {}  # in the fingerprint
-        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples, memory)
+        runtime = Runtime(run.compile, run.grad_accum, run.save_minutes)  # in no fingerprint: how, not what
+        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples, memory,
+                  runtime)
         if run.data:
             data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
         runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"], **lora("sft")}, ["tokenizer"],
@@ -367,9 +369,10 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None)
         plan = policy_stages(methods, runner, task["pref"], cfgs, run.label_flips)
         for name, kind, settings, upstream, subset, cfg in plan:
             init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
-            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory)
+            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory,
+                          runtime=runtime)
                   if kind == "dpo" else partial(ppo_stage, init_dir, reference_dir, at("rm"), at("sft"), [r["prompt"] for r in subset],
-                                                gold=task["gold"], memory=memory))
+                                                gold=task["gold"], memory=memory, runtime=runtime))
             runner.run(name, kind, {**settings, **lora(kind)}, upstream, lambda folder, fn=fn, cfg=cfg: fn(
                 cfg, folder, tokenizer, R, run.device, run.dtype, seed))
 

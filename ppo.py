@@ -7,7 +7,7 @@ Shapes: B rollouts, N response tokens; `mask` (B, N) is 1 on response tokens (a 
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -17,51 +17,43 @@ import packing
 from data import append_jsonl, left_pad
 from model import kl_penalty, positions, response_logprobs
 from checkpoint import StepState
-from training import Figures, autocast, backward, compiled, grad_scaler, optimizer_step, progress, truncate_jsonl
+from checks import setting
+from training import (Figures, Runtime, autocast, backward, compiled, grad_scaler, optimizer_step, progress,
+                      truncate_jsonl)
 from reward import rewards_at_last_token
 from sampling import generate, is_stop
 
 
 @dataclass
 class PPOConfig:
-    """Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    iterations: int = field(default=145, metadata={"help": "rollout-and-update rounds on all the pairs' prompts; "
-                                                   "a step on a subset runs this times its share (MPO's hard "
-                                                   "set, about 55%%: 80)", "range": "[1, inf)"})
-    rollouts: int = field(default=64, metadata={"help": "responses sampled per iteration", "range": "[1, inf)"})
-    epochs: int = field(default=2, metadata={"help": "optimisation passes over each batch of rollouts",
-                                               "range": "[1, inf)"})
-    minibatches: int = field(default=2, metadata={"help": "minibatches per epoch", "range": "[1, inf)"})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate", "range": "(0, inf)"})
-    critic_lr: float = field(default=1e-4, metadata={"help": "critic learning rate", "range": "(0, inf)"})
-    clip: float = field(default=0.2, metadata={"help": "policy ratio clip eps", "range": "(0, inf)"})
-    clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v", "range": "(0, inf)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount", "range": "[0, 1]"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda", "range": "[0, 1]"})
+    """Flags --ppo-*."""
+    iterations: int = setting(145, "rollout-and-update rounds on all the pairs' prompts; a step on a subset runs "
+                              "this times its share (MPO's hard set, about 55%%: 80)", range="[1, inf)")
+    rollouts: int = setting(64, "responses sampled per iteration", range="[1, inf)")
+    epochs: int = setting(2, "optimisation passes over each batch of rollouts", range="[1, inf)")
+    minibatches: int = setting(2, "minibatches per epoch", range="[1, inf)")
+    lr: float = setting(1e-4, "policy learning rate", range="(0, inf)")
+    critic_lr: float = setting(1e-4, "critic learning rate", range="(0, inf)")
+    clip: float = setting(0.2, "policy ratio clip eps", range="(0, inf)")
+    clip_value: float = setting(0.2, "value clip eps_v", range="(0, inf)")
+    gamma: float = setting(1.0, "discount", range="[0, 1]")
+    lam: float = setting(0.95, "GAE lambda", range="[0, 1]")
     # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
     # under target, then the policy overshot into reward hacking; 1.0 rather than 0.5 about halves
     # the ill-formed answers to harmful requests (mostly a fact about something else) at about the
     # same gold reward (results/kl-coef)
-    kl_coef: float = field(default=1.0, metadata={"help": "beta_kl (initial beta_kl when adaptive)",
-                                                   "range": "[0, inf)"})
-    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl",
-                                                     "range": "[0, inf)"})
-    kl_horizon: int = field(default=640, metadata={"help": "adaptive KL horizon in rollouts (640: ten iterations of 64)",
-                                                    "range": "[1, inf)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate: k1 (log ratio) or k3",
-                                                      "choices": ["k1", "k3"]})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, also used to recompute log-probs",
-                                                       "range": "(0, inf)"})
-    no_eos_score: float = field(default=-2.0, metadata={"help": "score of a response cut at the length limit (EOS trick)",
-                                                         "range": "(-inf, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    micro_batch: int = field(default=0, metadata={"help": "rollouts per forward pass in a minibatch (gradient "
-                                                  "accumulation) and in scoring: less memory, the same update (0: "
-                                                  "the whole minibatch at once)", "range": "[0, inf)"})
-    save_every: int = field(default=10, metadata={"help": "save a resumable step state every N iterations (0: by --save-minutes alone)",
-                                                  "range": "[0, inf)"})
-    sample_every: int = field(default=10, metadata={"help": "print samples every N iterations (0: never)",
-                                                    "range": "[0, inf)"})
+    kl_coef: float = setting(1.0, "beta_kl (initial beta_kl when adaptive)", range="[0, inf)")
+    kl_target: float = setting(0.0, "adaptive KL target (nats per response); 0 = fixed beta_kl", range="[0, inf)")
+    kl_horizon: int = setting(640, "adaptive KL horizon in rollouts (640: ten iterations of 64)", range="[1, inf)")
+    kl_estimator: str = setting("k1", "per-token KL estimate: k1 (log ratio) or k3", choices=["k1", "k3"])
+    temperature: float = setting(1.0, "sampling temperature, also used to recompute log-probs", range="(0, inf)")
+    no_eos_score: float = setting(-2.0, "score of a response cut at the length limit (EOS trick)", range="(-inf, inf)")
+    grad_clip: float = setting(1.0, "gradient norm clip", range="(0, inf)")
+    micro_batch: int = setting(0, "rollouts per forward pass in a minibatch (gradient accumulation) and in scoring: "
+                               "less memory, the same update (0: the whole minibatch at once)", range="[0, inf)")
+    save_every: int = setting(10, "save a resumable step state every N iterations (0: by --save-minutes alone)",
+                              range="[0, inf)")
+    sample_every: int = setting(10, "print samples every N iterations (0: never)", range="[0, inf)")
 
 
 # ----------------------------------------------------------------------------- the math, pure functions
@@ -295,7 +287,7 @@ def accumulate(forward, parts, scaler, step, loss_of):
 # ----------------------------------------------------------------------------- the loop
 
 def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
-              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0, gold=None):
+              out_dir, max_new_tokens, device="cpu", dtype="fp32", seed=0, gold=None, runtime=Runtime()):
     """PPO on `prompts` (strings). Trains policy and critic in place; metrics to out_dir/metrics.jsonl.
 
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
@@ -318,13 +310,14 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     sample_g = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
                       {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g],
-                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler})
+                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler}, runtime.save_minutes)
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "iteration", start)
     # DDP(compile(model)) on purpose: see training.fit
-    policy_forward, critic_forward = distributed.wrap(compiled(policy)), distributed.wrap(compiled(critic))
+    policy_forward = distributed.wrap(compiled(policy, runtime.compile))
+    critic_forward = distributed.wrap(compiled(critic, runtime.compile))
     bar = progress(cfg.iterations, os.path.basename(out_dir), start)
     for it in range(start, cfg.iterations):
         t0 = time.time()

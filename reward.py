@@ -3,21 +3,21 @@
 docs/method.md, "Stage 0": a GPT backbone with a scalar head read at the last real token of x + y,
 initialised from the SFT weights and trained on the preference pairs.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint
+from checks import setting
 from data import collate, encode_response, pair_batch, to_device, tokenize_pairs
-from training import FitConfig, autocast, epoch_steps, fit
+from training import FitConfig, Runtime, autocast, epoch_steps, fit
 
 
 @dataclass
 class RMConfig(FitConfig):
-    """fit()'s settings and their defaults are FitConfig's. Each field's "range" is what checks.py
-    accepts (an interval: [ and ] include the end)."""
-    epochs: int = field(default=2, metadata={"help": "passes over the training pairs", "range": "[1, inf)"})
+    """fit()'s settings and their defaults are FitConfig's."""
+    epochs: int = setting(2, "passes over the training pairs", range="[1, inf)")
 
 
 def bt_loss(chosen_rewards, rejected_rewards):
@@ -78,7 +78,7 @@ def load_reward_model(folder, device="cpu", dtype=torch.float32):
 
 
 def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, out_dir,
-                       max_response, device="cpu", dtype="fp32", seed=0, base=None):
+                       max_response, device="cpu", dtype="fp32", seed=0, base=None, runtime=Runtime()):
     """Train on preference records, centre on the demonstrations, save to out_dir (with adapters
     on a frozen base loaded from the folder `base`: the adapters and the head alone).
 
@@ -93,7 +93,7 @@ def train_reward_model(model, tokenizer, train, held_out, demonstrations, cfg, o
 
     steps = epoch_steps(cfg.epochs, len(pairs), cfg.batch_size)
     fit(model, pairs, lambda rows: pair_batch(rows, tokenizer.pad_id), step_loss, cfg, steps, out_dir, seed,
-        device, dtype, "rm", show=("loss", "accuracy"))
+        device, dtype, "rm", show=("loss", "accuracy"), runtime=runtime)
 
     # centre: the demonstrations' mean reward becomes 0 (Stiennon et al. 2020), folded into the
     # head's bias so that every later reader, the critic that starts from these weights included,

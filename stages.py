@@ -18,13 +18,14 @@ from hf_reward import reward_model_at
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
 from tokenizer import Tokenizer
-from training import Memory
+from training import Memory, Runtime
 
 
 class Setup(NamedTuple):
     """What the stages of one pipeline share: the task (data.load_task), its tokenizer, the
     longest response, where the models run, the seed, how the evaluation samples, and how the
-    stages hold their models (training.Memory: adapters, checkpointing, frozen models' dtype)."""
+    stages hold their models (training.Memory: adapters, checkpointing, frozen models' dtype) and how
+    the training loops use the machine (training.Runtime: compile, micro-batches, step states by time)."""
     task: dict
     tokenizer: Tokenizer
     max_new_tokens: int
@@ -34,6 +35,7 @@ class Setup(NamedTuple):
     temperature: float
     samples: int
     memory: Memory = Memory()
+    runtime: Runtime = Runtime()
 
     def mean_gold(self, model, show=0, prompts=None):
         return mean_gold(model, self.tokenizer, self.task, self.max_new_tokens, self.temperature, self.seed,
@@ -62,7 +64,7 @@ def sft_stage(folder, s, cfg, shape, init=None):
              GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape)).to(s.device))
     before = s.mean_gold(model) if task["gold"] else None
     model = s.memory.trained(model, "sft")
-    loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed)
+    loss = train_sft(model, tokenizer, task["sft"], cfg, folder, R, s.device, s.dtype, s.seed, s.runtime)
     save_checkpoint(model, folder)  # --init's folder lies outside the run: its weights, adapters (if any) held
     if not task["gold"]:
         return {"final_loss": loss}
@@ -78,7 +80,7 @@ def rm_stage(folder, s, sft_dir, cfg):
     task = s.task
     model = s.memory.trained(load_checkpoint(sft_dir, "scalar", s.device, s.memory.held("rm"))[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["pref"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir, runtime=s.runtime)
     if task["answers"]:  # does it know the facts? (docs/results: a better reward model)
         summary |= fact_accuracy(model, s.tokenizer, task["eval"], task["answers"], s.max_new_tokens, s.device, s.dtype)
         tqdm.write(f"rm: the right answer scored above every wrong one on {summary['fact_accuracy']:.0%} "
@@ -94,7 +96,7 @@ def judge_stage(folder, s, sft_dir, cfg):
     task = s.task
     model = s.memory.trained(load_checkpoint(sft_dir, "scalar", s.device, s.memory.held("rm"))[0], "rm")
     summary = train_reward_model(model, s.tokenizer, task["judge"], task["held_out"], task["sft"][:512], cfg,
-                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir)
+                                 folder, s.max_new_tokens, s.device, s.dtype, s.seed, base=sft_dir, runtime=s.runtime)
     write_json(os.path.join(folder, "pairs.json"), [r["line"] for r in task["judge"]])
     return {"pairs": len(task["judge"]), **summary}
 

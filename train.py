@@ -17,12 +17,11 @@ import checks
 import distributed
 import training
 from data import FORMATS, UserError, write_json
-import checkpoint
 from hf import check_init, export_hf
 from hf_reward import check_reward_model
-from checks import device_problem, problem, settings
+from checks import device_problem, problem, setting, settings, unknown
 from dpo import DPOConfig
-from lora import LoRAConfig, missing_target
+from lora import LORA_STAGES, TARGETS, LoRAConfig, missing_target
 from model import GPT, GPTConfig
 from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
 from ppo import PPOConfig
@@ -37,88 +36,84 @@ STAGE_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "split": SplitConfig, "dpo": 
                  "lora": LoRAConfig}  # lora: flags --lora-*, the adapters of the stages it names
 
 
-def opt(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class RunConfig:
     """One run: where it writes, what it runs, the model and task shapes, and each stage's config."""
-    out: str = opt("runs/mpo", "the run folder", kind="run folder")
-    preset: str = opt("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU), gpu24 (--init's "
-                      "model with adapters on one 24 GB GPU)", kind="preset")
-    stages: str = opt(",".join(STAGES), "comma list of stages to run: " + ",".join(STAGES), kind="stages")
-    force: str = opt("", "comma list of stages to redo even if complete", kind="stages")
-    seed: int = opt(0, "seed of the task, the weights and the sampling", range="[0, inf)")
-    seeds: int = opt(1, "repeat everything with seeds seed..seed+N-1; mean and spread", range="[1, inf)")
-    device: str = opt("", "cpu or cuda (default: cuda when there is one)", kind="device")
-    dtype: str = opt("", "default: bf16 on CUDA, fp32 on CPU", choices=["fp32", "bf16", "fp16"])
-    compile: bool = opt(False, "torch.compile the training forward passes (pays on a GPU)")
-    grad_accum: int = opt(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
-                          "so a batch fits in less memory", range="[1, inf)")
-    checkpointing: bool = opt(False, "activation checkpointing: every trained model recomputes each transformer "
-                              "block in the backward pass (less memory, about a third more compute)")
-    save_minutes: float = opt(0.0, "also save a stage's resumable step state once this many minutes have passed "
-                              "since its last (0: by the --*-save-every step counts alone)", range="[0, inf)")
-    compare: bool = opt(False, "also train the baselines: " + ",".join(BASELINES))
-    ablations: str = opt("", "comma list of further rows: ablations from " + ",".join(ABLATIONS) + " (or all), or "
-                         "single baselines", kind="ablations")
-    delta_sweep: str = opt("", "comma list of deltas: MPO once per delta (SFT and RM shared)", kind="numbers",
-                           range="(-inf, inf)")
-    noise_sweep: str = opt("", "comma list of label-noise taus: every method (and DPO) once per tau, SFT shared, "
-                           "the easy set kept at the main run's size", kind="numbers", range="(0, inf)")
-    bias_sweep: str = opt("", "comma list of biased annotators' shares: every method (and DPO) once per share, "
-                          "SFT shared, the easy set kept at the main run's size", kind="numbers", range="[0, 1]")
-    flip_sweep: str = opt("", "comma list of label flip rates: every method (and DPO) once per rate, SFT shared, "
-                          "the easy set kept at the main run's size", kind="numbers", range="[0, 0.5)")
-    label_noise: float = opt(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)",
-                             range="(0, inf)")
-    label_flips: float = opt(0.0, "built-in task: each training pair's label is flipped with this probability, "
-                             "whatever the gold gap and the annotator", range="[0, 0.5)")
-    annotator_bias: float = opt(0.0, "built-in task: the share of labels from biased annotators, who prefer "
-                                "the longer (or more polite) response whatever its correctness", range="[0, 1]")
-    bias_kind: str = opt("longer", "what biased annotators prefer", choices=["longer", "polite"])
-    on_policy_pairs: bool = opt(False, "built-in task: preference pairs from the SFT demonstrators (ablation; by "
-                                "default they come from other responders, as in HH-RLHF)")
-    data: str = opt("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
-                    "a tenth of it is held out, and --judge-fraction of the rest trains the judge", kind="file")
-    format: str = opt("auto", "the format of --data", choices=["auto", *FORMATS])
-    chat_template: str = opt("auto", "how conversations (chat lines, and HH-RLHF dialogues) of --data become text: "
-                             "auto (the chat template beside --init's tokenizer, when it has one), none (the "
-                             "HH-RLHF text form), or a Jinja template file", kind="chat template")
-    eval_data: str = opt("", "held-out preference file for evaluation (with --data)", kind="file")
-    sft_data: str = opt("", "demonstrations for SFT: {prompt, response} lines or a preference file's "
-                        "chosen side (default: the chosen side of --data)", kind="file")
-    judge_fraction: float = opt(0.2, "with --data: the share of its training pairs held out for the evaluation's "
-                                "judge, a second reward model that no policy and no training reward model sees",
-                                range="(0, 1)", why="the judge and the reward model each need pairs")
-    init: str = opt("", "start SFT from this folder: a Hugging Face folder of the GPT-2, Llama or Qwen2 layout "
-                    "(config.json, model.safetensors or its shards, tokenizer.json; end-of-sequence and padding "
-                    "tokens from its configs) or a checkpoint of this project", kind="folder")
-    reward_model: str = opt("", "a Hugging Face sequence classifier of one label (GPT2-, Llama- or "
-                            "Qwen2ForSequenceClassification, with its tokenizer.json) as the reward model of the split, "
-                            "PPO and the evaluation: the rm stage is skipped", kind="folder")
-    export_hf: bool = opt(False, "also write each final policy as a Hugging Face folder of its layout (GPT-2, "
-                          "llama or qwen2), RUN/hf/METHOD, and the reward model as a sequence classifier, "
-                          "RUN/hf/reward_model")
+    out: str = setting("runs/mpo", "the run folder", kind="run folder")
+    preset: str = setting("tiny", "tiny (2-core CPU), micro (smoke test), gpt2 (124M, one GPU), gpu24 (--init's "
+                          "model with adapters on one 24 GB GPU)", kind="preset")
+    stages: str = setting(",".join(STAGES), "comma list of stages to run: " + ",".join(STAGES), kind="stages")
+    force: str = setting("", "comma list of stages to redo even if complete", kind="stages")
+    seed: int = setting(0, "seed of the task, the weights and the sampling", range="[0, inf)")
+    seeds: int = setting(1, "repeat everything with seeds seed..seed+N-1; mean and spread", range="[1, inf)")
+    device: str = setting("", "cpu or cuda (default: cuda when there is one)", kind="device")
+    dtype: str = setting("", "default: bf16 on CUDA, fp32 on CPU", choices=["fp32", "bf16", "fp16"])
+    compile: bool = setting(False, "torch.compile the training forward passes (pays on a GPU)")
+    grad_accum: int = setting(1, "SFT, RM and DPO: micro-batches per optimizer step (per rank under torchrun), "
+                              "so a batch fits in less memory", range="[1, inf)")
+    checkpointing: bool = setting(False, "activation checkpointing: every trained model recomputes each transformer "
+                                  "block in the backward pass (less memory, about a third more compute)")
+    save_minutes: float = setting(0.0, "also save a stage's resumable step state once this many minutes have passed "
+                                  "since its last (0: by the --*-save-every step counts alone)", range="[0, inf)")
+    compare: bool = setting(False, "also train the baselines: " + ",".join(BASELINES))
+    ablations: str = setting("", "comma list of further rows: ablations from " + ",".join(ABLATIONS) + " (or all), or "
+                             "single baselines", kind="ablations")
+    delta_sweep: str = setting("", "comma list of deltas: MPO once per delta (SFT and RM shared)", kind="numbers",
+                               range="(-inf, inf)")
+    noise_sweep: str = setting("", "comma list of label-noise taus: every method (and DPO) once per tau, SFT shared, "
+                               "the easy set kept at the main run's size", kind="numbers", range="(0, inf)")
+    bias_sweep: str = setting("", "comma list of biased annotators' shares: every method (and DPO) once per share, "
+                              "SFT shared, the easy set kept at the main run's size", kind="numbers", range="[0, 1]")
+    flip_sweep: str = setting("", "comma list of label flip rates: every method (and DPO) once per rate, SFT shared, "
+                              "the easy set kept at the main run's size", kind="numbers", range="[0, 0.5)")
+    label_noise: float = setting(1.0, "tau of the built-in labels: P(a > b) = sigmoid((r*(a) - r*(b)) / tau)",
+                                 range="(0, inf)")
+    label_flips: float = setting(0.0, "built-in task: each training pair's label is flipped with this probability, "
+                                 "whatever the gold gap and the annotator", range="[0, 0.5)")
+    annotator_bias: float = setting(0.0, "built-in task: the share of labels from biased annotators, who prefer "
+                                    "the longer (or more polite) response whatever its correctness", range="[0, 1]")
+    bias_kind: str = setting("longer", "what biased annotators prefer", choices=["longer", "polite"])
+    on_policy_pairs: bool = setting(False, "built-in task: preference pairs from the SFT demonstrators (ablation; by "
+                                    "default they come from other responders, as in HH-RLHF)")
+    data: str = setting("", "a preference file (hh, tldr or jsonl, plain or gzip) instead of the built-in task; "
+                        "a tenth of it is held out, and --judge-fraction of the rest trains the judge", kind="file")
+    format: str = setting("auto", "the format of --data", choices=["auto", *FORMATS])
+    chat_template: str = setting("auto", "how conversations (chat lines, and HH-RLHF dialogues) of --data become text: "
+                                 "auto (the chat template beside --init's tokenizer, when it has one), none (the "
+                                 "HH-RLHF text form), or a Jinja template file", kind="chat template")
+    eval_data: str = setting("", "held-out preference file for evaluation (with --data)", kind="file")
+    sft_data: str = setting("", "demonstrations for SFT: {prompt, response} lines or a preference file's "
+                            "chosen side (default: the chosen side of --data)", kind="file")
+    judge_fraction: float = setting(0.2, "with --data: the share of its training pairs held out for the evaluation's "
+                                    "judge, a second reward model that no policy and no training reward model sees",
+                                    range="(0, 1)", why="the judge and the reward model each need pairs")
+    init: str = setting("", "start SFT from this folder: a Hugging Face folder of the GPT-2, Llama or Qwen2 layout "
+                        "(config.json, model.safetensors or its shards, tokenizer.json; end-of-sequence and padding "
+                        "tokens from its configs) or a checkpoint of this project", kind="folder")
+    reward_model: str = setting("", "a Hugging Face sequence classifier of one label (GPT2-, Llama- or "
+                                "Qwen2ForSequenceClassification, with its tokenizer.json) as the reward model of "
+                                "the split, PPO and the evaluation: the rm stage is skipped", kind="folder")
+    export_hf: bool = setting(False, "also write each final policy as a Hugging Face folder of its layout (GPT-2, "
+                              "llama or qwen2), RUN/hf/METHOD, and the reward model as a sequence classifier, "
+                              "RUN/hf/reward_model")
     # the model and the task (the preset's)
-    n_layer: int = opt(2, "transformer blocks", range="[1, inf)")
-    n_head: int = opt(4, "attention heads", range="[1, inf)")
-    n_embd: int = opt(128, "width", range="[1, inf)")
-    block_size: int = opt(128, "context: longest prompt + response", range="[2, inf)")
-    vocab_size: int = opt(1024, "BPE vocabulary trained on the task's text (not with --init)", range="[258, inf)",
-                          why="the 256 bytes and 2 special tokens come first")
-    n_sft: int = opt(4000, "built-in task: SFT demonstrations", range="[1, inf)",
-                     why="SFT and centring the reward need a demonstration")
-    n_pref: int = opt(2000, "built-in task: preference pairs", range="[2, inf)",
-                      why="the split needs an easy and a hard pair")
-    max_new_tokens: int = opt(48, "longest response, in training, sampling and scoring", range="[1, inf)")
-    eval_prompts: int = opt(0, "evaluate on at most this many held-out prompts (0: all)", range="[0, inf)")
-    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation", range="(0, inf)",
-                                  why="temperature 0 is greedy: judged besides, in the greedy column")
-    eval_samples: int = opt(4, "samples per evaluation prompt (and one greedy answer)", range="[1, inf)")
-    eval_split: str = opt("test", "built-in task: evaluate on the test prompts (reporting) or the validation "
-                          "prompts (choosing settings)", choices=["test", "valid"])
+    n_layer: int = setting(2, "transformer blocks", range="[1, inf)")
+    n_head: int = setting(4, "attention heads", range="[1, inf)")
+    n_embd: int = setting(128, "width", range="[1, inf)")
+    block_size: int = setting(128, "context: longest prompt + response", range="[2, inf)")
+    vocab_size: int = setting(1024, "BPE vocabulary trained on the task's text (not with --init)", range="[258, inf)",
+                              why="the 256 bytes and 2 special tokens come first")
+    n_sft: int = setting(4000, "built-in task: SFT demonstrations", range="[1, inf)",
+                         why="SFT and centring the reward need a demonstration")
+    n_pref: int = setting(2000, "built-in task: preference pairs", range="[2, inf)",
+                          why="the split needs an easy and a hard pair")
+    max_new_tokens: int = setting(48, "longest response, in training, sampling and scoring", range="[1, inf)")
+    eval_prompts: int = setting(0, "evaluate on at most this many held-out prompts (0: all)", range="[0, inf)")
+    eval_temperature: float = setting(1.0, "sampling temperature of the evaluation", range="(0, inf)",
+                                      why="temperature 0 is greedy: judged besides, in the greedy column")
+    eval_samples: int = setting(4, "samples per evaluation prompt (and one greedy answer)", range="[1, inf)")
+    eval_split: str = setting("test", "built-in task: evaluate on the test prompts (reporting) or the validation "
+                              "prompts (choosing settings)", choices=["test", "valid"])
     # each stage's hyperparameters, flags --sft-*, --rm-*, --dpo-*, --ppo-* and --delta etc. for split
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -235,7 +230,12 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks (checks.py)
 
-KINDS = {**checks.KINDS, "preset": lambda v: None if v in PRESETS else f"not a preset: choose from {', '.join(PRESETS)}"}
+KINDS = {**checks.KINDS,  # a kind -> what is wrong with a value of it, or None
+         "preset": lambda v: None if v in PRESETS else f"not a preset: choose from {', '.join(PRESETS)}",
+         "stages": lambda v: unknown(v, STAGES, "stage"),
+         "ablations": lambda v: unknown(v, [*ABLATIONS, *BASELINES, "all"], "row"),
+         "lora targets": lambda v: unknown(v, TARGETS, "projection") or (None if v.strip(",") else "name a projection"),
+         "lora stages": lambda v: unknown(v, LORA_STAGES, "stage") or (None if v.strip(",") else "name a stage")}
 
 
 BUILTIN_TASK = ["n_sft", "n_pref", "label_noise", "noise_sweep", "bias_sweep", "annotator_bias", "bias_kind",
@@ -249,12 +249,29 @@ def check(run):
         wrong = problem(value, meta, KINDS)
         if wrong:
             return f"{flag} {value if value != '' else repr(value)}: {wrong}"
-    W, preset, ppo = distributed.world_size(), PRESETS[run.preset], run.ppo
-    changed = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(run, n) != getattr(preset, n)]
     if not run.stage_list:
         return "--stages: name at least one stage"
     if "all" in run.ablations.split(",") and run.ablations != "all":
         return f"--ablations {run.ablations}: all stands alone"
+    wrong = data_conflict(run) or shape_conflict(run) or batch_conflict(run) or adapter_conflict(run)
+    if wrong:
+        return wrong
+    for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
+                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep),
+                        ("--flip-sweep", run.flip_sweep)):
+        if given and "eval" not in run.stage_list:
+            return f"{flag} runs after the eval stage: add eval to --stages"
+    return None
+
+
+def changed(run, names):
+    """The flags of `names` whose values differ from the preset's."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(run, n) != getattr(PRESETS[run.preset], n)]
+
+
+def data_conflict(run):
+    """The task's settings against each other: --data against the built-in task's, --init's shape."""
+    preset = PRESETS[run.preset]
     if (run.eval_data or run.sft_data) and not run.data:
         return "--eval-data and --sft-data need --data"
     if run.chat_template not in ("auto", "none") and not (run.data and run.init):
@@ -265,14 +282,19 @@ def check(run):
     if run.judge_fraction != preset.judge_fraction and not run.data:
         return (f"--judge-fraction {run.judge_fraction:g} holds out pairs of --data for the judge (the built-in task "
                 "judges with its gold reward): give --data")
-    if run.data and changed(BUILTIN_TASK):
-        return f"{changed(BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
+    if run.data and changed(run, BUILTIN_TASK):
+        return f"{changed(run, BUILTIN_TASK)[0]} shapes the built-in task: not with --data"
     if run.data and any(METHODS[m].split == "gold" for m in run.methods):
         return "gold_split splits on the built-in task's gold reward: not with --data"
-    if run.init and changed(MODEL_SHAPE):
-        return f"{changed(MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
+    if run.init and changed(run, MODEL_SHAPE):
+        return f"{changed(run, MODEL_SHAPE)[0]}: the model's shape comes from --init's config.json: not with --init"
     if run.bias_kind != preset.bias_kind and not (run.annotator_bias or run.bias_sweep):
         return f"--bias-kind {run.bias_kind} says what biased annotators prefer: it needs --annotator-bias above 0"
+    return None
+
+
+def shape_conflict(run):
+    """The model's shape, the response length and the easy set's size against each other."""
     if not run.init and run.n_embd % run.n_head:
         return f"--n-embd {run.n_embd} is not a multiple of --n-head {run.n_head}"
     if not run.init and run.max_new_tokens >= run.block_size:
@@ -281,6 +303,12 @@ def check(run):
     if not run.data and run.split.easy_fraction > 0 and not 0 < easy < run.n_pref:
         return (f"--easy-fraction {run.split.easy_fraction} of --n-pref {run.n_pref} pairs leaves the "
                 f"{'easy' if easy == 0 else 'hard'} set empty")
+    return None
+
+
+def batch_conflict(run):
+    """The batches against the ranks (torchrun) and micro-batches; the losses' settings together."""
+    W, ppo = distributed.world_size(), run.ppo
     for name in ("sft", "rm", "dpo"):
         if getattr(run, name).batch_size < W * run.grad_accum:
             return (f"--{name}-batch-size {getattr(run, name).batch_size} is smaller than {W} ranks x --grad-accum "
@@ -297,7 +325,12 @@ def check(run):
                 f"{ppo.rollouts / 5:g}, or one update can make the KL coefficient 0 or negative")
     if run.dpo.loss_type.startswith("ipo") and run.dpo.label_smoothing:
         return f"--dpo-label-smoothing is for --dpo-loss-type sigmoid: {run.dpo.loss_type} has none"
-    lora = run.lora
+    return None
+
+
+def adapter_conflict(run):
+    """The adapters (--lora-*) and activation checkpointing against the model and the stages run."""
+    lora, preset = run.lora, PRESETS[run.preset]
     if not lora.rank and lora != dataclasses.replace(preset.lora, rank=0):
         given = next(f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != getattr(preset.lora, f.name))
         return f"--lora-{given.replace('_', '-')} sets the adapters: it needs --lora-rank above 0"
@@ -313,11 +346,6 @@ def check(run):
             wrong = missing_target(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), lora.targets)
         if wrong:
             return f"--lora-targets {lora.targets}: {wrong}"
-    for flag, given in (("--export-hf", run.export_hf), ("--delta-sweep", run.delta_sweep),
-                        ("--noise-sweep", run.noise_sweep), ("--bias-sweep", run.bias_sweep),
-                        ("--flip-sweep", run.flip_sweep)):
-        if given and "eval" not in run.stage_list:
-            return f"{flag} runs after the eval stage: add eval to --stages"
     return None
 
 
@@ -362,7 +390,6 @@ def main(argv=None):
     run = dataclasses.replace(run, device=distributed.setup(run.device))  # cuda:LOCAL_RANK under torchrun
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # rank 0 prints, as it alone writes
-    training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES = run.compile, run.grad_accum, run.save_minutes
     training.float32_matmuls(run.device, run.dtype)
     try:
         init = check_init(run.init, run.lora, run.max_new_tokens)

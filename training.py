@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -16,6 +16,7 @@ from tqdm import tqdm
 import data
 import distributed
 from checkpoint import StepState
+from checks import setting
 from data import write_text
 from lora import LoRAConfig, add_adapters, merge
 from model import set_checkpointing
@@ -23,7 +24,17 @@ from model import set_checkpointing
 
 # ----------------------------------------------------------------------------- precision and steps
 
-COMPILE = False  # train.py --compile sets it: the training forward passes go through torch.compile
+class Runtime(NamedTuple):
+    """How the training loops use the machine, from train.py's --compile, --grad-accum and
+    --save-minutes. In no stage's fingerprint or seed: they change how a stage runs, not what it
+    learns (micro-batches: up to floating-point order).
+
+    compile: the training forward passes go through torch.compile (compiled);
+    grad_accum: fit's micro-batches per rank and optimizer step;
+    save_minutes: a step state also once this many minutes have passed since the last (StepState)."""
+    compile: bool = False
+    grad_accum: int = 1
+    save_minutes: float = 0.0
 
 
 # where the scored positions are found on the device (packing.positions' nonzero, a batch without
@@ -31,13 +42,13 @@ COMPILE = False  # train.py --compile sets it: the training forward passes go th
 DYNAMO = dict(capture_dynamic_output_shape_ops=True)
 
 
-def compiled(model):
-    """The model itself, or a torch.compile'd view of it sharing its parameters (with --compile).
+def compiled(model, use):
+    """The model itself, or (use: --compile) a torch.compile'd view of it sharing its parameters.
 
     dynamic=True: batches are padded to different lengths, and a recompile per shape would cost
     more than it saves.
     """
-    if not COMPILE:
+    if not use:
         return model
     for name, value in DYNAMO.items():  # read when a forward is traced, not here: set for the process
         setattr(torch._dynamo.config, name, value)
@@ -266,7 +277,6 @@ def truncate_jsonl(path, key, below):
 
 # ----------------------------------------------------------------------------- one training loop
 
-GRAD_ACCUM = 1  # train.py --grad-accum sets it: micro-batches per rank and optimizer step
 READ_EVERY = 10  # fit reads its figures back every READ_EVERY steps (and before a step state, a probe, the end)
 
 
@@ -277,98 +287,109 @@ def rows_of(batch):
 @dataclass
 class FitConfig:
     """What fit() reads: the optimizer settings of SFT, the reward model and DPO. Each stage's config
-    subclasses it, adds its own fields (steps or epochs, beta, ...) and redeclares with fit_field()
-    the defaults that differ; these are the reward model's (two of the three stages train on pairs). Each field's "range" is what checks.py accepts (an interval: [ and ] include the end)."""
-    batch_size: int = field(default=32, metadata={"help": "pairs per step", "range": "[1, inf)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "range": "(0, inf)"})
-    warmup: int = field(default=10, metadata={"help": "warmup steps", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip", "range": "(0, inf)"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable step state every N steps (0: by --save-minutes alone)",
-                                                  "range": "[0, inf)"})
-
-
-def fit_field(name, default, **metadata):
-    """FitConfig's field `name` with a stage's own default (and help, if given); its range stays
-    FitConfig's. In a subclass: lr: float = fit_field("lr", 3e-3)."""
-    return field(default=default, metadata={**FitConfig.__dataclass_fields__[name].metadata, **metadata})
+    subclasses it, adds its own fields (steps or epochs, beta, ...) and declares again the fields
+    whose defaults differ; these are the reward model's (two of the three stages train on pairs)."""
+    batch_size: int = setting(32, "pairs per step", range="[1, inf)")
+    lr: float = setting(3e-4, "peak learning rate", range="(0, inf)")
+    warmup: int = setting(10, "warmup steps", range="[0, inf)")
+    weight_decay: float = setting(0.0, "AdamW weight decay", range="[0, inf)")
+    grad_clip: float = setting(1.0, "gradient norm clip", range="(0, inf)")
+    save_every: int = setting(50, "save a resumable step state every N steps (0: by --save-minutes alone)",
+                              range="[0, inf)")
 
 
 def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="cpu", dtype="fp32",
-        desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of):
+        desc="train", show=("loss",), probe=None, probe_every=0, units=rows_of, runtime=Runtime()):
     """The loop of SFT, the reward model and DPO: shuffled batches of `examples`, linear warmup and
     cosine decay, a guarded optimizer step, one metrics.jsonl row per step, a progress bar, and a
     step state every cfg.save_every steps to resume from.
 
     collate(list of examples) -> batch, a dict of tensors; step_loss(forward, batch) -> (loss,
     row of floats), computed under autocast. `steps` counts optimizer steps, each on exactly
-    cfg.batch_size examples (batch_plan). cfg: a FitConfig (or anything with its fields). probe(model)
-    -> a row of figures (held-out gold, say) joins the metrics every probe_every steps and at the
-    end. Returns the last row. epoch_steps converts epochs to steps.
-
-    Data parallel (distributed.py) and with GRAD_ACCUM > 1, each rank takes its part of every
-    batch and splits it into GRAD_ACCUM micro-batches. A micro-batch's loss is weighted by its
-    share of the whole batch's units(batch) (rows; SFT: response tokens), so the update is the
-    whole batch's, up to floating-point order. units(batch) is read on the host, before the copy.
+    cfg.batch_size examples (batch_plan), in runtime.grad_accum micro-batches per rank
+    (accumulate_gradients, which weighs them by units(batch)). cfg: a FitConfig (or anything with
+    its fields). probe(model) -> a row of figures (held-out gold, say) joins the metrics every
+    probe_every steps and at the end. Returns the last row. epoch_steps converts epochs to steps.
 
     No step reads the device back (on a GPU the host would wait): the figures step_loss returns
     may be 0-dim tensors, kept with the loss and the gradient norm and read every READ_EVERY
-    steps (Figures), the finiteness guard with them; each batch's packing is planned on the host
-    (data.to_device).
+    steps (Figures), the finiteness guard with them.
     """
     os.makedirs(folder, exist_ok=True)
     if steps and not examples:
         raise StageError(f"{desc}: no examples to train on")
-    plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
-    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
-    scaler = grad_scaler(device, dtype)
-    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt}, scalers={"scaler": scaler})
-    start, _ = state.restore()
-    metrics = os.path.join(folder, "metrics.jsonl")
-    truncate_jsonl(metrics, "step", start)
-    W, accum = distributed.world_size(), GRAD_ACCUM
+    W, accum = distributed.world_size(), runtime.grad_accum
     if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
         raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
                          "micro-batches; raise the batch size or lower --grad-accum")
+    plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
+    opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
+    scaler = grad_scaler(device, dtype)
+    state = StepState(folder, cfg.save_every, steps, {"model": model}, {"opt": opt}, scalers={"scaler": scaler},
+                      minutes=runtime.save_minutes)
+    start, _ = state.restore()
+    metrics = os.path.join(folder, "metrics.jsonl")
+    truncate_jsonl(metrics, "step", start)
     model.train()
-    # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager; DDPOptimizer still splits at buckets
-    forward = distributed.wrap(compiled(model))
-    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
+    # DDP(compile(model)), as torch.compile's docs advise: DDP and no_sync stay eager (DDPOptimizer splits at buckets)
+    forward = distributed.wrap(compiled(model, runtime.compile))
     bar = progress(steps, desc, start)
     row, figures, lrs = {}, Figures(), {}
     for step in range(start, steps):
         set_lr(opt, cosine_lr(step, steps, cfg.warmup, cfg.lr))
         lrs[step] = opt.param_groups[0]["lr"]
         parts = distributed.chunks(distributed.shard(plan[step]), accum)  # this rank's part, in micro-batches
-        host = [collate([examples[i] for i in part]) for part in parts]
-        sizes = [units(b) for b in host]  # on the host, where collate made them
-        whole = float(sum(sizes)) if W == 1 else distributed.total(
-            torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
-        values = []
-        for j, batch in enumerate(host):
-            weight = sizes[j] / whole  # 1 with one rank and one micro-batch
-            with (contextlib.nullcontext() if j == accum - 1 else no_sync()):
-                with autocast(device, dtype):
-                    loss, figure = step_loss(forward, data.to_device(batch, device))
-                backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
-            values.append((weight, {"loss": loss.detach(), **figure}))
+        batches = [collate([examples[i] for i in part]) for part in parts]
+        values = accumulate_gradients(forward, batches, step_loss, units, scaler, step, device, dtype)
         norm = optimizer_step(None, opt, cfg.grad_clip, scaler, step, check=False)
         figures.add(step, values, norm if scaler is None else None)  # fp16: the scaler skips an overflowing step
         probing = probe and ((step + 1) % probe_every == 0 or step + 1 == steps)
-        due = state.due(step + 1)
+        due = state.due(step + 1)  # before the read: a step state is saved only after one
         if probing or due or (step + 1) % READ_EVERY == 0 or step + 1 == steps:
             for s, f in figures.read():  # raises NonFiniteError at the first non-finite step
                 row = {"step": s, **distributed.sum_row(f), "lr": lrs.pop(s)}
                 if probing and s == step:
-                    t0 = time.time()
-                    row.update(probe(model))
-                    row["seconds_probe"] = time.time() - t0  # evaluation, not training: runs.method_costs leaves it out
-                    model.train()
+                    row.update(timed_probe(probe, model))
                 data.append_jsonl(metrics, row)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
         bar.update()
         state.save(step + 1)  # after the read: due(step + 1) answers as above
     bar.close()
+    return row
+
+
+def accumulate_gradients(forward, batches, step_loss, units, scaler, step, device, dtype):
+    """One optimizer step's gradient from this rank's micro-batches (host batches from collate).
+
+    Data parallel (distributed.py) and with --grad-accum above 1, each rank takes its part of every
+    batch and splits it into micro-batches. A micro-batch's loss is weighted by its share of the
+    whole batch's units(batch) (rows; SFT: response tokens), so the update is the whole batch's,
+    up to floating-point order. units(batch) is read on the host, before the copy; each batch's
+    packing is planned on the host (data.to_device). Returns [(weight, {"loss": ..., figures})],
+    one per micro-batch, for Figures.add.
+    """
+    W = distributed.world_size()
+    sizes = [units(b) for b in batches]  # on the host, where collate made them
+    whole = float(sum(sizes)) if W == 1 else distributed.total(
+        torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
+    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
+    values = []
+    for j, batch in enumerate(batches):
+        weight = sizes[j] / whole  # 1 with one rank and one micro-batch
+        with (contextlib.nullcontext() if j == len(batches) - 1 else no_sync()):
+            with autocast(device, dtype):
+                loss, figure = step_loss(forward, data.to_device(batch, device))
+            backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
+        values.append((weight, {"loss": loss.detach(), **figure}))
+    return values
+
+
+def timed_probe(probe, model):
+    """probe(model)'s row and its seconds, which are evaluation, not training (runs.method_costs
+    leaves them out); the model goes back to training mode."""
+    t0 = time.time()
+    row = {**probe(model), "seconds_probe": time.time() - t0}
+    model.train()
     return row
 
 

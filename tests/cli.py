@@ -2,8 +2,8 @@
 its exit status caught as subprocess.run gives them. A new interpreter spends about 4 s on imports
 before any work (torch, then torch._dynamo, which the first optimizer imports), a micro run's
 whole length; the suite runs dozens of them. Each run starts from the same state a process would:
-train.main sets every module setting from its flags, and each stage seeds the global random
-stream from its name and settings (runs.py).
+the flags travel in the run's settings (train.main sets no module's globals), and each stage seeds
+the global random stream from its name and settings (runs.py).
 
 Tests of what only a real process shows (a kill and a resume, torchrun's ranks, the exit status and
 the one line a shell sees) start one."""
@@ -15,22 +15,19 @@ import sys
 
 import torch
 
-import checkpoint
 import train
-import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, cwd=ROOT):
     """train.py *args, run in cwd -> subprocess.CompletedProcess(args, returncode, stdout, stderr).
-    What main sets for the process (the matmul precision, the module settings of its flags) is set
-    back after it, as a process's would end with it."""
+    What main sets for the process (the matmul precision) is set back after it, as a process's would
+    end with it."""
     argv = [str(a) for a in args]
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
     here, precision = os.getcwd(), torch.get_float32_matmul_precision()
-    settings = training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES
     os.chdir(cwd)  # (contextlib.chdir needs Python 3.11)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -40,7 +37,6 @@ def run_train(*args, cwd=ROOT):
     finally:
         os.chdir(here)
         torch.set_float32_matmul_precision(precision)
-        training.COMPILE, training.GRAD_ACCUM, checkpoint.SAVE_MINUTES = settings
     return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 

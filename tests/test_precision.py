@@ -98,12 +98,8 @@ def test_compiled_training_forward_matches_eager_on_cuda():
     torch.manual_seed(0)
     model = GPT(CFG).cuda()
     ids = torch.randint(0, CFG.vocab_size, (4, 32), device="cuda")
-    training.COMPILE = True
-    try:
-        compiled = training.compiled(model)
-        assert (compiled(ids) - model(ids)).abs().max() < 1e-4
-    finally:
-        training.COMPILE = False
+    compiled = training.compiled(model, True)
+    assert (compiled(ids) - model(ids)).abs().max() < 1e-4
 
 
 def test_autocast_dtype_without_deprecated_calls_and_the_kv_cache_follows_it(monkeypatch):
@@ -171,7 +167,6 @@ def test_compiled_sft_matches_eager_on_the_cpu(tmp_path):
         train.main([*flags, "--out", str(tmp_path / "eager")])
         train.main([*flags, "--compile", "--out", str(tmp_path / "compiled")])
     finally:
-        training.COMPILE = False  # main sets it for the process
         torch._dynamo.reset()
     losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "sft" / "metrics.jsonl").open()]
               for run in ("eager", "compiled")}

@@ -15,9 +15,10 @@ from training import StageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each module may import only modules of lower layers
-LAYERS = [["task", "distributed", "packing", "sampling", "peak_memory", "chat"], ["data"], ["tokenizer", "model"], ["llama", "lora"], ["checkpoint"], ["hf", "training", "report"], ["runs"],
-          ["sft", "reward", "dpo"], ["ppo", "evaluate", "hf_reward"], ["stages"], ["mpo"], ["checks"], ["train"],
+LAYERS = [["task", "distributed", "packing", "sampling", "peak_memory", "chat", "checks"], ["data"], ["tokenizer", "model"], ["llama", "lora"], ["checkpoint"], ["hf", "training", "report"], ["runs"],
+          ["sft", "reward", "dpo"], ["ppo", "evaluate", "hf_reward"], ["stages"], ["mpo"], ["train"],
           ["bench_memory", "bench_compile"], ["bench", "bench_anchors", "bench_pipeline", "publish"], ["gpu_check"]]
+MODULES = {m for layer in LAYERS for m in layer}
 ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench_anchors.py's alone, from .anchors/
 
 
@@ -51,6 +52,37 @@ def test_trl_is_imported_by_bench_anchors_alone():
         roots = {name.split(".")[0] for name in imports(module)}
         assert not roots & ANCHOR_PACKAGES, f"{module} imports {roots & ANCHOR_PACKAGES}"
     assert not project_imports("bench_anchors")
+
+
+def project_trees():
+    return {m: ast.parse(open(os.path.join(ROOT, m + ".py")).read()) for m in MODULES}
+
+
+def test_every_flag_is_declared_by_checks_setting():
+    """One way to declare a setting, its help and its range: checks.setting. No field of a config
+    dataclass carries metadata of its own making."""
+    for module, tree in project_trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and any(k.arg == "metadata" for k in node.keywords):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                assert name != "field" or module == "checks", f"{module}.py:{node.lineno} declares a field's metadata"
+
+
+def test_no_module_sets_another_modules_globals():
+    """Settings travel in the config or the training.Runtime that needs them: nothing assigns a
+    global of another module of the project (train.main once set training.COMPILE and kin). A
+    benchmark may patch one for a measurement and set it back (bench_compile: packing.ALIGN)."""
+    for module, tree in project_trees().items():
+        if module.startswith("bench"):
+            continue
+        modules = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name in MODULES}  # imported whole: import training
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in [e for target in targets for e in ast.walk(target)]:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
+                    raise AssertionError(f"{module}.py:{node.lineno} sets {t.value.id}.{t.attr}")
 
 
 def test_bench_shapes_are_the_presets():

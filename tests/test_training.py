@@ -15,7 +15,7 @@ from dpo import DPOConfig
 from model import GPT, GPTConfig, response_token_logps, sft_loss
 from reward import RMConfig
 from sft import SFTConfig
-from training import FitConfig, batch_plan, epoch_steps, fit
+from training import FitConfig, Runtime, batch_plan, epoch_steps, fit
 
 
 def test_every_batch_is_full_and_every_pass_visits_each_example_once():
@@ -48,18 +48,16 @@ def fit_once(tmp_path, accum, n=37):
                 for _ in range(n)]
     cfg = FitConfig(lr=1e-2, weight_decay=0.0, warmup=1, grad_clip=1.0, batch_size=8, save_every=0)
     tokens = lambda batch: batch["response_mask"].sum().item()
-    training.GRAD_ACCUM = accum
-    try:
-        fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {}),
-            cfg, epoch_steps(2, n, 8), str(tmp_path / f"accum-{accum}"), seed=0, units=tokens)
-    finally:
-        training.GRAD_ACCUM = 1
+    step_loss = lambda f, b: (sft_loss(response_token_logps(f, b), b["response_mask"]), {})
+    fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), step_loss, cfg, epoch_steps(2, n, 8),
+        str(tmp_path / f"accum-{accum}"), seed=0, units=tokens, runtime=Runtime(grad_accum=accum))
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_the_fit_stage_configs_share_fitconfigs_fields():
-    """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, with
-    FitConfig's ranges (checks.py reads them), and add their own fields."""
+    """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, and add their
+    own fields; a field declared again for its own default keeps FitConfig's range (checks.py reads
+    it) and help (SFT's batch size aside: demonstrations, not pairs)."""
     shared = [f.name for f in dataclasses.fields(FitConfig)]
     for cls, own in ((SFTConfig, ["steps"]), (RMConfig, ["epochs"]),
                      (DPOConfig, ["beta", "label_smoothing", "loss_type", "epochs"])):
@@ -67,7 +65,9 @@ def test_the_fit_stage_configs_share_fitconfigs_fields():
         for f in dataclasses.fields(cls):
             assert f.metadata["help"] and ("range" in f.metadata or "choices" in f.metadata), (cls, f.name)
             if f.name in shared:
-                assert f.metadata["range"] == FitConfig.__dataclass_fields__[f.name].metadata["range"]
+                fit_meta = FitConfig.__dataclass_fields__[f.name].metadata
+                assert f.metadata["range"] == fit_meta["range"], (cls, f.name)
+                assert f.metadata["help"] == fit_meta["help"] or (cls, f.name) == (SFTConfig, "batch_size")
     assert SFTConfig.__dataclass_fields__["batch_size"].metadata["help"] == "demonstrations per step"
     assert (SFTConfig().lr, RMConfig().lr, DPOConfig().lr) == (3e-3, 3e-4, 1e-4)
     assert dataclasses.replace(DPOConfig(), lr=1e-3, beta=0.5) == DPOConfig(beta=0.5, lr=1e-3)
@@ -118,11 +118,11 @@ def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeyp
     the step count, and never at the stage's end (its checkpoint follows)."""
     import time
     import checkpoint
-    monkeypatch.setattr(checkpoint, "SAVE_MINUTES", 1.0)
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     model = torch.nn.Linear(2, 2)
-    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": torch.optim.SGD(model.parameters(), 0.1)})
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    state = checkpoint.StepState(str(tmp_path), 0, 10, {"model": model}, {"opt": opt}, minutes=1.0)
     state.save(1)
     assert not os.path.exists(state.path)  # a second in: not due
     clock[0] += 61
@@ -162,3 +162,15 @@ def test_a_non_finite_step_still_stops_fit_with_its_step(tmp_path, bad):
     import checkpoint
     state = checkpoint.StepState(str(folder), 2, 8, {"model": model}, {})
     assert state.restore()[0] == 2  # the state of step 2, saved after a read that found it finite
+
+
+def test_the_runtime_settings_leave_a_complete_stage_as_it_is(tmp_path):
+    """--compile, --grad-accum and --save-minutes say how a stage runs, not what it learns
+    (training.Runtime): in no stage's fingerprint, so a complete stage is reused under them."""
+    from cli import run_train
+    flags = ["--preset", "micro", "--stages", "tokenizer,sft", "--sft-steps", "2", "--out", str(tmp_path)]
+    assert run_train(*flags).returncode == 0
+    done = (tmp_path / "sft" / "done.json").read_text()
+    again = run_train(*flags, "--compile", "--grad-accum", "2", "--save-minutes", "5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "sft" / "done.json").read_text() == done
