@@ -121,7 +121,8 @@ class Runner:
         metrics; less the temporary files of the writes cut short). Any other start (other settings
         or inputs, --force, a complete stage redone) takes away done.json first, so that the stage
         is incomplete before anything in its folder changes, then started.json, so that no resume
-        can start from a half-emptied folder, then everything else. Rank 0 alone (it writes)."""
+        can start from a half-emptied folder, then everything else. Rank 0 alone changes it (it writes)."""
+        self.check_not_read(name, folder)  # on every rank: all stop, not rank 0 alone
         step_state = os.path.join(folder, "step_state.safetensors")
         if not distributed.is_main():
             return step_state
@@ -133,7 +134,6 @@ class Runner:
                 if data.temporary(entry.name):
                     os.remove(entry.path)
             return step_state
-        self.check_not_read(name, folder)
         for path in (done, started):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
