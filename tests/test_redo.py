@@ -11,6 +11,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from cli import run_train
 from runs import Runner
@@ -84,8 +85,18 @@ def snapshot(folder):
     return {name: content(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run faster on one thread, and several dozen runs of them far faster on
+    a machine shared with other work (where threads wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, one_thread):
     """The first run: DPO with adapters of rank 8."""
     out = tmp_path_factory.mktemp("redo") / "base"
     train(out, FIRST)
