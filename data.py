@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -36,6 +37,11 @@ def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def temporary(name):
+    """Whether a file name is one of atomic_write's temporary names: a write that a kill cut short."""
+    return re.search(r"\.tmp\d+$", name) is not None
 
 
 def write_text(path, text):

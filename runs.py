@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -77,13 +78,17 @@ class Runner:
         if os.path.exists(done_path) and name not in self.force:
             done = data.read_json(done_path)
             if done["fingerprint"] == fingerprint:
+                if distributed.is_main():  # left by a kill after done.json, before its removal below
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, "step_state.safetensors"))
                 self.done[name], self.seconds[name] = done, done["seconds"]
                 self.reused.append(name)
                 return done["summary"]
         if kind not in self.stages:
             raise StageError(f"stage {name} is needed but not complete in {folder}; add {kind} to --stages")
+        distributed.barrier()  # every rank has read done.json before rank 0 takes it away (start)
         step_state = self.start(name, folder, fingerprint)
-        distributed.barrier()  # rank 0 has dropped a stale step state before any rank looks
+        distributed.barrier()  # rank 0 has made the folder ready before any rank looks
         # the stage's seed: its name, settings and the run's seed, never the upstream timestamps
         seed_key = json.dumps({"name": name, "settings": settings, "seed": self.seed}, sort_keys=True, default=plain)
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
@@ -108,14 +113,43 @@ class Runner:
         return summary
 
     def start(self, name, folder, fingerprint):
-        """Keep the stage's step state only if it was saved under this fingerprint; returns its path."""
+        """Make the stage's folder ready to run into; returns its step state's path.
+
+        Every file in a stage folder but started.json was written by a run of the fingerprint that
+        started.json names, since a fresh start empties the folder before it writes started.json. So
+        a stage killed under this fingerprint resumes from what it left (its step state, its
+        metrics; less the temporary files of the writes cut short). Any other start (other settings
+        or inputs, --force, a complete stage redone) takes away done.json first, so that the stage
+        is incomplete before anything in its folder changes, then started.json, so that no resume
+        can start from a half-emptied folder, then everything else. Rank 0 alone changes it (it writes)."""
+        self.check_not_read(name, folder)  # on every rank: all stop, not rank 0 alone
+        step_state = os.path.join(folder, "step_state.safetensors")
+        if not distributed.is_main():
+            return step_state
         os.makedirs(folder, exist_ok=True)
-        started, step_state = os.path.join(folder, "started.json"), os.path.join(folder, "step_state.safetensors")
-        if name in self.force or not os.path.exists(started) or data.read_json(started)["fingerprint"] != fingerprint:
-            if os.path.exists(step_state) and distributed.is_main():
-                os.remove(step_state)  # saved under other settings or inputs: start over
-            data.write_json(started, {"fingerprint": fingerprint})
+        done, started = os.path.join(folder, "done.json"), os.path.join(folder, "started.json")
+        if (name not in self.force and not os.path.exists(done) and os.path.exists(started)
+                and data.read_json(started)["fingerprint"] == fingerprint):
+            for entry in os.scandir(folder):
+                if data.temporary(entry.name):
+                    os.remove(entry.path)
+            return step_state
+        for path in (done, started):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        for entry in os.scandir(folder):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+        data.write_json(started, {"fingerprint": fingerprint})
         return step_state
+
+    def check_not_read(self, name, folder):
+        """A StageError if the stage's folder is, or holds, a folder this run reads as it is (a shared
+        stage, --reward-model's): emptying it would delete what the run stands on."""
+        mine = os.path.realpath(folder)
+        for other in [*self.elsewhere.values(), *(self.path(n) for n in self.shared)]:
+            if os.path.commonpath([mine, os.path.realpath(other)]) == mine:
+                raise StageError(f"stage {name} would empty its folder {folder}, which holds {other}, a folder "
+                                 "this run reads; move it, or choose another --out")
 
 
 @contextlib.contextmanager
