@@ -216,6 +216,15 @@ def select(records, split_dir, which, seed=0):
 
 # ----------------------------------------------------------------------------- the two stages
 
+def policy_at(folder, device, dtype):
+    """The policy saved in `folder`, its weights in dtype."""
+    return load_checkpoint(folder, "gpt", device, dtype)[0]
+
+
+def is_ppo(step):
+    return step[1] == "ppo"
+
+
 def reference_of(policy, starts_from_it, load, memory):
     """A stage's frozen KL reference. A policy with adapters that starts from its reference (MPO's
     two stages: starts_from_it) has it already: the policy with its own adapters off (the earlier
@@ -227,13 +236,14 @@ def reference_of(policy, starts_from_it, load, memory):
     return memory.frozen(load())
 
 
-def reward_model_of(critic, load, memory, read=lambda model: model):
+def reward_model_of(critic, load, memory, read=None):
     """Stage 2's frozen reward model, for a critic that starts as the reward model. With adapters it
     is the critic's backbone with the adapters off under the reward model's own head (the critic's,
     copied before training), read as the reward model is read (read: hf_reward.as_reward_model);
     else a second model, load()."""
     if adapters(critic):
-        return read(AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False)))
+        model = AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False))
+        return read(model) if read else model
     return memory.frozen(load())
 
 
@@ -243,8 +253,7 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
     policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("dpo"))[0], "dpo")
     # the frozen reference is read once, for its log-probs, and freed before training
     reference = reference_logps(reference_of(policy, init_dir == reference_dir,
-                                             lambda: load_checkpoint(reference_dir, "gpt", device, memory.held())[0],
-                                             memory),
+                                             partial(policy_at, reference_dir, device, memory.held()), memory),
                                 tokenizer, records, held_out, policy.config.block_size, max_response, device, dtype)
     summary = train_dpo(policy, reference, tokenizer, records, held_out, cfg, out_dir, max_response,
                         device, dtype, seed, probe, runtime)
@@ -268,12 +277,12 @@ def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, t
     with the adapters off and its own head: one backbone for both.
     """
     policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("ppo"))[0], "ppo")
-    reference = reference_of(policy, init_dir == reference_dir,
-                             lambda: load_checkpoint(reference_dir, "gpt", device, memory.held())[0], memory)
+    reference = reference_of(policy, init_dir == reference_dir, partial(policy_at, reference_dir, device, memory.held()),
+                             memory)
     critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, policy.config.block_size, device,
                                            memory.held("ppo"))
     critic = memory.trained(critic, "ppo")
-    load = lambda: reward_model_at(rm_dir, tokenizer, device, memory.held())
+    load = partial(reward_model_at, rm_dir, tokenizer, device, memory.held())
     reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer))
                     if is_reward_model else memory.frozen(load()))
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
@@ -291,18 +300,17 @@ def policy_stages(methods, runner, pairs, cfgs, flips=0.0):
     visits each prompt of its pool as often, so its iterations scale with the pool's share of the
     pairs; budget "mpo" takes MPO's stage 2's share instead. A DPO step with a loss of its own
     (Method.dpo_loss) takes the labels' true flip rate, `flips`, as its eps."""
-    share = lambda subset: len(subset) / len(pairs)
-    mpo_share = share(select(pairs, runner.path("split"), "hard"))
+    mpo_share = len(select(pairs, runner.path("split"), "hard")) / len(pairs)
     steps = [step for method in methods for step in method_stages(method)[0]]
     out = []
-    for name, kind, recipe in sorted(steps, key=lambda s: s[1] == "ppo"):
+    for name, kind, recipe in sorted(steps, key=is_ppo):
         subset = select(pairs, runner.path(recipe["split"]), recipe["subset"], runner.seed)
         upstream = sorted({recipe["init"], recipe["reference"], recipe["split"]})
         cfg = cfgs[kind]
         if "loss" in recipe:
             cfg = dataclasses.replace(cfg, loss_type=recipe["loss"], label_smoothing=flips)
         if kind == "ppo":
-            budget = mpo_share if recipe["budget"] == "mpo" else share(subset)
+            budget = mpo_share if recipe["budget"] == "mpo" else len(subset) / len(pairs)
             cfg, upstream = dataclasses.replace(cfg, iterations=max(1, round(cfg.iterations * budget))), upstream + ["rm"]
         out.append((name, kind, {"cfg": cfg, **recipe}, upstream, subset, cfg))
     return out
@@ -314,6 +322,66 @@ STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "judge", "eval"]  # j
 TASK_SETTINGS = ["data", "format", "eval_data", "sft_data", "eval_prompts", "eval_split", "n_sft", "n_pref",
                  "annotator_bias", "bias_kind", "on_policy_pairs", "label_flips",
                  "judge_fraction", "chat_template"]  # RunConfig's fields that data.load_task reads
+
+
+def adapters_in(cfgs, kind):
+    """What a stage's fingerprint records of the adapters: the LoRA settings where they apply to it."""
+    return {"lora": cfgs["lora"]} if cfgs["lora"].applies(kind) else {}
+
+
+def gold_probe(setup, prompts, policy):
+    """DPO's held-out probe: the gold reward of the policy's samples on validation prompts."""
+    return {"gold": setup.mean_gold(policy, prompts=prompts)}
+
+
+def split_stages(runner, run, cfgs, methods, task, tokenizer, rm):
+    """The paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)."""
+    split = partial(split_stage, runner.path("rm"), task["pref"], cfgs["split"], tokenizer=tokenizer,
+                    max_response=run.max_new_tokens, device=run.device, dtype=run.dtype, kind_of=task["kind"])
+    summary = runner.run("split", "split", {"cfg": cfgs["split"]}, rm, partial(split, gap="rm"))
+    needed = {recipe["split"] for m in methods for _, _, recipe in method_stages(m)[0]}
+    if "split_abs" in needed:
+        runner.run("split_abs", "split", {"cfg": cfgs["split"]}, rm, partial(split, gap="abs"))
+    if "split_gold" in needed:
+        runner.run("split_gold", "split", {}, ["split"], partial(split, gap="gold", easy_count=summary["easy"]))
+    return summary
+
+
+def dpo_and_ppo_stages(runner, run, cfgs, methods, task, setup):
+    """Stage 1 and stage 2 of every method, DPO first; DPO logs a held-out gold probe, where hacking
+    shows first. Returns the plan (policy_stages)."""
+    path, common = runner.path, dict(tokenizer=setup.tokenizer, device=run.device, dtype=run.dtype, seed=setup.seed,
+                                     memory=setup.memory, runtime=setup.runtime)
+    probe_prompts = (task.get("valid") or task["eval"])[:64]  # validation prompts
+    probe = partial(gold_probe, setup, probe_prompts) if task["gold"] else None
+    plan = policy_stages(methods, runner, task["pref"], cfgs, run.label_flips)
+    for name, kind, settings, upstream, subset, cfg in plan:
+        init_dir, reference_dir = path(settings["init"]), path(settings["reference"])
+        if kind == "dpo":
+            stage = partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], cfg,
+                            max_response=run.max_new_tokens, probe=probe, **common)
+        else:
+            stage = partial(ppo_stage, init_dir, reference_dir, path("rm"), path("sft"), [r["prompt"] for r in subset],
+                            cfg, max_new_tokens=run.max_new_tokens, gold=task["gold"], **common)
+        runner.run(name, kind, {**settings, **adapters_in(cfgs, kind)}, upstream, stage)
+    return plan
+
+
+def eval_stages(runner, cfgs, methods, task, setup, run):
+    """Real data's judge (a second reward model on pairs nothing else saw; the built-in task has its
+    gold reward), then the evaluation of SFT and every method's policy -> (table, judge, policies)."""
+    path, judge = runner.path, None
+    if task["judge"]:
+        judge = runner.run("judge", "judge", {"cfg": cfgs["rm"], **adapters_in(cfgs, "rm")}, ["sft"],
+                           partial(judge_stage, s=setup, sft_dir=path("sft"), cfg=cfgs["rm"]))
+    policies = {"sft": "sft", **{m: method_stages(m)[1] for m in methods}}
+    settings = {"methods": policies, "seed": setup.seed, "prompts": len(task["eval"]), "split": run.eval_split,
+                "temperature": run.eval_temperature, "samples": run.eval_samples}
+    upstream = sorted(set(policies.values())) + ["rm"] + (["judge"] if judge else [])
+    table = runner.run("eval", "eval", settings, upstream, partial(
+        eval_stage, s=setup, policies={m: path(stage) for m, stage in policies.items()}, rm_dir=path("rm"),
+        no_eos_score=cfgs["ppo"].no_eos_score, judge_dir=path("judge") if judge else None))
+    return table, judge, policies
 
 
 def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None):
@@ -329,65 +397,30 @@ def pipeline(run, cfgs, out, seed, methods, init=None, shared=None, reward=None)
     task = data.load_task(seed, tau, tqdm.write, **{k: getattr(run, k) for k in TASK_SETTINGS},
                           tokenizer=init.tokenizer if init else None)
     runner = Runner(out, seed, STAGES, run.stage_list, run.force_list, shared)
-    at, R = runner.path, run.max_new_tokens
     # what every stage depends on: the task, the weights' content (not their path), the longest response
-    key = {**task["key"], "init": init.sha256 if init else None, "max_new_tokens": R}
+    key = {**task["key"], "init": init.sha256 if init else None, "max_new_tokens": run.max_new_tokens}
     shape = dict(n_layer=run.n_layer, n_head=run.n_head, n_embd=run.n_embd, block_size=run.block_size)
     try:
         runner.run("tokenizer", "tokenizer", {**key, "vocab": run.vocab_size}, [],
-                   lambda folder: tokenizer_stage(folder, task, run.vocab_size, init))
-        tokenizer = Tokenizer.load(os.path.join(at("tokenizer"), "tokenizer.json"))
+                   partial(tokenizer_stage, task=task, vocab_size=run.vocab_size, init=init))
+        tokenizer = Tokenizer.load(os.path.join(runner.path("tokenizer"), "tokenizer.json"))
         memory = Memory(cfgs["lora"], run.checkpointing, run.dtype)
-        lora = lambda stage: {"lora": cfgs["lora"]} if cfgs["lora"].applies(stage) else {}  # in the fingerprint
         runtime = Runtime(run.compile, run.grad_accum, run.save_minutes)  # in no fingerprint: how, not what
-        s = Setup(task, tokenizer, R, run.device, run.dtype, seed, run.eval_temperature, run.eval_samples, memory,
-                  runtime)
+        setup = Setup(task, tokenizer, run.max_new_tokens, run.device, run.dtype, seed, run.eval_temperature,
+                      run.eval_samples, memory, runtime)
         if run.data:
-            data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, R, run.data, tqdm.write)
-        runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"], **lora("sft")}, ["tokenizer"],
-                   lambda folder: sft_stage(folder, s, cfgs["sft"], shape, init))
+            data.report_long_prompts(task, tokenizer, init.block_size if init else run.block_size, run.max_new_tokens,
+                                     run.data, tqdm.write)
+        runner.run("sft", "sft", {**key, "model": shape, "cfg": cfgs["sft"], **adapters_in(cfgs, "sft")}, ["tokenizer"],
+                   partial(sft_stage, s=setup, cfg=cfgs["sft"], shape=shape, init=init))
         if reward:  # --reward-model: no rm stage; what reads it fingerprints its content (and the policy's tokens)
             runner.outside("rm", reward.path, reward.sha256)
         else:
-            runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"], **lora("rm")}, ["sft"],
-                       lambda folder: rm_stage(folder, s, at("sft"), cfgs["rm"]))
-        rm = ["rm", "tokenizer"] if reward else ["rm"]
-
-        # the paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)
-        split_of = lambda gap, easy=None: lambda folder: split_stage(
-            at("rm"), task["pref"], cfgs["split"], folder, tokenizer, R, run.device, run.dtype, gap, easy, task["kind"])
-        split = runner.run("split", "split", {"cfg": cfgs["split"]}, rm, split_of("rm"))
-        needed = {recipe["split"] for m in methods for _, _, recipe in method_stages(m)[0]}
-        if "split_abs" in needed:
-            runner.run("split_abs", "split", {"cfg": cfgs["split"]}, rm, split_of("abs"))
-        if "split_gold" in needed:
-            runner.run("split_gold", "split", {}, ["split"], split_of("gold", split["easy"]))
-
-        # stage 1 and stage 2 of every method; DPO logs a held-out gold probe, where hacking shows first
-        probe_prompts = (task.get("valid") or task["eval"])[:64]  # validation prompts
-        probe = (lambda policy: {"gold": s.mean_gold(policy, prompts=probe_prompts)}) if task["gold"] else None
-        plan = policy_stages(methods, runner, task["pref"], cfgs, run.label_flips)
-        for name, kind, settings, upstream, subset, cfg in plan:
-            init_dir, reference_dir = at(settings["init"]), at(settings["reference"])
-            fn = (partial(dpo_stage, init_dir, reference_dir, subset, task["held_out"], probe=probe, memory=memory,
-                          runtime=runtime)
-                  if kind == "dpo" else partial(ppo_stage, init_dir, reference_dir, at("rm"), at("sft"), [r["prompt"] for r in subset],
-                                                gold=task["gold"], memory=memory, runtime=runtime))
-            runner.run(name, kind, {**settings, **lora(kind)}, upstream, lambda folder, fn=fn, cfg=cfg: fn(
-                cfg, folder, tokenizer, R, run.device, run.dtype, seed))
-
-        # real data's judge: a second reward model on pairs nothing else saw (the built-in task has its gold reward)
-        judge = None
-        if task["judge"]:
-            judge = runner.run("judge", "judge", {"cfg": cfgs["rm"], **lora("rm")}, ["sft"],
-                               lambda folder: judge_stage(folder, s, at("sft"), cfgs["rm"]))
-        policies = {"sft": "sft", **{m: method_stages(m)[1] for m in methods}}
-        settings = {"methods": policies, "seed": seed, "prompts": len(task["eval"]), "split": run.eval_split,
-                    "temperature": run.eval_temperature, "samples": run.eval_samples}
-        upstream = sorted(set(policies.values())) + ["rm"] + (["judge"] if judge else [])
-        table = runner.run("eval", "eval", settings, upstream, lambda folder: eval_stage(
-            folder, s, {m: at(stage) for m, stage in policies.items()}, at("rm"), cfgs["ppo"].no_eos_score,
-            at("judge") if judge else None))
+            runner.run("rm", "rm", {"tau": tau, "cfg": cfgs["rm"], **adapters_in(cfgs, "rm")}, ["sft"],
+                       partial(rm_stage, s=setup, sft_dir=runner.path("sft"), cfg=cfgs["rm"]))
+        split = split_stages(runner, run, cfgs, methods, task, tokenizer, ["rm", "tokenizer"] if reward else ["rm"])
+        plan = dpo_and_ppo_stages(runner, run, cfgs, methods, task, setup)
+        table, judge, policies = eval_stages(runner, cfgs, methods, task, setup, run)
     except Stop:
         return None
     costs = method_costs({m: method_stages(m)[0] for m in methods}, plan, runner)
