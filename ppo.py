@@ -38,10 +38,7 @@ class PPOConfig:
     clip_value: float = field(default=0.2, metadata={"help": "value clip eps_v", "range": "(0, inf)"})
     gamma: float = field(default=1.0, metadata={"help": "discount", "range": "[0, 1]"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda", "range": "[0, 1]"})
-    # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
-    # under target, then the policy overshot into reward hacking; 1.0 rather than 0.5 about halves
-    # the ill-formed answers to harmful requests (mostly a fact about something else) at about the
-    # same gold reward (results/kl-coef)
+    # fixed, and 1.0: docs/method.md, "What the paper leaves open"
     kl_coef: float = field(default=1.0, metadata={"help": "beta_kl (initial beta_kl when adaptive)",
                                                    "range": "[0, inf)"})
     kl_target: float = field(default=0.0, metadata={"help": "adaptive KL target (nats per response); 0 = fixed beta_kl",
