@@ -38,10 +38,7 @@ class PPOConfig:
     clip_value: float = setting(0.2, "value clip eps_v", range="(0, inf)")
     gamma: float = setting(1.0, "discount", range="[0, 1]")
     lam: float = setting(0.95, "GAE lambda", range="[0, 1]")
-    # a fixed beta_kl by default: on the built-in task, adaptive control let beta fall while KL was
-    # under target, then the policy overshot into reward hacking; 1.0 rather than 0.5 about halves
-    # the ill-formed answers to harmful requests (mostly a fact about something else) at about the
-    # same gold reward (results/kl-coef)
+    # fixed, and 1.0: docs/method.md, "What the paper leaves open"
     kl_coef: float = setting(1.0, "beta_kl (initial beta_kl when adaptive)", range="[0, inf)")
     kl_target: float = setting(0.0, "adaptive KL target (nats per response); 0 = fixed beta_kl", range="[0, inf)")
     kl_horizon: int = setting(640, "adaptive KL horizon in rollouts (640: ten iterations of 64)", range="[1, inf)")
@@ -162,13 +159,68 @@ def explained_variance(values, returns, mask):
 
 # ----------------------------------------------------------------------------- rollouts
 
+@dataclass
+class Rollouts:
+    """One iteration's samples (rollout): B rollouts of P prompt and N response tokens, on the device;
+    lengths and host_attn on the host, where the forward passes over them are planned (host_plan)."""
+    seq: torch.Tensor         # (B, P + N) the left-padded prompt, then the response
+    attn: torch.Tensor        # (B, P + N) 1 on real tokens
+    prompt_len: int           # P
+    tokens: torch.Tensor      # (B, N) the responses
+    mask: torch.Tensor        # (B, N) float, 1 on response tokens (a prefix of each row)
+    lengths: torch.Tensor     # (B,) on the host: the responses' lengths
+    host_attn: torch.Tensor   # (B, P + N) attn on the host: the one read of the rollouts
+    scores: torch.Tensor      # (B,) the reward model's scores, before the EOS trick
+    seconds_generate: float   # the sampling time
+
+    def micro_batches(self, rows, size, device, n_tokens=None):
+        """The rollouts `rows` (a host index tensor) in forward passes of at most `size` rollouts
+        (0: all at once), each planned on the host."""
+        return [MicroBatch(self, packing.to_device(r, device), *host_plan(self, r, device), n_tokens)
+                for r in (rows.split(size) if size else [rows])]
+
+    def minibatch(self, rows, size, device):
+        """An update's minibatch, its micro-batches carrying its response tokens over all ranks: the
+        count every part's loss divides by, so that the parts add up to the minibatch's token mean."""
+        n_tokens = distributed.total(self.mask[packing.to_device(rows, device)].sum())
+        return self.micro_batches(rows, size, device, n_tokens)
+
+
+class MicroBatch:
+    """Some rows of the rollouts, for one forward pass: their indices on the device, what the pass
+    would otherwise read back from the device, found on the host (host_plan), and in an update the
+    count its losses divide by (Rollouts.minibatch)."""
+
+    def __init__(self, rollouts, rows, plan, response_at, n_tokens=None):
+        self.rows, self.plan, self.response_at, self.n_tokens = rows, plan, response_at, n_tokens
+        self.seq, self.attn, self.mask = rollouts.seq[rows], rollouts.attn[rows], rollouts.mask[rows]
+        self.prompt_len = rollouts.prompt_len
+
+    def logprobs(self, policy, temperature, entropy=False):
+        """log pi(y_t) on the rows' response tokens (b, N), and their entropies (model.response_logprobs)."""
+        return response_logprobs(policy, self.seq, self.attn, self.prompt_len, temperature, self.mask,
+                                 entropy=entropy, plan=self.plan, at=self.response_at)
+
+    def values(self, critic):
+        """V(x, y_<t) before each response token (b, N)."""
+        return critic(self.seq, self.attn, plan=self.plan)[:, self.prompt_len - 1:-1].float()
+
+
+def host_plan(rollouts, rows, device):
+    """What a forward pass over the rollouts `rows` (a host index tensor) would read back from the
+    device, found on the host from their lengths: (its packing, packing.plan; the flat positions of
+    its response tokens, model.response_logprobs)."""
+    attn = rollouts.host_attn[rows]
+    response = attn.bool()
+    response[:, :rollouts.prompt_len] = False
+    return packing.plan(attn, device).to(device), packing.to_device(positions(response), device)
+
+
 @torch.no_grad()
 def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, device, dtype, generator):
-    """Sample responses to `prompts` (lists of ids) and score them with the reward model.
-
-    Returns seq (B, P + N) = left-padded prompt + response, attn (B, P + N), P, tokens and mask
-    (B, N), the raw scores (B,), the sampling time, and on the host the responses' lengths (B,)
-    and attn: the one read of the rollouts, so that no later forward pass reads (host_plan)."""
+    """Sample responses to `prompts` (lists of ids) and score them with the reward model -> Rollouts.
+    On the host, the responses' lengths and attn: the one read of the rollouts, so that no later
+    forward pass reads (host_plan)."""
     host_prompt, host_prompt_mask = left_pad(prompts, tokenizer.pad_id)
     prompt, prompt_mask = (packing.to_device(t, device) for t in (host_prompt, host_prompt_mask))
     policy.eval()  # dropout off while sampling and scoring; the update turns it back on
@@ -179,28 +231,16 @@ def rollout(policy, reward_model, prompts, tokenizer, cfg, max_new_tokens, devic
         if tokens.is_cuda:
             torch.cuda.synchronize()  # a fair split of the time between sampling and scoring
         seconds_generate = time.perf_counter() - t0
-        seq, attn = torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1)
         lengths = mask.sum(-1).cpu()  # responses are a prefix of their row (sampling.generate)
         host_attn = torch.cat([host_prompt_mask, (torch.arange(mask.size(1)) < lengths[:, None]).long()], 1)
-        ro = {"seq": seq, "attn": attn, "P": prompt.size(1), "tokens": tokens, "mask": mask.float(),
-              "lengths": lengths, "host_attn": host_attn, "seconds_generate": seconds_generate}
-        rows = micro_batches(torch.arange(len(seq)), cfg.micro_batch)
+        rollouts = Rollouts(torch.cat([prompt, tokens], 1), torch.cat([prompt_mask, mask], 1), prompt.size(1),
+                            tokens, mask.float(), lengths, host_attn, scores=None, seconds_generate=seconds_generate)
         scores = []
-        for r in rows:
-            d = packing.to_device(r, device)
-            values = reward_model(seq[d], attn[d], plan=host_plan(ro, r, device)[0]).float()
-            scores.append(rewards_at_last_token(values, attn[d]))  # centred already
-    return {**ro, "scores": torch.cat(scores)}
-
-
-def host_plan(ro, rows, device):
-    """What a forward pass over the rollouts `rows` (a host index tensor) would read back from the
-    device, found on the host from their lengths: (its packing, packing.plan; the flat positions of
-    its response tokens, model.response_logprobs)."""
-    attn = ro["host_attn"][rows]
-    response = attn.bool()
-    response[:, :ro["P"]] = False
-    return packing.plan(attn, device).to(device), packing.to_device(positions(response), device)
+        for part in rollouts.micro_batches(torch.arange(len(tokens)), cfg.micro_batch, device):
+            values = reward_model(part.seq, part.attn, plan=part.plan).float()
+            scores.append(rewards_at_last_token(values, part.attn))  # centred already
+    rollouts.scores = torch.cat(scores)
+    return rollouts
 
 
 def minibatch_indices(n, m, generator):
@@ -209,79 +249,126 @@ def minibatch_indices(n, m, generator):
     return torch.randperm(n, generator=generator).tensor_split(m)
 
 
-def micro_batches(mb, size):
-    """The rows of a minibatch in forward passes of at most `size` rollouts (0: all at once)."""
-    return mb.split(size) if size else [mb]
-
-
-def old_logprobs(policy, reference, critic, ro, minibatches, temperature, device, dtype):
+def old_logprobs(policy, reference, critic, rollouts, minibatches, cfg, device, dtype):
     """log pi_old, log pi_ref, V_old (B, N) and the policy's entropy per token, for the rollouts.
 
     log pi_old is the update's own computation: the same module (compiled, DDP-wrapped), the same
     rows together, the same autocast, train mode and autograd on (a compiled module runs another
     graph in eval mode or without grad, and another graph may round otherwise), then detached. So
     the first minibatch's ratio is exactly 1 in any precision. (The model has no dropout; with
-    dropout, train mode would make log pi_old noisy.) minibatches: the first epoch's, each split
-    into its micro-batches as the update splits it.
+    dropout, train mode would make log pi_old noisy.) minibatches: the first epoch's rows, each
+    split into its micro-batches as the update splits it.
     """
     policy.train()
     critic.eval()  # V_old is read with dropout off, as the reward model reads the rollouts
-    seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
-    out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
+    out = {k: torch.zeros_like(rollouts.mask) for k in ("logprobs", "ref_logprobs", "values", "entropy")}
     for rows in minibatches:
-        plan, at = host_plan(ro, rows, device)
-        mb = packing.to_device(rows, device)
-        with autocast(device, dtype):
-            logprobs, entropy = response_logprobs(policy, seq[mb], attn[mb], P, temperature, mask[mb], entropy=True,
-                                                  plan=plan, at=at)
-            with torch.no_grad():
-                ref_logprobs, _ = response_logprobs(reference, seq[mb], attn[mb], P, temperature, mask[mb],
-                                                    plan=plan, at=at)
-                values = critic(seq[mb], attn[mb], plan=plan)[:, P - 1:-1].float()
-        out["logprobs"][mb], out["ref_logprobs"][mb], out["values"][mb] = logprobs.detach(), ref_logprobs, values
-        out["entropy"][mb] = entropy
-    return {k: v * mask for k, v in out.items()}
+        for part in rollouts.micro_batches(rows, cfg.micro_batch, device):
+            with autocast(device, dtype):
+                logprobs, entropy = part.logprobs(policy, cfg.temperature, entropy=True)
+                with torch.no_grad():
+                    ref_logprobs, _ = part.logprobs(reference, cfg.temperature)
+                    values = part.values(critic)
+            r = part.rows
+            out["logprobs"][r], out["ref_logprobs"][r], out["values"][r] = logprobs.detach(), ref_logprobs, values
+            out["entropy"][r] = entropy
+    return {k: v * rollouts.mask for k, v in out.items()}
 
+
+# ----------------------------------------------------------------------------- the update
 
 # Data parallel, each rank holds some rows of a minibatch. A rank's loss is its token sum over the
-# whole minibatch's token count n (all ranks), times the ranks W, since DDP averages the ranks'
-# gradients: the update is the whole minibatch's token mean, whatever the ranks' response lengths.
-# The figures (the rank's share, times W) average over the ranks to the whole minibatch's.
+# whole minibatch's token count n (all ranks), times the ranks (world), since DDP averages the
+# ranks' gradients: the update is the whole minibatch's token mean, whatever the ranks' response
+# lengths. The figures (the rank's share, times world) average over the ranks to the minibatch's.
 
-def minibatch_policy_loss(policy, seq, attn, P, mask, old_logprobs, advantages, cfg, device, dtype, n=None,
-                          plan=None, at=None):
-    """One minibatch's clipped policy loss on this rank's rows -> (loss to backward, figures: 0-dim
-    tensors, this rank's share; times W, they average over the ranks to the minibatch's). n: the whole
-    minibatch's token count, when these rows are one micro-batch of it; plan, at: host_plan's."""
-    W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
+def minibatch_policy_loss(policy, part, old_logprobs, advantages, cfg, device, dtype):
+    """A micro-batch's clipped policy loss -> (loss to backward, figures: 0-dim tensors, this rank's
+    share of the minibatch's). old_logprobs, advantages: (B, N), every rollout's."""
     with autocast(device, dtype):
-        logprobs, _ = response_logprobs(policy, seq, attn, P, cfg.temperature, mask, plan=plan, at=at)
-    loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip, n)
-    return W * loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
+        logprobs, _ = part.logprobs(policy, cfg.temperature)
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[part.rows], advantages[part.rows], part.mask,
+                                            cfg.clip, part.n_tokens)
+    return distributed.world_size() * loss, {"policy_loss": loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
 
 
-def minibatch_value_loss(critic, seq, attn, P, mask, old_values, returns, cfg, device, dtype, n=None, plan=None):
-    """One minibatch's clipped value loss on this rank's rows -> (loss to backward, figures as above)."""
-    W, n = distributed.world_size(), distributed.total(mask.sum()) if n is None else n
+def minibatch_value_loss(critic, part, old_values, returns, cfg, device, dtype):
+    """A micro-batch's clipped value loss -> (loss to backward, figures as above)."""
     with autocast(device, dtype):
-        values = critic(seq, attn, plan=plan)[:, P - 1:-1].float()
-    loss = value_loss(values, old_values, returns, mask, cfg.clip_value, n)
-    return W * loss, {"value_loss": loss.detach()}
+        values = part.values(critic)
+    loss = value_loss(values, old_values[part.rows], returns[part.rows], part.mask, cfg.clip_value, part.n_tokens)
+    return distributed.world_size() * loss, {"value_loss": loss.detach()}
 
 
-def accumulate(forward, parts, scaler, step, loss_of):
-    """Gradient accumulation over a minibatch's micro-batches: backward each part's loss (its token
-    sum over the whole minibatch's count, so the parts add up to the minibatch's loss), DDP reducing
-    at the last part only. -> each part's figures, for Figures.add: the minibatch's, summed, times W.
-    The losses are checked with the figures, when they are read (training.Figures)."""
-    no_sync = getattr(forward, "no_sync", contextlib.nullcontext)
-    figures = []
-    for j, part in enumerate(parts):
-        with (contextlib.nullcontext() if j == len(parts) - 1 else no_sync()):
-            loss, row = loss_of(*part)
-            backward(loss, scaler, step, check=False)
-        figures.append((distributed.world_size(), row))
-    return figures
+class Learner:
+    """A model PPO trains, the policy or the critic, with what its steps need: its micro-batch loss
+    (the figure of that name checked for finiteness), optimizer and fp16 gradient scaler, and the
+    module its forward passes run (wrap)."""
+
+    def __init__(self, model, lr, loss, loss_name, cfg, device, dtype):
+        self.model, self.forward, self.loss, self.loss_name = model, model, loss, loss_name
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.opt = model.configure_optimizers(lr, 0.0, device_type=torch.device(device).type)
+        self.scaler = grad_scaler(device, dtype)
+
+    def wrap(self, compile=False):
+        """DDP(compile(model)) on purpose: see training.fit."""
+        self.forward = distributed.wrap(compiled(self.model, compile))
+        return self.forward
+
+    def step(self, minibatch, it, reads, *targets):
+        """One gradient step on a minibatch, accumulated over its micro-batches (each loss a token sum
+        over the whole minibatch's count, so the parts add up to its loss), DDP reducing at the last
+        part only; the figures, summed over the parts and checked when read, to reads (Figures)."""
+        no_sync = getattr(self.forward, "no_sync", contextlib.nullcontext)
+        figures = []
+        for j, part in enumerate(minibatch):
+            with (contextlib.nullcontext() if j == len(minibatch) - 1 else no_sync()):
+                loss, row = self.loss(self.forward, part, *targets, self.cfg, self.device, self.dtype)
+                backward(loss, self.scaler, it, check=False)
+            figures.append((distributed.world_size(), row))
+        norm = optimizer_step(None, self.opt, self.cfg.grad_clip, self.scaler, it, check=False)
+        reads.add(it, figures, norm if self.scaler is None else None, loss=self.loss_name)
+
+
+def ppo_update(learners, minibatch, old, advantages, returns, it, reads):
+    """One minibatch's update: a step of the policy on the clipped surrogate loss, then one of the
+    critic on the clipped value loss (docs/method.md, "Stage 2")."""
+    policy, critic = learners
+    policy.step(minibatch, it, reads, old["logprobs"], advantages)
+    critic.step(minibatch, it, reads, old["values"], returns)
+
+
+# ----------------------------------------------------------------------------- the iteration's bookkeeping
+
+def step_state(out_dir, cfg, learners, generators, minutes=0.0):
+    """What resuming inside the stage needs (checkpoint.StepState)."""
+    policy, critic = learners
+    return StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy.model, "critic": critic.model},
+                     {"policy_opt": policy.opt, "critic_opt": critic.opt}, generators,
+                     {"policy_scaler": policy.scaler, "critic_scaler": critic.scaler}, minutes)
+
+
+def read_figures(reads):
+    """The one read of an iteration's figures (raising at a non-finite step): its own figures, the
+    last added, and the means over the minibatches of theirs."""
+    *minibatch_rows, figures = [f for _, f in reads.read()]
+    stats = {k: [f[k] for f in minibatch_rows if k in f] for k in ("clipfrac", "approx_kl", "policy_loss", "value_loss")}
+    return {**figures, **{k: sum(v) / len(v) for k, v in stats.items()}}
+
+
+def gold_figures(gold, tokenizer, prompts, rollouts):
+    """The gold reward's mean over the rollouts, and the time it took."""
+    t0 = time.time()
+    texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(rollouts.tokens.cpu(), rollouts.lengths)]
+    return {"gold": sum(gold(p, t) for p, t in zip(prompts, texts)) / len(prompts), "seconds_gold": time.time() - t0}
+
+
+def print_samples(it, tokenizer, rollouts, scores):
+    """The first two rollouts' prompts and responses, with their scores after the EOS trick."""
+    for i in range(2):
+        tqdm.write(f"  [{it}] {tokenizer.decode(rollouts.seq[i, :rollouts.prompt_len].tolist())!r} -> "
+                   f"{tokenizer.decode(rollouts.tokens[i].tolist())!r}  score {scores[i]:.2f}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -293,94 +380,69 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
     rollouts (free: the samples exist) to show where the policy starts to hack the reward model.
 
-    Data parallel (distributed.py), each rank samples rollouts / W of the iteration's prompts with
-    its own generator, whitens the advantages with the whole batch's statistics, and DDP averages
-    the gradients of its minibatches; the logged figures are means over the ranks.
+    Data parallel (distributed.py), each rank samples rollouts / world of the iteration's prompts
+    with its own generator, whitens the advantages with the whole batch's statistics, and DDP
+    averages the gradients of its minibatches; the logged figures are means over the ranks.
     """
     os.makedirs(out_dir, exist_ok=True)
     room = policy.config.block_size - max_new_tokens
     prompt_ids = [tokenizer.encode(p)[-room:] for p in prompts]  # keep the end of a long dialogue
-    device_type = torch.device(device).type
-    policy_opt = policy.configure_optimizers(cfg.lr, 0.0, device_type=device_type)
-    critic_opt = critic.configure_optimizers(cfg.critic_lr, 0.0, device_type=device_type)
-    policy_scaler, critic_scaler = grad_scaler(device, dtype), grad_scaler(device, dtype)
+    learners = (Learner(policy, cfg.lr, minibatch_policy_loss, "policy_loss", cfg, device, dtype),
+                Learner(critic, cfg.critic_lr, minibatch_value_loss, "value_loss", cfg, device, dtype))
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKL(cfg.kl_coef)
-    W = distributed.world_size()
     g = torch.Generator().manual_seed(seed)  # the prompts and minibatches: the same on every rank
     sample_g = torch.Generator(device=device).manual_seed(seed + distributed.rank())
-    state = StepState(out_dir, cfg.save_every, cfg.iterations, {"policy": policy, "critic": critic},
-                      {"policy_opt": policy_opt, "critic_opt": critic_opt}, [g, sample_g],
-                      {"policy_scaler": policy_scaler, "critic_scaler": critic_scaler}, runtime.save_minutes)
+    state = step_state(out_dir, cfg, learners, [g, sample_g], runtime.save_minutes)
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     truncate_jsonl(metrics_path, "iteration", start)
-    # DDP(compile(model)) on purpose: see training.fit
-    policy_forward = distributed.wrap(compiled(policy, runtime.compile))
-    critic_forward = distributed.wrap(compiled(critic, runtime.compile))
+    policy_forward, critic_forward = (learner.wrap(runtime.compile) for learner in learners)
     bar = progress(cfg.iterations, os.path.basename(out_dir), start)
     for it in range(start, cfg.iterations):
         t0 = time.time()
         idx = distributed.shard(torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist())
-        ro = rollout(policy, reward_model, [prompt_ids[i] for i in idx], tokenizer, cfg, max_new_tokens,
-                     device, dtype, sample_g)
-        seq, attn, P, mask = ro["seq"], ro["attn"], ro["P"], ro["mask"]
+        rollouts = rollout(policy, reward_model, [prompt_ids[i] for i in idx], tokenizer, cfg, max_new_tokens,
+                           device, dtype, sample_g)
+        mask = rollouts.mask
         # every epoch's minibatches, drawn now: the old log-probs are computed on the first epoch's
         epochs = [minibatch_indices(len(idx), cfg.minibatches, g) for _ in range(cfg.epochs)]
-        first = [part for mb in epochs[0] for part in micro_batches(mb, cfg.micro_batch)]
-        old = old_logprobs(policy_forward, reference, critic_forward, ro, first, cfg.temperature, device, dtype)
+        old = old_logprobs(policy_forward, reference, critic_forward, rollouts, epochs[0], cfg, device, dtype)
         # EOS trick: a response cut at the length limit gets a fixed penalty score
-        scores, has_eos = eos_trick(ro["scores"], ro["tokens"], mask, tokenizer.stop_ids, cfg.no_eos_score)
+        scores, has_eos = eos_trick(rollouts.scores, rollouts.tokens, mask, tokenizer.stop_ids, cfg.no_eos_score)
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask  # (B, N)
         rewards = token_rewards(scores, kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask, total=distributed.total)  # over the valid tokens of the batch
-        if seq.is_cuda:
+        if mask.is_cuda:
             torch.cuda.synchronize()  # a fair split of the time between rollout and update (once per iteration)
         t_rollout = time.time() - t0
 
         policy.train()
         critic.train()
-        # the figures stay on the device, read once at the iteration's end with the finiteness guard
-        reads = Figures()
+        reads = Figures()  # the figures stay on the device, read once at the iteration's end
         for minibatches in epochs:
-            for mb in minibatches:
-                n = distributed.total(mask[packing.to_device(mb, device)].sum())  # its response tokens, all ranks
-                parts = [(packing.to_device(r, device), *host_plan(ro, r, device)) for r in micro_batches(mb, cfg.micro_batch)]
-                policy_figures = accumulate(policy_forward, parts, policy_scaler, it, lambda r, plan, at: minibatch_policy_loss(
-                    policy_forward, seq[r], attn[r], P, mask[r], old["logprobs"][r], advantages[r], cfg, device, dtype, n,
-                    plan, at))
-                norm = optimizer_step(None, policy_opt, cfg.grad_clip, policy_scaler, it, check=False)
-                reads.add(it, policy_figures, norm if policy_scaler is None else None, loss="policy_loss")
-                value_figures = accumulate(critic_forward, parts, critic_scaler, it, lambda r, plan, at: minibatch_value_loss(
-                    critic_forward, seq[r], attn[r], P, mask[r], old["values"][r], returns[r], cfg, device, dtype, n, plan))
-                norm = optimizer_step(None, critic_opt, cfg.grad_clip, critic_scaler, it, check=False)
-                reads.add(it, value_figures, norm if critic_scaler is None else None, loss="value_loss")
+            for rows in minibatches:
+                ppo_update(learners, rollouts.minibatch(rows, cfg.micro_batch, device), old, advantages, returns,
+                           it, reads)
 
         # score: what PPO maximises (the reward model's score after the EOS trick); rm_score: before it
-        reads.add(it, [(1.0, {"score": scores.mean(), "rm_score": ro["scores"].mean(), "kl": kl.sum(-1).mean(),
+        reads.add(it, [(1.0, {"score": scores.mean(), "rm_score": rollouts.scores.mean(), "kl": kl.sum(-1).mean(),
                               "kl_coef": kl_ctl.value, "entropy": masked_mean(old["entropy"], mask),
                               "length": mask.sum(-1).mean(), "eos_fraction": has_eos.float().mean(),
                               "explained_variance": explained_variance(old["values"], returns, mask)})], loss=None)
-        *minibatch_rows, figures = [f for _, f in reads.read()]  # the one read of the update; raises at a non-finite step
-        stats = {k: [f[k] for f in minibatch_rows if k in f] for k in ("clipfrac", "approx_kl", "policy_loss", "value_loss")}
-        figures.update({**{k: sum(v) / len(v) for k, v in stats.items()}, "seconds_generate": ro["seconds_generate"],
-                        "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout})
+        figures = {**read_figures(reads), "seconds_generate": rollouts.seconds_generate,
+                   "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
         if gold is not None:  # evaluation, not training: runs.method_costs leaves seconds_gold out
-            t1 = time.time()
-            texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(ro["tokens"].cpu(), ro["lengths"])]
-            figures["gold"] = sum(gold(prompts[i], t) for i, t in zip(idx, texts)) / len(idx)
-            figures["seconds_gold"] = time.time() - t1
-        row = {"iteration": it, **distributed.sum_row({k: v / W for k, v in figures.items()})}  # means over ranks
-        kl = row["kl"]  # per response, the figure the controller steers
-        kl_ctl.update(kl, cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
+            figures.update(gold_figures(gold, tokenizer, [prompts[i] for i in idx], rollouts))
+        world = distributed.world_size()
+        row = {"iteration": it, **distributed.sum_row({k: v / world for k, v in figures.items()})}  # means over ranks
+        kl_ctl.update(row["kl"], cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
         append_jsonl(metrics_path, row)
         bar.update()
-        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{kl:.2f}", ev=f"{row['explained_variance']:.2f}")
+        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", ev=f"{row['explained_variance']:.2f}")
         if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
-            for i in range(2):
-                tqdm.write(f"  [{it}] {tokenizer.decode(seq[i, :P].tolist())!r} -> "
-                           f"{tokenizer.decode(ro['tokens'][i].tolist())!r}  score {scores[i]:.2f}")
+            print_samples(it, tokenizer, rollouts, scores)
         state.save(it + 1, {"kl_coef": kl_ctl.value})
     bar.close()
     return row

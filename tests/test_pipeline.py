@@ -341,11 +341,11 @@ def test_old_values_read_the_critic_in_eval_mode(run_dir):
     critic, _ = load_checkpoint(out / "rm", kind="scalar")
     critic.gpt.transformer.drop.p = 0.5  # dropout would make train-mode values random
     prompts = [tok.encode(p) for p in make_task(0, n_sft=0, n_pref=0)["eval"][:8]]
-    ro = rollout(policy, load_reward_model(str(out / "rm")), prompts, tok, PPOConfig(), 16, "cpu", "fp32",
-                 torch.Generator().manual_seed(0))
-    old = old_logprobs(policy, policy, critic.train(), ro, torch.arange(8).chunk(2), 1.0, "cpu", "fp32")
+    rollouts = rollout(policy, load_reward_model(str(out / "rm")), prompts, tok, PPOConfig(), 16, "cpu", "fp32",
+                       torch.Generator().manual_seed(0))
+    old = old_logprobs(policy, policy, critic.train(), rollouts, torch.arange(8).chunk(2), PPOConfig(), "cpu", "fp32")
     with torch.no_grad():
-        values = critic.eval()(ro["seq"], ro["attn"])[:, ro["P"] - 1:-1] * ro["mask"]
+        values = critic.eval()(rollouts.seq, rollouts.attn)[:, rollouts.prompt_len - 1:-1] * rollouts.mask
     torch.testing.assert_close(old["values"], values)
 
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_logprobs
-from ppo import (AdaptiveKL, FixedKL, PPOConfig, eos_trick, gae, minibatch_policy_loss, minibatch_value_loss,
-                 policy_loss, token_rewards, train_ppo, value_loss, whiten)
+from ppo import (AdaptiveKL, FixedKL, PPOConfig, Rollouts, eos_trick, gae, minibatch_policy_loss,
+                 minibatch_value_loss, policy_loss, token_rewards, train_ppo, value_loss, whiten)
 from tokenizer import Tokenizer
 
 CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
@@ -145,11 +145,13 @@ def losses_and_gradients(tokenizer, rows, wrap=lambda m: m):
         old = (response_logprobs(policy, seq, attn, P)[0] + 0.1 * noise) * mask
         old_values = critic(seq, attn)[:, P - 1:-1] * mask + 0.05
     cfg = PPOConfig()
+    rollouts = Rollouts(seq, attn, P, seq[:, P:], mask, mask.sum(-1), attn, None, 0.0)
+    [part] = rollouts.minibatch(torch.arange(len(rows)), 0, "cpu")  # counting every rank's tokens
     policy_forward, critic_forward = wrap(policy), wrap(critic)  # DDP must outlive the backward pass
     response_logprobs(policy_forward, seq, attn, P)  # a forward pass with no backward, as old_logprobs makes
-    loss, _ = minibatch_policy_loss(policy_forward, seq, attn, P, mask, old, advantages, cfg, "cpu", "fp32")
+    loss, _ = minibatch_policy_loss(policy_forward, part, old, advantages, cfg, "cpu", "fp32")
     loss.backward()
-    loss, _ = minibatch_value_loss(critic_forward, seq, attn, P, mask, old_values, returns, cfg, "cpu", "fp32")
+    loss, _ = minibatch_value_loss(critic_forward, part, old_values, returns, cfg, "cpu", "fp32")
     loss.backward()
     return [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (policy, critic)]
 
