@@ -123,8 +123,8 @@ class Decoder:
     def __init__(self, config, batch_size, max_len, device, dtype):
         self.cache = KVCache(config, batch_size, max_len, device, dtype)
         self.bias = torch.empty(batch_size, 1, 1, max_len, dtype=dtype, device=device)
-        self.write = torch.zeros(1, dtype=torch.long, device=device)
-        self.position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.write = torch.empty(1, dtype=torch.long, device=device)
+        self.position = torch.empty(batch_size, 1, dtype=torch.long, device=device)
 
     def prefill(self, forward, prompt, prompt_mask, positions):
         """The prompt (B, P) into the cache's first P columns -> the last position's logits (B, V);
