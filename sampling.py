@@ -1,6 +1,7 @@
 """Sampling responses with a KV cache: the preallocated cache, the decode step of fixed shapes
-(replayed as one CUDA graph on CUDA), top-k / top-p filtering, the exponential-race sampler and the
-response mask. Every model with GPT's interface (model.GPT, llama.Llama) samples through generate."""
+(replayed as one CUDA graph on CUDA, kept for the next call of the same shapes), top-k / top-p
+filtering, the exponential-race sampler and the response mask. Every model with GPT's interface
+(model.GPT, llama.Llama) samples through generate."""
 import warnings
 import weakref
 
