@@ -173,7 +173,7 @@ def state(model):
     and where it lives (a cast or a load that replaces a tensor moves it), and the flags its forward reads
     (dropout's training, an adapter's enabled: lora.py). A weight updated in place (an optimizer
     step) keeps its place, and the graph reads its new values."""
-    places = tuple((id(t), t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+    places = tuple((id(t), t.data_ptr(), t.dtype) for t in tensors(model).values())
     return places, tuple((m.training, getattr(m, "enabled", None)) for m in model.modules())
 
 
@@ -196,11 +196,12 @@ class Graphed:
         self.eager = False  # capture failed: every step runs eagerly
 
     def forward(self, model):
-        """model's forward on the copies in place of the weights they copy, refreshed now."""
+        """model's forward on the copies in place of the weights and buffers they copy, refreshed now."""
         if not self.copies:
             return model
+        weights = tensors(model)
         for name, copy in self.copies.items():
-            copy.copy_(model.get_parameter(name))
+            copy.copy_(weights[name])
         return lambda *args, **kwargs: torch.func.functional_call(model, self.copies, args, kwargs,
                                                                   tie_weights=False, strict=False)
 
@@ -227,8 +228,7 @@ class Graphed:
             with torch.cuda.stream(side), autocast(), Casts(dtype) as casts:
                 first = self.decoder.step(model, self.static)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self.copies = {name: p.detach().to(dtype) for name, p in model.named_parameters()
-                           if id(p) in casts.inputs}
+            self.copies = {name: w.detach().to(dtype) for name, w in tensors(model).items() if id(w) in casts.inputs}
             forward = self.forward(model)
             with autocast():
                 captured = graph_of(lambda: self.decoder.step(forward, self.static), side)
@@ -237,6 +237,11 @@ class Graphed:
         else:
             self.graph, self.logits = captured
         return first
+
+
+def tensors(model):
+    """model's weights and buffers by name (an earlier stage's adapter is a buffer: lora.Held)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 class Casts(TorchDispatchMode):
