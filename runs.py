@@ -94,15 +94,17 @@ class Runner:
         torch.manual_seed(int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16))
         t0 = time.time()
         tqdm.write(f"== {name} -> {folder}")
-        if torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_initialized():  # each device: a process on --device cuda:1 allocates on 1, not on the current 0
+            for d in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(d)
         try:
             summary = fn(folder)
         except NonFiniteError as e:
             kept = f"; the last step state is kept: {step_state}" if os.path.exists(step_state) else ""
             raise NonFiniteError(f"stage {name}, {e}{kept}") from None
         # on a GPU, the stage's peak of the caching allocator (this rank's): what it needs of the card
-        peak = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)} if torch.cuda.is_initialized() else {}
+        peak = ({"peak_gib": round(max(map(torch.cuda.max_memory_allocated, range(torch.cuda.device_count()))) / 2 ** 30, 3)}
+                if torch.cuda.is_initialized() else {})
         done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), **peak,
                                       "summary": summary, "finished": time.time()})  # one time: one fingerprint
         data.write_json(done_path, done)  # written last: the stage is complete

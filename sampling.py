@@ -1,11 +1,16 @@
 """Sampling responses with a KV cache: the preallocated cache, the decode step of fixed shapes
-(replayed as one CUDA graph on CUDA), top-k / top-p filtering, the exponential-race sampler and the
-response mask. Every model with GPT's interface (model.GPT, llama.Llama) samples through generate."""
+(replayed as one CUDA graph on CUDA, kept for the next call of the same shapes), top-k / top-p
+filtering, the exponential-race sampler and the response mask. Every model with GPT's interface
+(model.GPT, llama.Llama) samples through generate."""
 import warnings
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA_GRAPHS = True  # on CUDA, replay the decode step as one CUDA graph; False: run it eagerly there too
+CACHE_COLUMNS = 64  # on CUDA the KV cache's length is a multiple of this, so that prompts of a stage share a graph
+HELD = weakref.WeakKeyDictionary()  # model: its Graphed decode step (held)
 
 
 class KVCache:
@@ -72,13 +77,21 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
     if prompt_mask is not None and bool(prompt_mask.all()):
         prompt_mask = None  # no padding: the fused attention path
     dtype = autocast_dtype(device.type) or next(model.parameters()).dtype  # the keys' and values' dtype
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
+    L = P + max_new_tokens
+    if device.type == "cuda":  # a stage's prompts differ in length: one graph serves 64 lengths
+        L = -(-L // CACHE_COLUMNS) * CACHE_COLUMNS
+    if graphs_on(device):
+        graphed = held(model, B, L, dtype, device)
+        forward, decoder = graphed.forward(model), graphed.decoder
+        step = lambda token: graphed(model, token)
+    else:
+        forward, decoder = model, Decoder(model.config, B, L, device, dtype)
+        step = lambda token: decoder.step(model, token)
     positions = (prompt_mask.sum(-1, keepdim=True) if prompt_mask is not None
                  else torch.full((B, 1), P, device=device))
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits = model(prompt, prompt_mask, cache=cache, logits_from=-1)[:, -1]
-    step = decode_step(model, cache, prompt_mask, positions)
+    logits = decoder.prefill(forward, prompt, prompt_mask, positions)
     n = max_new_tokens
     for t in range(max_new_tokens):
         if temperature == 0:  # greedy
@@ -94,65 +107,185 @@ def generate(model, prompt, prompt_mask=None, max_new_tokens=32, temperature=1.0
                                        and not bool(alive.any())):
             n = t + 1
             break
-        if t == 0 and CUDA_GRAPHS and device.type == "cuda":
-            logits, step = captured(step, tokens[:, :1], autocast_dtype("cuda"))
-        else:
-            logits = step(tokens[:, t:t + 1])
+        logits = step(tokens[:, t:t + 1])
     tokens = tokens[:, :n]
     return tokens, response_mask(tokens, eos_id, pad_id)
 
 
-def decode_step(model, cache, prompt_mask, positions):
+class Decoder:
     """The step after the prefill, token (B, 1) -> the next position's logits (B, V), every call on
-    the same shapes and memory, so that CUDA can capture it (captured). The token's key and value
-    are written at a column held in a tensor, and it attends over the whole preallocated cache under
-    an additive mask made once: 0 on the prompt's real tokens, -inf on left padding and on columns
-    not yet written; each step opens its own column in place. positions (B, 1): the first new
-    token's position, one more per step."""
-    B, L, P = cache.k.size(1), cache.k.size(3), cache.pos
-    bias = torch.zeros(B, 1, 1, L, dtype=cache.k.dtype, device=cache.k.device)
-    bias[..., P:] = float("-inf")
-    if prompt_mask is not None:
-        bias[:, 0, 0, :P].masked_fill_(~prompt_mask.bool(), float("-inf"))
-    write, position = torch.tensor([P], device=cache.k.device), positions.clone()
-    cache.write = write
+    the same shapes and memory, so that CUDA can capture it (Graphed). The token's key and value are
+    written into the cache (L columns) at a column held in a tensor, and it attends over the whole
+    cache under an additive mask made once per prompt: 0 on the prompt's real tokens, -inf on left
+    padding and on columns not yet written; each step opens its own column in place. position
+    (B, 1): the next token's position, one more per step. prefill refills all of it in place, so a
+    captured step serves the next prompt of the same shapes."""
 
-    def step(token):
-        bias.index_fill_(-1, write, 0.0)  # the new token sees itself
-        logits = model(token, bias, position_ids=position, cache=cache)[:, -1]
-        write.add_(1)
-        position.add_(1)
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        self.cache = KVCache(config, batch_size, max_len, device, dtype)
+        self.bias = torch.empty(batch_size, 1, 1, max_len, dtype=dtype, device=device)
+        self.write = torch.empty(1, dtype=torch.long, device=device)
+        self.position = torch.empty(batch_size, 1, dtype=torch.long, device=device)
+
+    def prefill(self, forward, prompt, prompt_mask, positions):
+        """The prompt (B, P) into the cache's first P columns -> the last position's logits (B, V);
+        then the step's mask, column and positions (B, 1), for the first new token."""
+        self.cache.pos, self.cache.write = 0, None
+        logits = forward(prompt, prompt_mask, cache=self.cache, logits_from=-1)[:, -1]
+        P = self.cache.pos
+        self.bias.fill_(0.0)
+        self.bias[..., P:] = float("-inf")
+        if prompt_mask is not None:
+            self.bias[:, 0, 0, :P].masked_fill_(~prompt_mask.bool(), float("-inf"))
+        self.write.fill_(P)
+        self.position.copy_(positions)
+        self.cache.write = self.write
         return logits
-    return step
+
+    def step(self, forward, token):
+        self.bias.index_fill_(-1, self.write, 0.0)  # the new token sees itself
+        logits = forward(token, self.bias, position_ids=self.position, cache=self.cache)[:, -1]
+        self.write.add_(1)
+        self.position.add_(1)
+        return logits
 
 
-def captured(step, token, dtype=None):
-    """Run step on token (B, 1) and capture it as a CUDA graph -> (its logits, a step that copies its
-    token into the graph's input and replays every kernel of the model as one launch): sampling at
-    small batches is bound by launches, hundreds per token (bench.py --figures ops). As PyTorch's
-    CUDA graphs notes ask, the first run (a real step) warms up on a side stream, autocast (dtype,
-    or None) does not cache weight casts while capturing, and input and output keep their memory.
-    Where capture fails, the eager step."""
-    static = token.clone()
-    autocast = lambda: torch.autocast("cuda", dtype, enabled=dtype is not None, cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast():
-        first = step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+# ----------------------------------------------------------------------------- CUDA graphs
+
+def graphs_on(device):
+    return CUDA_GRAPHS and device.type == "cuda"
+
+
+def held(model, batch_size, max_len, dtype, device):
+    """model's Graphed decode step for these shapes: the one the last call made, where its shapes,
+    weights' places and flags are these, else a new one in its place (the old one's memory is freed
+    first: one is held per model, for as long as the model lives)."""
+    key = (batch_size, max_len, dtype, device, state(model))
+    graphed = HELD.get(model)
+    if graphed is None or graphed.key != key:
+        HELD.pop(model, None)
+        graphed = HELD[model] = Graphed(key, Decoder(model.config, batch_size, max_len, device, dtype), device)
+    return graphed
+
+
+def state(model):
+    """What a captured step took from model besides its weights' values: each weight and buffer,
+    and where it lives (a cast or a load that replaces a tensor moves it), and the flags its forward reads
+    (dropout's training, an adapter's enabled: lora.py). A weight updated in place (an optimizer
+    step) keeps its place, and the graph reads its new values."""
+    places = tuple((id(t), t.data_ptr(), t.dtype) for t in tensors(model).values())
+    return places, tuple((m.training, getattr(m, "enabled", None)) for m in model.modules())
+
+
+class Graphed:
+    """A model's decode step at one shape, captured as a CUDA graph at its first step and replayed at
+    every later one, of this generate call and of the next calls of the same key (held): a
+    capture synchronises the device, and a stage samples the same shapes every iteration.
+
+    Under autocast, a graph captured with autocast's cache off (as it must be) casts every float32
+    weight at every replay, 8 bytes per weight per token (read 4, write 2, the product reads 2)
+    against 2 for a weight held in bf16: a policy trained in full samples from float32 masters.
+    So the weights autocast casts in the first step get copies in its dtype (copies), which the
+    graph and the prefill read, refreshed from the masters once per generate call (read 4, write 2
+    per weight per call); they cost 2 bytes per such weight for as long as the step is held."""
+
+    def __init__(self, key, decoder, device):
+        self.key, self.decoder, self.device = key, decoder, device
+        self.copies = {}  # weight name: its copy in autocast's dtype
+        self.graph = self.static = self.logits = None
+        self.eager = False  # capture failed: every step runs eagerly
+
+    def forward(self, model):
+        """model's forward on the copies in place of the weights and buffers they copy, refreshed now."""
+        if not self.copies:
+            return model
+        weights = tensors(model)
+        for name, copy in self.copies.items():
+            copy.copy_(weights[name])
+        return lambda *args, **kwargs: torch.func.functional_call(model, self.copies, args, kwargs,
+                                                                  tie_weights=False, strict=False)
+
+    def __call__(self, model, token):
+        if self.eager:  # on the weights themselves, autocast caching their casts for the call
+            return self.decoder.step(model, token)
+        if self.graph is None:
+            return self.capture(model, token)
+        self.static.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+    def capture(self, model, token):
+        """The first step, for real (logits returned) on a side stream, as PyTorch's notes on CUDA
+        graphs ask, and without autocast's cache, recording the weights it casts; then the next
+        step recorded, not run, on the copies: the state advances at each replay. Every CUDA call
+        names the tensors' device: the current device may be another (--device cuda:1)."""
+        dtype = autocast_dtype(self.device.type)
+        autocast = lambda: torch.autocast(self.device.type, dtype, enabled=dtype is not None, cache_enabled=False)
+        self.static = token.clone()
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), autocast(), Casts(dtype) as casts:
+                first = self.decoder.step(model, self.static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.copies = {name: w.detach().to(dtype) for name, w in tensors(model).items() if id(w) in casts.inputs}
+            forward = self.forward(model)
+            with autocast():
+                captured = graph_of(lambda: self.decoder.step(forward, self.static), side)
+        if captured is None:
+            self.eager, self.copies = True, {}
+        else:
+            self.graph, self.logits = captured
+        return first
+
+
+def tensors(model):
+    """model's weights and buffers by name (an earlier stage's adapter is a buffer: lora.Held)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+class Casts(TorchDispatchMode):
+    """The tensors (their id) cast to dtype by the ops run inside: autocast's casts of weights."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype, self.inputs = dtype, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.dtype is not None and func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == self.dtype:
+            self.inputs.add(id(args[0]))
+        return func(*args, **kwargs)
+
+
+def graph_of(record, stream):
+    """record()'s kernels, captured on stream (of the current device) -> (the CUDA graph, record's
+    output), or None where capture fails, leaving the current stream and the caching allocator as
+    they were: torch.cuda.graph leaves the capture stream current when capture_end raises, and
+    capture_end raises before it ends the allocator's capture into the graph's pool (a later
+    out-of-memory retry then fails an internal assert)."""
+    graph, pool, device = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), torch.cuda.current_device()
+    before = torch.cuda.current_stream(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_stream(stream)
     try:
-        with torch.cuda.graph(graph), autocast():
-            logits = step(static)  # recorded, not run: the state advances at each replay
+        graph.capture_begin(pool)
+        try:
+            out = record()
+        finally:
+            graph.capture_end()
+        return graph, out
     except RuntimeError as e:
+        end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None) or torch._C._cuda_endAllocateCurrentStreamToPool
+        try:
+            end_pool(device, pool)
+            torch._C._cuda_releasePool(device, pool)  # the graph releases it only after a capture_end that ran
+        except RuntimeError:
+            pass  # capture_end had ended it
         warnings.warn(f"sampling runs eagerly: capturing the decode step as a CUDA graph failed ({e})")
-        return first, step
-
-    def replay(token):
-        static.copy_(token)
-        graph.replay()
-        return logits
-    return first, replay
+        return None
+    finally:
+        torch.cuda.set_stream(before)
 
 
 def categorical(probs, generator=None):

@@ -54,8 +54,10 @@ def test_kv_cache_sampling_gives_the_plain_paths_tokens(device):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["gpt", "llama-gqa"])
 def test_the_cuda_graph_decode_step_gives_the_eager_steps_tokens(layout, dtype, monkeypatch):
-    """sampling.captured replays the decode step's kernels as one CUDA graph: the tokens of the same
-    step run eagerly, under autocast too, and the capture does not fail (it would warn)."""
+    """sampling.Graphed replays the decode step's kernels as one CUDA graph: the tokens of the same
+    step run eagerly, under autocast too (the graph on bf16 copies of the float32 weights), in the
+    call that captures it and in the next, which replays it; and the capture does not fail (it
+    would warn)."""
     torch.manual_seed(0)
     model = (GPT(CFG) if layout == "gpt" else Llama(LlamaConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4,
                                                                 n_kv_head=2, n_embd=32, intermediate_size=48)))
@@ -68,8 +70,10 @@ def test_the_cuda_graph_decode_step_gives_the_eager_steps_tokens(layout, dtype, 
         monkeypatch.setattr(sampling, "CUDA_GRAPHS", graphs)
         with warnings.catch_warnings(), autocast("cuda", dtype):
             warnings.simplefilter("error")
-            runs[graphs] = generate(model, prompt, mask, 20, eos_id=3, generator=torch.Generator("cuda").manual_seed(3))
-    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+            g = torch.Generator("cuda").manual_seed(3)
+            runs[graphs] = [generate(model, prompt, mask, 20, eos_id=3, generator=g) for _ in range(2)]
+    for replayed, eager in zip(runs[True], runs[False]):
+        assert torch.equal(replayed[0], eager[0]) and torch.equal(replayed[1], eager[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -157,8 +157,9 @@ def test_a_stage_on_a_gpu_records_its_peak_memory(tmp_path, monkeypatch):
     runner.run("tokenizer", "tokenizer", {}, [], lambda folder: {})
     assert "peak_gib" not in json.loads((tmp_path / "tokenizer" / "done.json").read_text())
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2 ** 29)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2 ** 29)
     runner = Runner(str(tmp_path), 0, ["tokenizer"], ["tokenizer"], ["tokenizer"], None)
     runner.run("tokenizer", "tokenizer", {}, [], lambda folder: {})
     assert json.loads((tmp_path / "tokenizer" / "done.json").read_text())["peak_gib"] == 1.5

@@ -1,4 +1,4 @@
-"""The decode step of fixed shapes (sampling.decode_step): the tokens of the loop it replaced, at the
+"""The decode step of fixed shapes (sampling.Decoder): the tokens of the loop it replaced, at the
 same seed, for both layouts; the same ops on the same shapes at every step; one read of the device
 per check_every tokens."""
 import pytest
