@@ -1,0 +1,32 @@
+"""How close two computations of the same numbers must be when they add in different orders: packed
+or padded rows, chunks of positions, micro-batches, ranks, compiled kernels, or another build's
+BLAS and processor (the +cpu wheel and the CUDA build of torch pick other kernels on the same CPU).
+Each such comparison in the tests says in a comment which of the two rules it uses.
+
+- Exact, in float64: where agreement is the point (one function computed two ways), the model and
+  its inputs run in float64 and assert_exact allows 1e-10 of the compared tensor's largest entry.
+  Any order of a sum of n terms is within about n 2^-53 of their size, so 1e-10 holds for sums of
+  up to ~10^6 terms, while a fault (a token seen by another row, a missed gradient) moves a
+  result by far more than 1e-10. In float32 the same comparison failed at 2.2e-5 on one build.
+- From magnitudes, in float32: where a path runs in float32 alone (a whole train.py run, a saved
+  file, torch.compile's kernels), float32_atol(terms, scale) is what two orders of one float32 sum
+  can differ by.
+"""
+import torch
+
+U32 = 2.0 ** -24  # float32's unit roundoff: a rounding moves a value by at most U32 of it
+EXACT = 1e-10  # float64: far above any order's rounding, far below any fault
+
+
+def assert_exact(actual, expected):
+    """Two float64 computations of the same tensor agree to EXACT of its largest entry."""
+    assert actual.dtype == expected.dtype == torch.float64, (actual.dtype, expected.dtype)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=EXACT * max(scale, 1e-30))
+
+
+def float32_atol(terms, scale):
+    """The most two float32 sums of `terms` terms whose magnitudes add to `scale` can differ by,
+    in any two orders: each is within (terms - 1) U32 scale of the exact sum (Higham, Accuracy
+    and Stability of Numerical Algorithms, 2002, eq. 4.4)."""
+    return 2 * max(terms - 1, 1) * U32 * scale
