@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import scalar_head
+from model import float32_or_wider, scalar_head
 
 # the projections of each layout, by module name (model.py's GPT-2 layout, llama.py's Llama layout)
 PROJECTIONS = {"attn": ("attn.c_attn", "attn.c_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
@@ -68,10 +68,10 @@ class LoRALinear(nn.Module):
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def merged(self):
-        """The base with W + (alpha / r) B A folded in (in float32, then its storage dtype)."""
+        """The base with W + (alpha / r) B A folded in (in float32 or wider, then its storage dtype)."""
         with torch.no_grad():
             w = self.base.weight
-            w.copy_((w.float() + self.scale * (self.lora_B @ self.lora_A)).to(w.dtype))
+            w.copy_((float32_or_wider(w) + self.scale * (self.lora_B @ self.lora_A)).to(w.dtype))
         return self.base
 
 

@@ -30,3 +30,12 @@ def float32_atol(terms, scale):
     in any two orders: each is within (terms - 1) U32 scale of the exact sum (Higham, Accuracy
     and Stability of Numerical Algorithms, 2002, eq. 4.4)."""
     return 2 * max(terms - 1, 1) * U32 * scale
+
+
+def network_atol(output, widest, layers):
+    """float32_atol for an output of two float32 computations of a network of `layers` layers and a
+    head, whose sums have at most `widest` terms: each layer's rounding reaches the output at about
+    the output's size (a residual stream under norms neither grows nor shrinks it much), so the
+    terms add over layers + 1 sums, of magnitude max |output|, or 1 where the output is smaller (a
+    score near 0 is a sum of terms that cancel, each about a norm's output, 1, times a weight)."""
+    return float32_atol(widest * (layers + 1), max(output.abs().max().item(), 1.0))
