@@ -16,7 +16,7 @@ from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_logprobs
 from ppo import (AdaptiveKL, FixedKL, PPOConfig, eos_trick, gae, minibatch_policy_loss, minibatch_value_loss,
                  policy_loss, token_rewards, train_ppo, value_loss, whiten)
 from tokenizer import Tokenizer
-from tolerance import assert_exact
+from tolerance import assert_exact, network_atol
 
 CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
 
@@ -80,8 +80,12 @@ def test_micro_batches_give_the_minibatches_update(tokenizer, tmp_path):
                         torch.cat([p.flatten() for p in critic.parameters()])))
     (row, policy, critic), (row_m, policy_m, critic_m) = trained
     assert not torch.allclose(policy, torch.cat([p.flatten() for p in models(tokenizer)[0].parameters()]))  # it trained
+    # float32 (PPO's buffers are): the figures from magnitudes (tolerance.py), as the KL and the ratios are
+    # differences of log-probs of size log V summed in other orders; the weights within rtol 1e-4 and
+    # atol 1e-6, 7 times the 1.5e-7 measured with AVX2 kernels (Adam's steps have no closed bound)
+    atol = network_atol(torch.tensor(math.log(tokenizer.vocab_size)), 4 * CFG.n_embd, CFG.n_layer)
     for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "score", "kl"):
-        assert row_m[k] == pytest.approx(row[k], rel=1e-4, abs=1e-6), k
+        assert row_m[k] == pytest.approx(row[k], rel=1e-4, abs=atol), k
     torch.testing.assert_close(policy_m, policy, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(critic_m, critic, rtol=1e-4, atol=1e-6)
     first = run(tokenizer, tmp_path / "lr0", lr=0.0, critic_lr=0.0, micro_batch=3)
