@@ -114,7 +114,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
 def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
     out = tmp_path / "seeds"
     proc = run_train("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2", "--eval-prompts", "12",
-                     "--sft-steps", "40")
+                     "--sft-steps", "40", "--rm-epochs", "1", "--ppo-iterations", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(out / "results.json")
     assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
