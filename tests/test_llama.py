@@ -339,8 +339,8 @@ def test_micro_pipeline_from_a_tiny_qwen2_folder(tmp_path):
     init = tmp_path / "qwen2"
     eos = qwen2_folder(init)
     out = tmp_path / "run"
-    proc = run_train("--preset", "micro", "--init", init, "--out", out,
-                     "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval", "--export-hf")
+    proc = run_train("--preset", "micro", "--init", init, "--out", out, "--stages", "tokenizer,sft,rm,split,dpo,ppo,eval",
+                     "--export-hf", "--sft-steps", "30", "--rm-epochs", "1", "--easy-fraction", "0.5", "--eval-prompts", "12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"end of sequence '<|im_end|>' ({eos})" in proc.stdout  # check_init found the folder's
     results = json.loads((out / "results.json").read_text())

@@ -172,7 +172,7 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
     pipeline runs; a PPO stage killed after a step state resumes to the same policy as one run
     straight through, and its step state holds the adapters and heads alone."""
     flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2",
-             "--eval-prompts", "12"]
+             "--eval-prompts", "12", "--sft-steps", "30", "--rm-epochs", "1", "--easy-fraction", "0.5"]  # short: no quality checked
     whole = run_train("--preset", "micro", "--out", tmp_path / "whole", *flags)  # in this process; the resume in its own
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert (tmp_path / "whole" / "results.json").exists()

@@ -83,8 +83,8 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     run's) keep the easy size of the main run while the labels change, and share its SFT."""
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    proc = run_train("--preset", "micro", "--out", str(copy), "--compare",
-                     "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--compare",  # a shorter evaluation than the main run's
+                     "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12", "--eval-samples", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     rows = results["methods"]
@@ -100,7 +100,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     assert read(copy / "dpo_then_dpo_hard" / "done.json")["summary"]["pairs"] == split["hard"]
 
     proc = run_train("--preset", "micro", "--out", str(copy), "--noise-sweep", "4", "--bias-sweep", "0.5",
-                     "--eval-prompts", "12")
+                     "--eval-prompts", "12", "--eval-samples", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read(copy / "results.json")["methods"]
     noisy = read(copy / "noise-4" / "split" / "summary.json")

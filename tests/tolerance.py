@@ -1,16 +1,16 @@
 """How close two computations of the same numbers must be when they add in different orders: packed
-or padded rows, chunks of positions, micro-batches, ranks, compiled kernels, or another build's
-BLAS and processor (the +cpu wheel and the CUDA build of torch pick other kernels on the same CPU).
-Each such comparison in the tests says in a comment which of the two rules it uses.
+or padded rows, chunks of positions, micro-batches, ranks, compiled kernels, or another processor's
+or build's kernels (ATEN_CPU_CAPABILITY=avx2 runs an AVX2 machine's on this one). Each such
+comparison in the tests says in a comment which of the two rules it uses.
 
 - Exact, in float64: where agreement is the point (one function computed two ways), the model and
   its inputs run in float64 and assert_exact allows 1e-10 of the compared tensor's largest entry.
   Any order of a sum of n terms is within about n 2^-53 of their size, so 1e-10 holds for sums of
   up to ~10^6 terms, while a fault (a token seen by another row, a missed gradient) moves a
-  result by far more than 1e-10. In float32 the same comparison failed at 2.2e-5 on one build.
+  result by far more. In float32 such a comparison failed at 2.2e-5 with AVX2 kernels.
 - From magnitudes, in float32: where a path runs in float32 alone (a whole train.py run, a saved
-  file, torch.compile's kernels), float32_atol(terms, scale) is what two orders of one float32 sum
-  can differ by.
+  file, transformers' model, torch.compile's kernels), network_atol: what two orders of the
+  network's float32 sums can differ by, from the output's size and the number of terms summed.
 """
 import torch
 
