@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, attention_inputs, head_output, projected, run_block
+from model import adamw, attention_inputs, float32_or_wider, head_output, projected, run_block
 from packing import pack
 
 
@@ -101,7 +101,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = float32_or_wider(x)
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import setting
-from model import scalar_head
+from model import float32_or_wider, scalar_head
 
 # the projections of each layout, by module name (model.py's GPT-2 layout, llama.py's Llama layout)
 PROJECTIONS = {"attn": ("attn.c_attn", "attn.c_proj", "q_proj", "k_proj", "v_proj", "o_proj"),
@@ -114,13 +114,14 @@ class LoRALinear(nn.Module):
 
     def merged(self):
         """The plain base with every adapter folded in, W + sum_i (alpha_i / r_i) B_i A_i, summed in
-        float32 and rounded once to W's storage dtype: in bf16, as PEFT's merge_and_unload rounds a
-        bf16 model, it loses what is below half an ulp of W (only --export-hf writes it so).
+        float32 (or wider) and rounded once to W's storage dtype: in bf16, as PEFT's merge_and_unload
+        rounds a bf16 model, it loses what is below half an ulp of W (only --export-hf writes it so).
         Trainable again, as before its adapters: a stage may train the merged model in full."""
         with torch.no_grad():
             w = self.base.weight
+            total = float32_or_wider(w)
             pairs = [(h.A, h.B) for h in self.held] + ([self.as_held()] if self.lora_A is not None else [])
-            w.copy_((w.float() + sum(B.float() @ A.float() for A, B in pairs)).to(w.dtype))
+            w.copy_((total + sum(B.to(total.dtype) @ A.to(total.dtype) for A, B in pairs)).to(w.dtype))
         return self.base.requires_grad_(True)
 
 

@@ -245,6 +245,12 @@ def new_head(n_embd):
 
 # ----------------------------------------------------------------------------- the vocabulary projection
 
+def float32_or_wider(t):
+    """t in float32, or as it is when wider: a model run in float64 (the tests' exact comparisons)
+    stays in float64 end to end."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 LOGIT_CHUNK_BYTES = 256 * 2**20  # the most memory one chunk of float32 logits takes (scored_logps)
 
 
@@ -255,7 +261,7 @@ def vocabulary_logits(x, weight):
     --figures logp measures it). Callers project only the positions whose next token they score
     (logits_from): at a large vocabulary the logits are the largest tensor of a step."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
+        return F.linear(float32_or_wider(x), float32_or_wider(weight))
 
 
 def head_output(x, weight, targets=None, temperature=1.0, entropy=False):
@@ -303,14 +309,14 @@ def scalar_head(head, x):
     as the vocabulary projection: bf16 would round a score of 2-4 to a step of 1/64, so reward gaps
     would tie and the easy set's size (--easy-fraction) would no longer be exact."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), head.weight.float(), head.bias.float()).squeeze(-1)
+        return F.linear(*map(float32_or_wider, (x, head.weight, head.bias))).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- log-probabilities
 
 def token_logprobs(logits, tokens):
     """log pi(y_t | x, y_<t) of each given token: logits (B, N, V), tokens (B, N) -> (B, N)."""
-    logits = logits.float()
+    logits = float32_or_wider(logits)
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 

@@ -8,6 +8,7 @@ from model import GPTConfig, ScalarModel
 from reward import score_ids
 from task import gold_reward, make_task
 from tokenizer import Tokenizer
+from tolerance import network_atol
 
 PROMPT, OTHER = make_task(0, n_sft=0, n_pref=0)["eval"][:2]
 SHORT = " Happy to help! Blue."
@@ -28,7 +29,8 @@ def test_a_chosen_response_cut_at_the_length_limit_gets_the_no_eos_score():
     assert len(data.encode_response(tok, SHORT)) <= 24 < len(data.encode_response(tok, LONG))
     short = score_ids(reward_model, [tok.encode(PROMPT)], [data.encode_response(tok, SHORT)], tok.pad_id)
     assert values[1] == (1, -7.0)
-    assert values[0][0] == 0 and abs(values[0][1] - short.item()) < 1e-5
+    # from magnitudes (tolerance.py): the one-layer reward model's float32 scores, batched otherwise
+    assert values[0][0] == 0 and abs(values[0][1] - short.item()) < network_atol(short, 4 * 16, 1)
 
 
 def test_the_gold_judge_reads_the_chosen_text_as_cut():

@@ -16,10 +16,12 @@ import train
 from evaluate import win_tie_loss
 from task import make_task
 from tokenizer import Tokenizer
+from tolerance import network_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
-MICRO = ["--preset", "micro", "--easy-fraction", "0.5", "--eval-samples", "2"]
+# the preset's SFT and reward models shortened: what each stage is given is the point here, not how well it trains
+MICRO = ["--preset", "micro", "--easy-fraction", "0.5", "--eval-samples", "2", "--sft-steps", "60", "--rm-epochs", "1"]
 
 
 def read(path):
@@ -130,11 +132,12 @@ def test_the_judge_reads_a_cut_response_as_it_is(run):
     samples = sample_responses(policy, tok, prompts, 12, seed=3)
     finished = [tok.eos_id in r for _, r in samples]
     assert 0 < sum(finished) < len(finished)  # at 12 tokens, some responses are cut
-    raw = score_ids(judge, *zip(*samples), tok.pad_id).tolist()
-    assert judged["judge_score"] == pytest.approx(raw, abs=1e-5)
+    raw = score_ids(judge, *zip(*samples), tok.pad_id)
+    atol = network_atol(raw, 4 * 64, 2)  # from magnitudes (tolerance.py): the micro preset's float32 judge
+    assert judged["judge_score"] == pytest.approx(raw.tolist(), abs=atol)
     assert [x == -7.0 for x in judged["rm_score"]] == [not done for done in finished]
     greedy = sample_responses(policy, tok, prompts, 12, 0.0, seed=3)
-    assert judged["greedy"] == pytest.approx(score_ids(judge, *zip(*greedy), tok.pad_id).tolist(), abs=1e-5)
+    assert judged["greedy"] == pytest.approx(score_ids(judge, *zip(*greedy), tok.pad_id).tolist(), abs=atol)
 
 
 def test_the_judge_is_a_stage_before_eval(run, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_token_logps, sft_loss
 from sampling import generate, response_mask
+from tolerance import assert_exact
 from training import NonFiniteError, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -22,36 +23,39 @@ def model():
 def test_kv_cache_matches_full_forward(model):
     """Feeding tokens one at a time through the cache gives the logits of one full pass."""
     from sampling import KVCache
+    model.double()  # exact in float64 (tolerance.py): a step sums over the cache in another order
     idx = torch.randint(0, 97, (3, 12))
     full = model(idx)
-    cache = KVCache(CFG, 3, 12, "cpu", torch.float32)
+    cache = KVCache(CFG, 3, 12, "cpu", torch.float64)
     steps = [model(idx[:, :5], cache=cache)]  # a prefill of 5, then single tokens
     steps += [model(idx[:, t:t + 1], cache=cache) for t in range(5, 12)]
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    assert_exact(torch.cat(steps, 1), full)
 
 
 def test_kv_cache_with_left_padding(model):
     """Incremental decoding of a left-padded row equals a full pass over its real tokens."""
     from sampling import KVCache
+    model.double()  # exact in float64 (tolerance.py)
     real = torch.randint(0, 97, (1, 9))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), real], 1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
-    cache = KVCache(CFG, 1, 12, "cpu", torch.float32)
+    cache = KVCache(CFG, 1, 12, "cpu", torch.float64)
     out = [model(padded[:, :7], mask[:, :7], cache=cache)[:, 3:]]
     for t in range(7, 12):
         out.append(model(padded[:, t:t + 1], mask[:, :t + 1], position_ids=torch.tensor([[t - 3]]), cache=cache))
-    assert torch.allclose(torch.cat(out, 1), model(real), atol=1e-5)
+    assert_exact(torch.cat(out, 1), model(real))
 
 
 def test_left_padding_invariance(model):
     """A left-padded prompt gives the same logits on its real tokens as the prompt alone."""
+    model.double()  # exact in float64 (tolerance.py): the padded rows pack and sum in another order
     a, b = torch.randint(0, 97, (1, 10)), torch.randint(0, 97, (1, 6))
     batch = torch.cat([a, torch.cat([torch.full((1, 4), 5), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :4] = 0
     out = model(batch, mask)
-    assert torch.allclose(out[0], model(a)[0], atol=1e-5)
-    assert torch.allclose(out[1, 4:], model(b)[0], atol=1e-5)
+    assert_exact(out[0], model(a)[0])
+    assert_exact(out[1, 4:], model(b)[0])
     assert torch.isfinite(out).all()  # padding rows too: never an all-masked softmax
 
 
@@ -212,16 +216,17 @@ def test_logits_only_where_scored_equal_the_full_projection(model):
     from model import response_logprobs, token_logprobs
     batch = data.collate([[3, 4, 5, 6], [7], [8, 9]], [[10, 11, 1], [12, 13, 14, 15, 1], [16, 1]], pad_id=0)
     ids, mask = batch["input_ids"], batch["response_mask"]
+    model.double()  # exact in float64 (tolerance.py): fewer positions projected, other sums
     with torch.no_grad():
         full = token_logprobs(model(ids, batch["attention_mask"])[:, :-1], ids[:, 1:]) * mask[:, 1:]
         cut = response_token_logps(model, batch)
         lp, _ = response_logprobs(model, ids, batch["attention_mask"], 4)
         only, entropy = response_logprobs(model, ids, batch["attention_mask"], 4, mask=mask[:, 4:], entropy=True)
-    torch.testing.assert_close(cut[:, 1:], full, rtol=0, atol=1e-5)
-    torch.testing.assert_close(only, lp * mask[:, 4:], rtol=0, atol=1e-5)
+    assert_exact(cut[:, 1:], full)
+    assert_exact(only, lp * mask[:, 4:])
     assert torch.equal(entropy > 0, mask[:, 4:].bool())  # with the mask: the response tokens' only
     assert torch.equal(cut != 0, mask.bool())  # a log-prob at each response token, nowhere else
-    torch.testing.assert_close((lp * mask[:, 4:]).sum(-1), full.sum(-1), rtol=0, atol=1e-5)
+    assert_exact((lp * mask[:, 4:]).sum(-1), full.sum(-1))
 
 
 def test_categorical_samples_by_the_probabilities():
@@ -329,23 +334,24 @@ def test_response_logprobs_agree_with_response_token_logps():
     import data
     from model import GPT, GPTConfig, response_logprobs
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval().double()  # exact in float64
     batch = data.collate([[3, 4, 5], [6]], [[7, 8, 9, 1], [10, 1]], pad_id=0)
     P = 3
     with torch.no_grad():
         token_lp, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], P)
         per_row = (token_lp * batch["response_mask"][:, P:]).sum(-1)
-        torch.testing.assert_close(per_row, response_token_logps(model, batch).sum(-1))
+        assert_exact(per_row, response_token_logps(model, batch).sum(-1))
 
 
 # ----------------------------------------------------------------------------- memory: checkpointing, chunked log-probs
 
 def memory_models():
+    """Both layouts in float64: exact (tolerance.py), as recomputed blocks and chunks sum in other orders."""
     from llama import Llama, LlamaConfig
     torch.manual_seed(0)
-    return {"gpt": GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)),
+    return {"gpt": GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16)).double(),
             "llama": Llama(LlamaConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
-                                       intermediate_size=24, tie_word_embeddings=False))}
+                                       intermediate_size=24, tie_word_embeddings=False)).double()}
 
 
 def loss_and_gradients(model, entropy=False):
@@ -370,9 +376,9 @@ def test_checkpointed_blocks_give_the_plain_loss_and_gradients(layout):
     set_checkpointing(model)
     assert all(m.checkpointing for m in model.modules() if hasattr(m, "checkpointing"))
     loss_c, grads_c, _ = loss_and_gradients(model)
-    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)
+    assert_exact(loss_c, loss)
     for g, gc in zip(grads, grads_c):
-        torch.testing.assert_close(gc, g, rtol=1e-5, atol=1e-7)
+        assert_exact(gc, g)
 
 
 @pytest.mark.parametrize("layout", ["gpt", "llama"])
@@ -388,10 +394,10 @@ def test_chunked_log_probs_give_the_plain_loss_gradients_and_entropies(layout, m
     monkeypatch.setattr(model_module, "chunk_logps", lambda *a: calls.append(a[0].size(0)) or chunk(*a))
     loss_c, grads_c, entropies_c = loss_and_gradients(net, entropy=True)
     assert max(calls) == 2 and sum(calls) > 10  # in chunks, each run again in the backward pass
-    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(entropies_c, entropies, rtol=1e-5, atol=1e-6)
+    assert_exact(loss_c, loss)
+    assert_exact(entropies_c, entropies)
     for g, gc in zip(grads, grads_c):
-        torch.testing.assert_close(gc, g, rtol=1e-5, atol=1e-7)
+        assert_exact(gc, g)
 
 
 def test_the_entropy_is_that_of_the_sampling_distribution():

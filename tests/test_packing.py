@@ -10,6 +10,7 @@ from cuda_like import fused_sdpa_layout
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel
 from packing import first_fit, pack
+from tolerance import assert_exact
 
 V = 61
 LAYOUTS = {
@@ -29,12 +30,12 @@ def padded_batch(n, seed=0):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_packed_batch_gives_each_rows_own_outputs_and_gradients(layout):
     torch.manual_seed(0)
-    model = LAYOUTS[layout]()
+    model = LAYOUTS[layout]().double()  # exact in float64 (tolerance.py): the rows sum in other orders
     batch = padded_batch(12)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     packed_ids, _, _, _ = pack(ids, mask)
     assert packed_ids.numel() < 0.8 * ids.numel()  # it packs: fewer positions
-    weights = torch.randn(*ids.shape, V)
+    weights = torch.randn(*ids.shape, V, dtype=torch.float64)
     logits = model(ids, mask)
     (logits * weights * mask[..., None]).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -42,21 +43,21 @@ def test_a_packed_batch_gives_each_rows_own_outputs_and_gradients(layout):
     for b in range(len(ids)):  # each row alone, without padding: no mask, no packing
         real = mask[b].bool()
         alone = model(ids[b, real][None])[0]
-        torch.testing.assert_close(logits[b, real], alone, rtol=0, atol=2e-5)
+        assert_exact(logits[b, real], alone)
         (alone * weights[b, real]).sum().backward()
     for p, g in zip(model.parameters(), grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+        assert_exact(p.grad, g)
 
 
 def test_the_reward_at_the_last_token_is_each_rows_own():
     torch.manual_seed(0)
-    rm = ScalarModel(GPTConfig(vocab_size=V, block_size=40, n_layer=2, n_head=2, n_embd=16)).eval()
+    rm = ScalarModel(GPTConfig(vocab_size=V, block_size=40, n_layer=2, n_head=2, n_embd=16)).eval().double()
     batch = padded_batch(9, seed=2)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     values = rm(ids, mask)
     for b in range(len(ids)):
         real = mask[b].bool()
-        torch.testing.assert_close(values[b, real], rm(ids[b, real][None])[0], rtol=0, atol=2e-5)
+        assert_exact(values[b, real], rm(ids[b, real][None])[0])  # exact in float64 (tolerance.py)
 
 
 def test_batches_it_cannot_or_need_not_pack_run_as_they_are():
@@ -82,11 +83,11 @@ def test_first_fit_fills_rows_longest_first_without_overflow():
 def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layout, padding, monkeypatch):
     """CUDA's layout (packing.align_plan): each row's tokens moved to its start, no mask, so plain causal
     attention (the flash kernel's) runs; every real token's logits and every gradient equal the
-    packed path's to float order (fp32), with left, right or both paddings, and the masked rows'
+    packed path's to float order (in float64), with left, right or both paddings, and the masked rows'
     with padding inside rows too (gaps: not packed)."""
     import packing
     torch.manual_seed(0)
-    model = LAYOUTS[layout]()
+    model = LAYOUTS[layout]().double()  # exact in float64 (tolerance.py): aligned and packed rows sum in other orders
     batch = padded_batch(10, seed=3)
     ids, mask = batch["input_ids"], batch["attention_mask"].clone()
     if padding != "both":  # one side only: the other side's padding becomes real tokens
@@ -99,7 +100,7 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
                 mask[b, :ids.size(1) - n] = 0
     if padding == "gaps":
         mask[:, ids.size(1) // 2] = 0
-    weights = torch.randn(*ids.shape, V)
+    weights = torch.randn(*ids.shape, V, dtype=torch.float64)
     outputs = {}
     for align in (False, True):
         monkeypatch.setattr(packing, "ALIGN", align)
@@ -109,9 +110,9 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
         outputs[align] = logits[mask.bool()], [p.grad.clone() for p in model.parameters()]
     aligned_ids, aligned_mask, positions, _ = pack(ids, mask)
     assert aligned_mask is None and aligned_ids.size(1) % 8 == 0 and positions.shape == aligned_ids.shape
-    torch.testing.assert_close(outputs[True][0], outputs[False][0], rtol=1e-5, atol=1e-5)
+    assert_exact(outputs[True][0], outputs[False][0])
     for a, b in zip(outputs[True][1], outputs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_exact(a, b)
 
 
 @pytest.mark.parametrize("align", [False, True])

@@ -13,8 +13,10 @@ from cli import run_train
 from checkpoint import load_checkpoint
 from task import FACTS, gold_reward, make_task
 from tokenizer import Tokenizer
+from tolerance import network_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO_WIDEST = 4 * 64  # the micro preset's longest sum: its MLP's 4 n_embd (tolerance.network_atol)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,8 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     run's) keep the easy size of the main run while the labels change, and share its SFT."""
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
-    proc = run_train("--preset", "micro", "--out", str(copy), "--compare",
-                     "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12")
+    proc = run_train("--preset", "micro", "--out", str(copy), "--compare",  # a shorter evaluation than the main run's
+                     "--ablations", ",".join(SELECTION_ROWS + ["dpo_then_dpo_hard"]), "--eval-prompts", "12", "--eval-samples", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(copy / "results.json")
     rows = results["methods"]
@@ -98,7 +100,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
     assert read(copy / "dpo_then_dpo_hard" / "done.json")["summary"]["pairs"] == split["hard"]
 
     proc = run_train("--preset", "micro", "--out", str(copy), "--noise-sweep", "4", "--bias-sweep", "0.5",
-                     "--eval-prompts", "12")
+                     "--eval-prompts", "12", "--eval-samples", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read(copy / "results.json")["methods"]
     noisy = read(copy / "noise-4" / "split" / "summary.json")
@@ -112,7 +114,7 @@ def test_ablation_rows_and_the_quantile_noise_sweep(run_dir, tmp_path):
 def test_seeds_give_per_seed_rows_and_paired_intervals(tmp_path):
     out = tmp_path / "seeds"
     proc = run_train("--preset", "micro", "--out", str(out), "--seeds", "2", "--eval-samples", "2", "--eval-prompts", "12",
-                     "--sft-steps", "40")
+                     "--sft-steps", "40", "--rm-epochs", "1", "--ppo-iterations", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = read(out / "results.json")
     assert results["seeds"] == [0, 1] and all(len(rows) == 2 for rows in results["per_seed"].values())
@@ -270,7 +272,8 @@ def test_the_critic_starts_centred(run_dir):
     batch = data.collate([tok.encode(p) for p in prompts], [data.encode_response(tok, r)[:32] for r in responses], tok.pad_id)
     with torch.no_grad():
         values = rewards_at_last_token(critic.eval()(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
-    torch.testing.assert_close(values, scores, atol=1e-4, rtol=1e-4)
+    # from magnitudes (tolerance.py): the micro run's float32 models, batched otherwise
+    torch.testing.assert_close(values, scores, atol=network_atol(scores, MICRO_WIDEST, 2), rtol=0)
 
 
 def test_scoring_uses_the_training_truncation(run_dir):
@@ -286,7 +289,7 @@ def test_scoring_uses_the_training_truncation(run_dir):
     with torch.no_grad():
         trained = reward_of(rm, data.pair_batch(pairs, tok.pad_id))
     scored = score(rm, tok, [record["prompt"]] * 2, [record["chosen"], record["rejected"]], 32)
-    torch.testing.assert_close(scored, trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scored, trained, atol=network_atol(trained, MICRO_WIDEST, 2), rtol=0)  # from magnitudes
 
 
 def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
@@ -303,9 +306,10 @@ def test_evaluation_scores_the_sampled_ids_and_penalises_truncation(run_dir):
     samples = sample_responses(policy, tok, prompts, 16, seed=3)
     finished = [tok.eos_id in r for _, r in samples]
     assert 0 < sum(finished) < len(finished)  # at 16 tokens, some responses are cut
-    expected = score_ids(rm, *zip(*samples), tok.pad_id).tolist()
-    for got, want, done in zip(judged["rm_score"], expected, finished):
-        assert got == (pytest.approx(want, abs=1e-5) if done else -7.0)
+    expected = score_ids(rm, *zip(*samples), tok.pad_id)
+    atol = network_atol(expected, MICRO_WIDEST, 2)  # from magnitudes (tolerance.py)
+    for got, want, done in zip(judged["rm_score"], expected.tolist(), finished):
+        assert got == (pytest.approx(want, abs=atol) if done else -7.0)
     assert judged["kl_vs_sft"] == [0.0] * len(prompts)
 
 
@@ -346,7 +350,7 @@ def test_old_values_read_the_critic_in_eval_mode(run_dir):
     old = old_logprobs(policy, policy, critic.train(), rollouts, torch.arange(8).chunk(2), PPOConfig(), "cpu", "fp32")
     with torch.no_grad():
         values = critic.eval()(rollouts.seq, rollouts.attn)[:, rollouts.prompt_len - 1:-1] * rollouts.mask
-    torch.testing.assert_close(old["values"], values)
+    torch.testing.assert_close(old["values"], values, atol=network_atol(values, MICRO_WIDEST, 2), rtol=0)  # from magnitudes
 
 
 def test_transformers_loads_and_samples_the_exported_policy(run_dir):
@@ -359,7 +363,8 @@ def test_transformers_loads_and_samples_the_exported_policy(run_dir):
     ours, _ = load_checkpoint(out / "ppo", kind="gpt")
     ids = tok("\n\nHuman: What color is the sky?\n\nAssistant:", return_tensors="pt").input_ids
     with torch.no_grad():
-        assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+        logits = ours.eval()(ids)
+        assert (hf(ids).logits - logits).abs().max() < network_atol(logits, MICRO_WIDEST, 2)  # from magnitudes
         sample = hf.generate(ids, max_new_tokens=8, do_sample=True, pad_token_id=hf.config.eos_token_id)
     assert sample.shape[1] > ids.shape[1]
 
@@ -384,9 +389,10 @@ def test_transformers_reads_the_exported_reward_model(run_dir):
     ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])  # right-padded, as transformers reads
     with torch.no_grad():
         theirs = hf(ids, attention_mask=(ids != tok.pad_id).long()).logits[:, 0]
-    torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
+    atol = network_atol(expected, MICRO_WIDEST, 2)  # from magnitudes (tolerance.py)
+    torch.testing.assert_close(theirs, expected, atol=atol, rtol=0)
     back = score(reward_model_at(str(folder), tok), tok, prompts, responses, 32, "cpu", "fp32")
-    torch.testing.assert_close(back - back[0], expected - expected[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(back - back[0], expected - expected[0], atol=2 * atol, rtol=0)  # two scores' errors
 
 
 def test_the_export_says_when_transformers_reads_the_score_elsewhere(run_dir, tmp_path, capsys):

@@ -18,6 +18,7 @@ from llama import Llama, LlamaConfig, rope_frequencies
 from lora import LoRAConfig
 from model import GPT, GPTConfig
 from sampling import autocast_dtype, categorical, generate
+from tolerance import network_atol
 from training import Memory, autocast, grad_scaler, optimizer_step
 
 CFG = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -43,7 +44,9 @@ def sample_by_recomputing(model, prompt, n, generator):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kv_cache_sampling_gives_the_plain_paths_tokens(device):
     torch.manual_seed(0)
-    model = GPT(CFG).to(device).eval()
+    # in float64 (tolerance.py): the cached and recomputed logits sum in other orders, and a draw at a
+    # boundary of the sampler would take another token in float32
+    model = GPT(CFG).to(device, torch.float64).eval()
     prompt = torch.randint(0, CFG.vocab_size, (8, 10), device=device)
     fast, _ = generate(model, prompt, None, 20, generator=torch.Generator(device).manual_seed(3))
     plain = sample_by_recomputing(model, prompt, 20, torch.Generator(device).manual_seed(3))
@@ -103,7 +106,8 @@ def test_compiled_training_forward_matches_eager_on_cuda():
     model = GPT(CFG).cuda()
     ids = torch.randint(0, CFG.vocab_size, (4, 32), device="cuda")
     compiled = training.compiled(model, True)
-    assert (compiled(ids) - model(ids)).abs().max() < 1e-4
+    eager = model(ids)  # from magnitudes (tolerance.py): the compiled kernels sum in their own orders
+    assert (compiled(ids) - eager).abs().max() < network_atol(eager, 4 * CFG.n_embd, CFG.n_layer)
 
 
 def test_autocast_dtype_without_deprecated_calls_and_the_kv_cache_follows_it(monkeypatch):
@@ -174,7 +178,9 @@ def test_compiled_sft_matches_eager_on_the_cpu(tmp_path):
         torch._dynamo.reset()
     losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "sft" / "metrics.jsonl").open()]
               for run in ("eager", "compiled")}
-    assert len(losses["eager"]) == 2 and losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)
+    # from magnitudes (tolerance.py): inductor's float32 kernels sum in their own orders; the micro preset's MLP
+    atol = network_atol(torch.tensor(losses["eager"]), 4 * 64, 2)
+    assert len(losses["eager"]) == 2 and losses["compiled"] == pytest.approx(losses["eager"], abs=atol)
 
 
 def test_tf32_serves_the_float32_heads_under_mixed_precision_on_cuda_alone():

@@ -20,8 +20,10 @@ from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_FOLDERS = ["sft", "rm", "dpo", "ppo"]
-# step states every few steps, so that a kill lands between two of them
-FLAGS = ["--preset", "micro", "--sft-save-every", "20", "--ppo-save-every", "1", "--ppo-iterations", "12"]
+# step states every few steps, so that a kill lands between two of them; SFT, the reward model and the
+# evaluation shorter than the preset's, as a resume is exact at any length (the runs here cost half)
+FLAGS = ["--preset", "micro", "--sft-steps", "60", "--sft-save-every", "20", "--rm-epochs", "1", "--ppo-save-every", "1",
+         "--ppo-iterations", "12", "--eval-prompts", "16"]
 
 
 def command(out, *extra):
@@ -78,7 +80,8 @@ def test_killed_twice_then_resumed_matches_an_uninterrupted_run(reference_run, t
     assert not (out / "sft" / "done.json").exists()
     kill_when(out, out / "ppo" / "step_state.safetensors")  # resumed SFT, then killed inside PPO
     assert (out / "sft" / "done.json").exists() and not (out / "ppo" / "done.json").exists()
-    proc = run(out)
+    proc = run_train(*FLAGS, "--out", out)  # the same command again, in this process (tests/cli.py)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from step" in proc.stdout + proc.stderr
     assert results_without_timings(out) == results_without_timings(reference_run)
     for stage in STAGE_FOLDERS:

@@ -72,7 +72,9 @@ def left_padded_prompts(B=6, P=9, seed=0):
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
 def test_the_fixed_shape_decode_step_gives_the_slicing_samplers_tokens(layout, setting, padded):
     torch.manual_seed(0)
-    model = LAYOUTS[layout]().eval()
+    # in float64 (tolerance.py): the fixed-shape and sliced steps sum over other numbers of keys, and in
+    # float32 a draw at a boundary of the sampler could take another token
+    model = LAYOUTS[layout]().eval().double()
     prompt, mask = left_padded_prompts()
     mask = mask if padded else None
     for eos_id in (None, 5):
@@ -102,7 +104,7 @@ def test_eos_ends_sampling_at_the_same_check_as_before():
     """When every row has ended, sampling stops at the next check: the tokens, their mask and their
     count as before (a vocabulary of 5, so that every row draws its eos soon)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=5, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(vocab_size=5, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval().double()  # as above
     prompt, mask = left_padded_prompts()
     prompt = prompt % 5
     for seed in range(3):
