@@ -249,6 +249,7 @@ def bench_ppo(model, cfg, a, dtype):
     # one PPO iteration with four models of this shape: policy, reference, reward model, critic
     class Ids:  # prompts are already token ids; no eos, so every response has full length
         eos_id, pad_id = cfg.vocab_size, 0
+        stop_ids = [eos_id]
         encode = staticmethod(lambda ids: ids)
         decode = staticmethod(str)
     backbone = type(model)  # GPT or Llama

@@ -35,7 +35,7 @@ def test_runs_below_one_is_refused_before_any_work():
 
 
 def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, monkeypatch):
-    def fake_train_ppo(*args):  # three iterations' seconds: the first, a warm-up, is left out
+    def fake_train_ppo(*args, **kwargs):  # three iterations' seconds: the first, a warm-up, is left out
         rows = [(9.0, 9.0, 9.0), (0.5, 1.0, 2.0), (0.5, 3.0, 4.0)]
         with open(os.path.join(args[7], "metrics.jsonl"), "w") as f:
             for it, (generate, rollout, update) in enumerate(rows):
@@ -44,7 +44,7 @@ def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, mo
     monkeypatch.setattr(bench, "train_ppo", fake_train_ppo)
     monkeypatch.setattr(bench, "trl_anchor", lambda *args: None)
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    bench.bench_ppo(GPT(cfg), cfg, argparse.Namespace(device="cpu", rollouts=4, prompt=4, new=4, profile=False),
+    bench.bench_ppo(GPT(cfg), cfg, argparse.Namespace(device="cpu", rollouts=4, prompt=4, new=4, profile=False, compile=False),
                     "fp32")
     # rollout 2.0 + update 3.0 on average; generate 0.5, scoring the rest of the rollout phase
     assert capsys.readouterr().out.startswith("ppo iteration          5.00 s  (generate 0.50, score 1.50, update 3.00;")
