@@ -170,6 +170,7 @@ def step_dpo(config, memory, tracker, generator):
 class Tokens:
     """A stand-in tokenizer for train_ppo: each prompt string is its length in tokens."""
     pad_id, eos_id, vocab_size = 0, 1, None
+    stop_ids = [eos_id]
 
     def encode(self, text):
         return [5] * int(text)

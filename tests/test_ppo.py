@@ -96,7 +96,7 @@ class Rounding(torch.nn.Module):
     """A stand-in for a compiled or DDP-wrapped module whose float rounding differs from the plain
     model's and depends on the batch's size, as kernels chosen by shape do on a GPU."""
 
-    def __init__(self, model):
+    def __init__(self, model, use=False):
         super().__init__()
         self.model = model
 
