@@ -25,9 +25,11 @@ import train
 from tolerance import EXACT, assert_exact, network_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# step states every 10 SFT steps, so that a kill lands between two of them
 MICRO_WIDEST = 4 * 64  # the micro preset's longest sum: its MLP's 4 n_embd (tolerance.network_atol)
-ARGS = ["--preset", "micro", "--sft-steps", "30", "--sft-save-every", "10", "--ppo-iterations", "2", "--eval-samples", "1"]
+# step states every 10 SFT steps, so that a kill lands between two of them; short stages, as a stage
+# on two ranks is compared with one process, not with how well it trains
+ARGS = ["--preset", "micro", "--sft-steps", "30", "--sft-save-every", "10", "--rm-epochs", "1", "--ppo-iterations", "2",
+        "--eval-prompts", "12", "--eval-samples", "1"]
 
 
 def losses(folder):
