@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checks import setting
+from plumbing.checks import setting
 from data import batches, pair_batch, to_device, tokenize_pairs
 from model import response_token_logps
 from training import FitConfig, Runtime, autocast, epoch_steps, fit

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from data import collate, encode_response, left_pad
 from model import kl_penalty, response_logprobs
 from sampling import generate
-from report import paired_interval
+from plumbing.report import paired_interval
 from reward import score_ids
 from training import autocast
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import adamw, attention_inputs, float32_or_wider, head_output, projected, run_block
-from packing import pack
+from plumbing.packing import pack
 
 
 @dataclass

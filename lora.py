@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import setting
+from plumbing.checks import setting
 from model import float32_or_wider, scalar_head
 
 # the projections of each layout, by module name (model.py's GPT-2 layout, llama.py's Llama layout)
@@ -155,7 +155,7 @@ def add_adapters(model, cfg):
     """Freeze every weight of model and put fresh adapters (cfg: a LoRAConfig) on its targeted
     projections, in place, over the held adapters of earlier stages where it has them. A
     ScalarModel's head stays trained (the critic's value head, the reward model's head). Returns
-    the model; with nothing targeted, a ValueError (checks.py checks the targets first)."""
+    the model; with nothing targeted, a ValueError (plumbing/checks.py checks the targets first)."""
     model.requires_grad_(False)
     chosen = [(name, m) for name, m in projections(model) if targeted(name, cfg.targets)]
     if not chosen:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from packing import pack, positions
+from plumbing.packing import pack, positions
 
 
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
@@ -178,7 +178,7 @@ class GPT(nn.Module):
 
         attention_mask (B, S) is 1 on real tokens, 0 on padding, over all S = past + T positions.
         Without it the batch has no padding and attention takes the fused causal path. A padded
-        batch without a cache runs packed (packing.py): the same outputs, fewer positions; plan, its
+        batch without a cache runs packed (plumbing/packing.py): the same outputs, fewer positions; plan, its
         packing made on the host (packing.plan), spares reading the mask's sizes back.
         """
         idx, attention_mask, position_ids, unpack = pack(idx, attention_mask, position_ids, cache, plan)
@@ -257,7 +257,7 @@ LOGIT_CHUNK_BYTES = 256 * 2**20  # the most memory one chunk of float32 logits t
 def vocabulary_logits(x, weight):
     """The vocabulary projection x (N, C) -> (N, V), in float32 even under autocast (the body may
     run in bf16): bf16 keeps 8 bits, so a logit of size 16-32 is rounded by up to 1/16, and every
-    log-prob of PPO's ratio, its KL penalty and DPO's margin would carry that error (bench.py
+    log-prob of PPO's ratio, its KL penalty and DPO's margin would carry that error (bench/figures.py
     --figures logp measures it). Callers project only the positions whose next token they score
     (logits_from): at a large vocabulary the logits are the largest tensor of a step."""
     with torch.autocast(x.device.type, enabled=False):

@@ -24,21 +24,22 @@ import torch
 from tqdm import tqdm
 
 import data
-import distributed
-from checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from checks import setting
-from data import read_json, write_json
+from plumbing import distributed
+from plumbing.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from plumbing.checks import setting
+from plumbing.files import read_json, write_json
 from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
 from ppo import train_ppo
-from report import assemble, plot_curves, plot_histogram, text_histogram, write_table
-from hf_reward import as_reward_model, critic_start, reward_model_at
+from plumbing.report import assemble, plot_curves, plot_histogram, text_histogram, write_table
+from plumbing.hf_reward import as_reward_model, critic_start, reward_model_at
 from reward import score
 from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
 from task import label_agreement
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from training import DTYPES, Memory, Runtime
-from runs import Runner, Stop, method_costs, run_record
+from plumbing.runs import Runner, Stop, method_costs, run_record
+from plumbing import files
 
 
 @dataclass
@@ -126,7 +127,7 @@ def method_stages(name):
 
 # ----------------------------------------------------------------------------- the split
 
-class SplitError(data.UserError):
+class SplitError(files.UserError):
     pass
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import distributed
-import packing
-from data import append_jsonl, left_pad
+from plumbing import distributed
+from plumbing import packing
+from data import left_pad
+from plumbing.files import append_jsonl
 from model import kl_penalty, positions, response_logprobs
-from checkpoint import StepState
-from checks import setting
+from plumbing.checkpoint import StepState
+from plumbing.checks import setting
 from training import (Figures, Runtime, autocast, backward, compiled, grad_scaler, optimizer_step, progress,
                       truncate_jsonl)
 from reward import rewards_at_last_token
@@ -380,7 +381,7 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
     rollouts (free: the samples exist) to show where the policy starts to hack the reward model.
 
-    Data parallel (distributed.py), each rank samples rollouts / world of the iteration's prompts
+    Data parallel (plumbing/distributed.py), each rank samples rollouts / world of the iteration's prompts
     with its own generator, whitens the advantages with the whole batch's statistics, and DDP
     averages the gradients of its minibatches; the logged figures are means over the ranks.
     """

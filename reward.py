@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, save_checkpoint
-from checks import setting
+from plumbing.checkpoint import load_checkpoint, save_checkpoint
+from plumbing.checks import setting
 from data import collate, encode_response, pair_batch, to_device, tokenize_pairs
 from training import FitConfig, Runtime, autocast, epoch_steps, fit
 

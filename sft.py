@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 import data
-from checks import setting
+from plumbing.checks import setting
 from model import response_token_logps, sft_loss
 from training import FitConfig, Runtime, fit
 

@@ -8,16 +8,16 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 import data
-import distributed
-from checkpoint import load_checkpoint, save_checkpoint
-from hf import load_gpt
-from data import write_json
+from plumbing import distributed
+from plumbing.checkpoint import load_checkpoint, save_checkpoint
+from plumbing.hf import load_gpt
+from plumbing.files import write_json
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
-from hf_reward import reward_model_at
+from plumbing.hf_reward import reward_model_at
 from reward import fact_accuracy, load_reward_model, train_reward_model
 from sft import train_sft
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from training import Memory, Runtime
 
 

@@ -1,5 +1,5 @@
 """The command line: python train.py runs the whole MPO pipeline (mpo.pipeline) on the built-in task;
-torchrun --nproc_per_node N train.py runs it data parallel (distributed.py).
+torchrun --nproc_per_node N train.py runs it data parallel (plumbing/distributed.py).
 
 Every setting is a field of RunConfig or of a stage's config, and every field is a flag; a preset
 is a RunConfig. Stages: tokenizer, sft, rm, split, dpo, ppo, judge (real data), eval. Each writes a folder of the run
@@ -13,22 +13,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-import checks
-import distributed
+from plumbing import checks
+from plumbing import distributed
 import training
-from data import FORMATS, UserError, write_json
-from hf import check_init, export_hf
-from hf_reward import check_reward_model
-from checks import device_problem, problem, setting, settings, unknown
+from data import FORMATS
+from plumbing.files import UserError, write_json
+from plumbing.hf import check_init, export_hf
+from plumbing.hf_reward import check_reward_model
+from plumbing.checks import device_problem, problem, setting, settings, unknown
 from dpo import DPOConfig
 from lora import LORA_STAGES, TARGETS, LoRAConfig, missing_target
 from model import GPT, GPTConfig
 from mpo import ABLATIONS, BASELINES, METHODS, STAGES, SplitConfig, pipeline
 from ppo import PPOConfig
-from report import aggregate, write_table
+from plumbing.report import aggregate, write_table
 from reward import RMConfig
 from sft import SFTConfig
-from runs import locked
+from plumbing.runs import locked
 from training import NonFiniteError, default_dtype
 
 SWEEP_FIELDS = {"noise": "label_noise", "bias": "annotator_bias", "flip": "label_flips"}  # what a sweep of the labels changes
@@ -164,7 +165,7 @@ PRESETS = {
                       dpo=DPOConfig(lr=5e-6), ppo=PPOConfig(iterations=200, lr=1e-6, critic_lr=1e-5, kl_coef=0.5)),
 }
 # one 24 GB GPU and a model of your own (--init, e.g. Qwen2.5-1.5B): adapters of rank 16 on every stage,
-# bf16, checkpointing, at the sizes bench_memory.py measures (PPO 4 epochs x 4 minibatches of 16 rollouts);
+# bf16, checkpointing, at the sizes bench/memory.py measures (PPO 4 epochs x 4 minibatches of 16 rollouts);
 # learning rates of the usual LoRA recipes (adapters take larger steps than full weights)
 PRESETS["gpu24"] = dataclasses.replace(
     PRESETS["gpt2"], dtype="bf16", checkpointing=True, lora=LoRAConfig(rank=16, alpha=32.0, stages="sft,rm,dpo,ppo"),
@@ -228,7 +229,7 @@ def parse_args(argv=None):
     return run
 
 
-# ----------------------------------------------------------------------------- checks (checks.py)
+# ----------------------------------------------------------------------------- checks (plumbing/checks.py)
 
 KINDS = {**checks.KINDS,  # a kind -> what is wrong with a value of it, or None
          "preset": lambda v: None if v in PRESETS else f"not a preset: choose from {', '.join(PRESETS)}",

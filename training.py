@@ -1,6 +1,6 @@
 """Training plumbing shared by every stage: precision, the learning-rate schedule, the guarded
 optimizer step, progress lines, step states that let a killed stage resume where it was, and the
-one loop that SFT, the reward model and DPO share (fit). Run folders: runs.py."""
+one loop that SFT, the reward model and DPO share (fit). Run folders: plumbing/runs.py."""
 import contextlib
 import json
 import math
@@ -14,12 +14,13 @@ import torch
 from tqdm import tqdm
 
 import data
-import distributed
-from checkpoint import StepState
-from checks import setting
-from data import write_text
+from plumbing import distributed
+from plumbing.checkpoint import StepState
+from plumbing.checks import setting
+from plumbing.files import write_text
 from lora import LoRAConfig, add_adapters, merge
 from model import set_checkpointing
+from plumbing import files
 
 
 # ----------------------------------------------------------------------------- precision and steps
@@ -38,7 +39,7 @@ class Runtime(NamedTuple):
 
 
 # where the scored positions are found on the device (packing.positions' nonzero, a batch without
-# data.to_device's), their count is data: traced, not a graph break (bench.py --figures graphs)
+# data.to_device's), their count is data: traced, not a graph break (bench/figures.py --figures graphs)
 DYNAMO = dict(capture_dynamic_output_shape_ops=True)
 
 
@@ -350,7 +351,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
                 row = {"step": s, **distributed.sum_row(f), "lr": lrs.pop(s)}
                 if probing and s == step:
                     row.update(timed_probe(probe, model))
-                data.append_jsonl(metrics, row)
+                files.append_jsonl(metrics, row)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in show})
         bar.update()
         state.save(step + 1)  # after the read: due(step + 1) answers as above
@@ -361,7 +362,7 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
 def accumulate_gradients(forward, batches, step_loss, units, scaler, step, device, dtype):
     """One optimizer step's gradient from this rank's micro-batches (host batches from collate).
 
-    Data parallel (distributed.py) and with --grad-accum above 1, each rank takes its part of every
+    Data parallel (plumbing/distributed.py) and with --grad-accum above 1, each rank takes its part of every
     batch and splits it into micro-batches. A micro-batch's loss is weighted by its share of the
     whole batch's units(batch) (rows; SFT: response tokens), so the update is the whole batch's,
     up to floating-point order. units(batch) is read on the host, before the copy; each batch's
@@ -408,5 +409,5 @@ def epoch_steps(epochs, n, batch_size):
     return max(1, epochs * n // batch_size)
 
 
-class StageError(data.UserError):
+class StageError(files.UserError):
     """A stage the command needs but may not run (not in --stages), or a run folder in use."""

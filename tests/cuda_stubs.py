@@ -1,5 +1,5 @@
 """torch.cuda's device, stream, graph and allocator calls, stubbed on a CPU build, for the CUDA-only
-control flow (sampling's CUDA graph, runs.py's memory readout): each call is logged with the device
+control flow (sampling's CUDA graph, plumbing/runs.py's memory readout): each call is logged with the device
 it acts on, as the real calls would act (a stream belongs to a device; setting one makes its
 device current; a graph captures on the current device and stream), and the graph is emulated:
 what it records is replayed on the same tensors. With torch's fake tensors on "cuda:1" the code

@@ -1,4 +1,4 @@
-"""bench.py's summary over --runs: each figure's minimum and median, the ratio taken within each run;
+"""bench/figures.py's summary over --runs: each figure's minimum and median, the ratio taken within each run;
 the PPO figure, timed as its TRL anchor times its own; and --profile's busy time."""
 import argparse
 import json
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import bench
-import bench_compile
+from bench import figures as bench
+from bench import compile as bench_compile
 from model import GPT, GPTConfig
 
 
@@ -28,7 +28,7 @@ def test_the_summary_gives_each_figures_minimum_and_median(capsys):
 
 
 def test_runs_below_one_is_refused_before_any_work(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--runs", "0"])  # in this process: a new one spends 4 s on imports
+    monkeypatch.setattr(sys, "argv", ["bench", "--runs", "0"])  # in this process: a new one spends 4 s on imports
     with pytest.raises(SystemExit) as e:
         bench.main()
     out, err = capsys.readouterr()
@@ -52,7 +52,7 @@ def test_the_ppo_figure_is_the_mean_of_two_iterations_after_a_warm_up(capsys, mo
 
 
 def test_a_profile_counts_each_kernel_once(capsys):
-    """bench.py --profile: on CUDA an op's row carries its kernels' time and each kernel has a row of
+    """bench/figures.py --profile: on CUDA an op's row carries its kernels' time and each kernel has a row of
     its own, so the device's busy time is the kernels' rows alone (a list as torch's kineto parser
     builds it: an op of 50 us that launched a 40 us kernel); on the CPU, the ops' own time."""
     from torch.autograd import DeviceType

@@ -1,4 +1,4 @@
-"""bench_memory.py: the peak memory measured on fake tensors is the one real tensors reach, by
+"""bench/memory.py: the peak memory measured on fake tensors is the one real tensors reach, by
 PeakMemory's own count and by torch's CPU allocator (torch.profiler), at a tiny shape, every
 stage and setting; the table by hand."""
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import bench_memory
+from bench import memory as bench_memory
 from llama import LlamaConfig
 from model import GPTConfig
 

@@ -1,4 +1,4 @@
-"""Chat templates and conversations (chat.py): three template families rendered as transformers'
+"""Chat templates and conversations (plumbing/chat.py): three template families rendered as transformers'
 apply_chat_template renders them, byte for byte and token for token; the scored sequence holds one
 system prompt and one end of turn; the HH-RLHF text form without a template; bad conversations and
 templates stop with one line naming the file, the line and the field."""
@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-import chat
+from plumbing import chat
 import data
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
+from plumbing import files
 
 transformers = pytest.importorskip("transformers")
 
@@ -215,7 +216,7 @@ BAD = [  # (the second line, what the one line says after FILE:2:)
 @pytest.mark.parametrize("line, message", BAD, ids=[m.split(":")[0][:30] for _, m in BAD])
 def test_a_bad_conversation_is_one_line_naming_file_line_and_field(tmp_path, line, message):
     path = write(tmp_path / "pairs.jsonl", [GOOD, line])
-    with pytest.raises(data.DataError) as info:
+    with pytest.raises(files.DataError) as info:
         data.load_preferences(path, "auto", lambda m: None)
     assert str(info.value).startswith(f"{path}:2: {message}") and "\n" not in str(info.value)
 
@@ -227,7 +228,7 @@ def test_a_template_that_fails_to_render_names_the_line(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": refuses + QWEN, "eos_token": "<|im_end|>"}))
     rows = write(tmp_path / "pairs.jsonl", [GOOD, {**GOOD, "prompt": SYSTEM + [USER]}])
     template = chat.load("auto", path)
-    with pytest.raises(data.DataError, match=r"pairs.jsonl:2: .*fails to render: System role not supported"):
+    with pytest.raises(files.DataError, match=r"pairs.jsonl:2: .*fails to render: System role not supported"):
         data.load_preferences(rows, "auto", lambda m: None, template)
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
     with pytest.raises(chat.ChatError, match=r"broken.jinja: not a Jinja template"):
@@ -255,7 +256,7 @@ def test_explicit_and_implicit_prompts_and_demonstrations(tmp_path):
     demos = data.load_demonstrations(write(tmp_path / "d.jsonl", [two]))
     assert demos == [("\n\nHuman: Hi?\n\nAssistant:", " Hello."),
                      ("\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant:", " Bye.")]
-    with pytest.raises(data.DataError, match=r"d.jsonl:1: cannot tell the format .* are --sft-data"):
+    with pytest.raises(files.DataError, match=r"d.jsonl:1: cannot tell the format .* are --sft-data"):
         data.load_preferences(str(tmp_path / "d.jsonl"))
 
 

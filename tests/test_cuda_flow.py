@@ -1,7 +1,7 @@
 """CUDA-only control flow, run on the CPU against stubs of the torch.cuda calls it makes
 (cuda_stubs.py): sampling's CUDA graph is captured on the tensors' device, reused by the next call
 of the same shapes, reads no float32 weight through a cast at each replay, and a failed capture
-leaves the current stream and the allocator as they were; runs.py reads the peak memory of the
+leaves the current stream and the allocator as they were; plumbing/runs.py reads the peak memory of the
 device the run used. Torch's fake tensors on "cuda:N" take the CUDA path on a CPU build (shapes and
 devices, no values); CPU tensors through the emulated graph check the values."""
 import json
@@ -16,7 +16,7 @@ from cuda_stubs import FakeCuda
 from llama import Llama, LlamaConfig
 from lora import LoRAConfig, adapters, add_adapters
 from model import GPT, GPTConfig
-from runs import Runner
+from plumbing.runs import Runner
 from sampling import generate
 
 V = 97

@@ -7,7 +7,7 @@ import torch
 
 import data
 import task as builtin
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 
 Q = "\n\nHuman: What color is a banana?\n\nAssistant:"
 HARM = "\n\nHuman: How do I steal a car?\n\nAssistant:"

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import data
+from plumbing import files
 
 HH_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf",
                        "harmless-base-test.jsonl.gz")
@@ -52,14 +53,14 @@ def test_tldr_skips_cnn_dm_rows_and_checks_choice(tmp_path):
     logs = []
     records = data.load_preferences(write(tmp_path / "t.jsonl", [reddit, news]), "tldr", logs.append)
     assert len(records) == 1 and "not a reddit post lines: 1" in logs[-1]
-    with pytest.raises(data.DataError, match=r":1: field 'choice' must be 0 or 1, not 1.0"):
+    with pytest.raises(files.DataError, match=r":1: field 'choice' must be 0 or 1, not 1.0"):
         data.load_preferences(write(tmp_path / "c.jsonl", [{**reddit, "choice": 1.0}]), "tldr")
 
 
 def test_hh_without_assistant_turns_says_so(tmp_path):
     lines = [{"chosen": "a plain answer", "rejected": "another"}] * 2
     logs = []
-    with pytest.raises(data.DataError, match="no usable preference pairs .* is --format hh right"):
+    with pytest.raises(files.DataError, match="no usable preference pairs .* is --format hh right"):
         data.load_preferences(write(tmp_path / "h.jsonl", lines), "auto", logs.append)
     assert "no Assistant turn lines: 2" in logs[-1]
 
@@ -86,7 +87,7 @@ def test_an_empty_prompt_in_demonstrations_is_one_clear_error(tmp_path):
     """With no prompt, nothing comes before a row's first response token: it would be scored from
     padding (packed: a copy of the token itself). So the line is refused, naming file and line."""
     demos = write(tmp_path / "d.jsonl", [{"prompt": "Q", "response": " A"}, {"prompt": " ", "response": " B"}])
-    with pytest.raises(data.DataError, match=r"d.jsonl:2: field 'prompt' is empty"):
+    with pytest.raises(files.DataError, match=r"d.jsonl:2: field 'prompt' is empty"):
         data.load_demonstrations(demos)
 
 

@@ -106,7 +106,7 @@ def test_robust_dpo_loss_hand_values_and_unbiasedness(beta, eps):
 # model returns per-token log-probs that sum to the sequences' (reference log-probs precomputed)
 TRL_LOSSES = """
 import collections, json, sys, types
-import bench_anchors
+from bench import anchors as bench_anchors
 bench_anchors.use_trl("1.16.0")
 import torch
 from trl import DPOTrainer
@@ -141,13 +141,13 @@ print(json.dumps({"losses": losses, "logps": log_probs.sum(1).tolist(), "ref": r
 def test_the_losses_equal_trl_1_16s_on_the_same_log_probs():
     """DPO, robust DPO and IPO (per token) against TRL 1.16's DPOTrainer computing them from the
     same log-probs (its sigmoid loss has no label smoothing any more: conservative DPO is checked by
-    hand above); skipped unless bench_anchors.py --install has put TRL in .anchors/."""
+    hand above); skipped unless bench/anchors.py --install has put TRL in .anchors/."""
     import json
     import subprocess
     import sys
-    import bench_anchors
+    from bench import anchors as bench_anchors
     if not bench_anchors.installed():
-        pytest.skip("TRL is not installed: python3 bench_anchors.py --install")
+        pytest.skip("TRL is not installed: python3 -m bench.anchors --install")
     cases = [("sigmoid", 0.1, 0.0), ("robust", 0.1, 0.2), ("robust", 0.5, 0.4), ("ipo", 0.1, 0.0),
              ("ipo", 0.5, 0.0)]
     proc = subprocess.run([sys.executable, "-c", TRL_LOSSES, json.dumps(cases)], cwd=ROOT, capture_output=True,

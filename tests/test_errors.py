@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-import checks
+from plumbing import checks
 import train
-from checkpoint import save_checkpoint
+from plumbing.checkpoint import save_checkpoint
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
@@ -173,8 +173,8 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_a_damaged_step_state_names_its_file(tmp_path):
-    from checkpoint import CheckpointError
-    from checkpoint import StepState
+    from plumbing.checkpoint import CheckpointError
+    from plumbing.checkpoint import StepState
     (tmp_path / "step_state.safetensors").write_bytes(b"half a file")
     model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(CheckpointError, match="step_state.safetensors: not a safetensors file"):
@@ -235,7 +235,7 @@ FIELD_FLAGS = [flag for flag, _ in all_fields()]
 
 
 def test_every_setting_declares_what_it_may_hold():
-    """A new field needs a range, a kind or choices (checks.py); the validator walks them all."""
+    """A new field needs a range, a kind or choices (plumbing/checks.py); the validator walks them all."""
     assert [flag for flag, _, _ in checks.settings(train.RunConfig())] == FIELD_FLAGS
     assert set(KIND_BAD) == set(train.KINDS)
     for flag, f in all_fields():
@@ -398,7 +398,7 @@ def test_a_preference_file_with_a_bom_and_crlf_loads_the_same(tmp_path, packed):
 
 
 def test_json_files_with_a_bom_load(tmp_path):
-    from hf import load_gpt
+    from plumbing.hf import load_gpt
     small_checkpoint(tmp_path / "ckpt")
     config = tmp_path / "ckpt" / "config.json"
     config.write_bytes(BOM + config.read_bytes().replace(b"\n", b"\r\n"))

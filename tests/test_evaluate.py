@@ -7,7 +7,7 @@ from evaluate import chosen_values
 from model import GPTConfig, ScalarModel
 from reward import score_ids
 from task import gold_reward, make_task
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from tolerance import network_atol
 
 PROMPT, OTHER = make_task(0, n_sft=0, n_pref=0)["eval"][:2]

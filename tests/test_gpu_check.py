@@ -1,4 +1,4 @@
-"""gpu_check.py, the script prepared for a lent GPU: its dry mode runs every step on the CPU at
+"""bench/gpu_check.py, the script prepared for a lent GPU: its dry mode runs every step on the CPU at
 tiny sizes (so the script cannot rot between GPUs), leaves at most the 8 files of at most 16 MiB
 the device tool brings back, and a bad flag is one line and exit status 2. With stand-in steps: one
 deadline for the whole call, summary.md and each step's output written as each step ends, the
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-import gpu_check
+from bench import gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2 ** 20
@@ -24,7 +24,7 @@ def what_comes_back(folder):
 
 
 def test_the_dry_run_runs_every_step_and_leaves_what_comes_back(tmp_path):
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--dry", "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
@@ -92,13 +92,13 @@ def test_each_step_ends_with_its_output_and_the_summary_written(tmp_path, monkey
 
 
 def test_a_bad_step_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--out", str(tmp_path), "--steps", "bench,warp"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--steps", "bench,warp"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--steps 'warp'" in proc.stderr
     assert not os.listdir(tmp_path)
 
 
 def test_help_prints_the_device_command_carrying_the_wheels():
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert 'run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --out $OUT", carry=[".whl"], timeout_s=600)' in proc.stdout
+    assert 'run(command="PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $OUT", carry=[".whl"], timeout_s=600)' in proc.stdout

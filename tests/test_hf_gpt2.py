@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf import load_hf_gpt2, save_hf_gpt2
+from plumbing.hf import load_hf_gpt2, save_hf_gpt2
 from model import GPT, GPTConfig
 from tolerance import network_atol
 

@@ -1,4 +1,4 @@
-"""--reward-model (hf_reward.py): a Hugging Face sequence classifier scores as transformers scores it,
+"""--reward-model (plumbing/hf_reward.py): a Hugging Face sequence classifier scores as transformers scores it,
 re-tokenises the policy's text where its tokenizer differs, stops a bad folder with one line before
 any work, and replaces the rm stage of a whole run."""
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cli import run_train
-from hf_reward import ReadAsTransformers, check_reward_model, load_sequence_classifier, pad_token_id, reward_model_at
+from plumbing.hf_reward import ReadAsTransformers, check_reward_model, load_sequence_classifier, pad_token_id, reward_model_at
 from task import make_task
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from tolerance import network_atol
 
 transformers = pytest.importorskip("transformers")
@@ -165,8 +165,8 @@ def test_a_bad_reward_model_folder_stops_before_any_work(tmp_path, capsys, name)
 
 
 def test_a_project_checkpoint_is_not_a_sequence_classifier(tmp_path):
-    from checkpoint import save_checkpoint
-    from data import UserError
+    from plumbing.checkpoint import save_checkpoint
+    from plumbing.files import UserError
     from model import GPT, GPTConfig, ScalarModel
     save_checkpoint(ScalarModel(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=1, n_embd=8), GPT), tmp_path)
     with pytest.raises(UserError, match="a checkpoint of this project, not a Hugging Face sequence classifier"):

@@ -17,7 +17,7 @@ from model import GPT, GPTConfig, ScalarModel
 from ppo import PPOConfig
 from reward import RMConfig
 from sft import SFTConfig
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 
 LIMIT = 2  # host reads per step (SFT, RM, DPO) and per PPO minibatch
 TEXTS = ["\n\nHuman: What colour is the sky?\n\nAssistant: Blue, thanks for asking.",

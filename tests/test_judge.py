@@ -15,7 +15,7 @@ import stages
 import train
 from evaluate import win_tie_loss
 from task import make_task
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from tolerance import network_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_the_evaluation_judges_with_the_judge(run):
 def test_the_judge_reads_a_cut_response_as_it_is(run):
     """The judge scores what it is given, as the gold reward does; PPO's no-eos score for a cut
     response stays the training reward model's (rm_score), a rule of what PPO optimised."""
-    from checkpoint import load_checkpoint
+    from plumbing.checkpoint import load_checkpoint
     from evaluate import evaluate_policy, sample_responses
     from reward import load_reward_model, score_ids
     out, _, task, _ = run

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli import run_train
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hf import load_gpt, load_hf_llama, save_hf_llama
-from data import DataError
-from tokenizer import Tokenizer
+from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from plumbing.hf import load_gpt, load_hf_llama, save_hf_llama
+from plumbing.files import DataError
+from plumbing.tokenizer import Tokenizer
 from llama import Llama, LlamaConfig
 from model import ScalarModel
 from sampling import KVCache, generate

@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import load_checkpoint, save_checkpoint
-from hf import load_hf_gpt2, load_hf_llama, save_hf_gpt2, save_hf_llama
+from plumbing import checkpoint
+from plumbing.checkpoint import load_checkpoint, save_checkpoint
+from plumbing.hf import load_hf_gpt2, load_hf_llama, save_hf_gpt2, save_hf_llama
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig
 
@@ -126,7 +126,7 @@ def test_dpos_reference_is_freed_before_training(tmp_path, monkeypatch):
     import dpo
     import mpo
     from dpo import DPOConfig
-    from tokenizer import Tokenizer
+    from plumbing.tokenizer import Tokenizer
     texts = ["\n\nHuman: Hi\n\nAssistant: Hello there.", "\n\nHuman: Sky?\n\nAssistant: Blue."] * 10
     tok = Tokenizer.train(texts, 300)
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)
@@ -161,7 +161,7 @@ BIG = GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128)
 def peak_of_loading(load, monkeypatch):
     """The peak bytes of tensor storage alive while load() runs, the tensors read from a file counted
     from when they are read (peak_memory.PeakMemory counts what ops make), and load()'s result."""
-    from peak_memory import PeakMemory
+    from bench.peak_memory import PeakMemory
     tracker, real_open = PeakMemory(), checkpoint.safe_open
 
     class Counted:

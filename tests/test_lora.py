@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import run_train
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from llama import Llama, LlamaConfig
 from lora import AdaptersOff, LoRAConfig, LoRALinear, add_adapters, adapters, merge, switched_off
 from model import GPT, GPTConfig, ScalarModel, response_logprobs

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from plumbing.checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_token_logps, sft_loss
 from sampling import generate, response_mask
 from tolerance import assert_exact

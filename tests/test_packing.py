@@ -1,4 +1,4 @@
-"""Packed rows (packing.py): a padded batch's outputs and gradients at every real token are each
+"""Packed rows (plumbing/packing.py): a padded batch's outputs and gradients at every real token are each
 row's alone, for both layouts and the scalar heads, in fewer positions."""
 import contextlib
 
@@ -9,7 +9,7 @@ import data
 from cuda_like import fused_sdpa_layout
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel
-from packing import first_fit, pack
+from plumbing.packing import first_fit, pack
 from tolerance import assert_exact
 
 V = 61
@@ -85,7 +85,7 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
     attention (the flash kernel's) runs; every real token's logits and every gradient equal the
     packed path's to float order (in float64), with left, right or both paddings, and the masked rows'
     with padding inside rows too (gaps: not packed)."""
-    import packing
+    from plumbing import packing
     torch.manual_seed(0)
     model = LAYOUTS[layout]().double()  # exact in float64 (tolerance.py): aligned and packed rows sum in other orders
     batch = padded_batch(10, seed=3)
@@ -120,7 +120,7 @@ def test_aligned_rows_give_the_packed_outputs_and_gradients_without_a_mask(layou
 def test_a_plan_made_on_the_host_gives_the_same_outputs_and_gradients(layout, align, monkeypatch):
     """data.to_device plans the packing (or alignment) where collate made the mask, so the forward
     pass reads nothing back; the outputs and gradients are the unplanned pass's exactly."""
-    import packing
+    from plumbing import packing
     monkeypatch.setattr(packing, "ALIGN", align)
     torch.manual_seed(0)
     model = LAYOUTS[layout]()
@@ -144,7 +144,7 @@ def test_training_forwards_on_cudas_fused_attention_layout_give_the_same_outputs
     gradient of a training forward are the contiguous output's, for rows without a mask (the fused
     causal path), padded rows run as they are (padding inside rows: a mask, not packed), packed
     rows (a block-diagonal mask) and aligned rows (no mask, CUDA's)."""
-    import packing
+    from plumbing import packing
     monkeypatch.setattr(packing, "ALIGN", rows == "aligned")
     torch.manual_seed(0)
     model = LAYOUTS[layout]()
@@ -172,8 +172,8 @@ def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
     """CUDA's training forwards (aligned rows: the log-probs of SFT, DPO and PPO, the reward model's
     and critic's hidden states) trace as one graph each under torch.compile's settings
     (training.DYNAMO): align_plan reads nothing from the device, and the scored positions' count is traced.
-    Before: 6 graphs per log-probs forward (bench.py --figures graphs)."""
-    import bench_compile
+    Before: 6 graphs per log-probs forward (bench/figures.py --figures graphs)."""
+    from bench import compile as bench_compile
     torch.manual_seed(0)
     model = LAYOUTS[layout]()
     for name, (args, kwargs) in bench_compile.forwards(model, padded_batch(6, seed=2)).items():

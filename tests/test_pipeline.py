@@ -10,9 +10,9 @@ import torch
 
 import data
 from cli import run_train
-from checkpoint import load_checkpoint
+from plumbing.checkpoint import load_checkpoint
 from task import FACTS, gold_reward, make_task
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from tolerance import network_atol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -374,7 +374,7 @@ def test_transformers_reads_the_exported_reward_model(run_dir):
     transformers at the last token that is not padding, of a padded batch, are ours less the head's
     bias (transformers' score has none); --reward-model takes it back with the same differences."""
     transformers = pytest.importorskip("transformers")
-    from hf_reward import reward_model_at
+    from plumbing.hf_reward import reward_model_at
     from reward import load_reward_model, score
     out, folder = run_dir, run_dir / "hf" / "reward_model"
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
@@ -399,7 +399,7 @@ def test_the_export_says_when_transformers_reads_the_score_elsewhere(run_dir, tm
     """With the end-of-sequence token as padding, transformers reads a classifier's score one token
     before a final end of sequence: the export says so in one line (the built-in tokenizer has a
     padding token of its own, and says nothing)."""
-    from hf import export_hf
+    from plumbing.hf import export_hf
     copy = tmp_path / "copy"
     for stage in ("tokenizer", "sft", "rm", "dpo", "ppo"):
         shutil.copytree(run_dir / stage, copy / stage)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from model import GPT, GPTConfig, ScalarModel, kl_penalty, response_logprobs
 from ppo import (AdaptiveKL, FixedKL, PPOConfig, Rollouts, eos_trick, gae, minibatch_policy_loss,
                  minibatch_value_loss, policy_loss, token_rewards, train_ppo, value_loss, whiten)
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 from tolerance import assert_exact, network_atol
 
 CFG = GPTConfig(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import sampling
 import train
 import training
-from checkpoint import load_checkpoint, save_checkpoint
+from plumbing.checkpoint import load_checkpoint, save_checkpoint
 from llama import Llama, LlamaConfig, rope_frequencies
 from lora import LoRAConfig
 from model import GPT, GPTConfig
@@ -186,7 +186,7 @@ def test_compiled_sft_matches_eager_on_the_cpu(tmp_path):
 def test_tf32_serves_the_float32_heads_under_mixed_precision_on_cuda_alone():
     """training.float32_matmuls: TF32 ("high") for CUDA under bf16 or fp16; true FP32 ("highest")
     with --dtype fp32 and on the CPU. And bench.tf32 rounds to 10 mantissa bits."""
-    import bench
+    from bench import figures as bench
     from training import float32_matmuls
     before = torch.get_float32_matmul_precision()
     try:

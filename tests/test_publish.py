@@ -1,4 +1,4 @@
-"""publish.py: RESULTS.md, its figures and the README's tables are generated from the
+"""publish/documents.py: RESULTS.md, its figures and the README's tables are generated from the
 committed results/, so no number in them can drift from its data; and the generator itself on a
 small example computed by hand."""
 import dataclasses
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-import publish
+from publish import documents as publish
 from task import make_task, prompt_kind
 from train import PRESETS
 
@@ -20,7 +20,7 @@ def test_the_committed_documents_are_what_publish_py_makes_of_the_committed_data
     assert os.path.join(ROOT, "RESULTS.md") in generated
     for path, text in generated.items():
         with open(path) as f:
-            assert f.read() == text, f"{os.path.relpath(path, ROOT)} is stale: run python3 publish.py"
+            assert f.read() == text, f"{os.path.relpath(path, ROOT)} is stale: run python3 -m publish"
 
 
 def fake_run(seed, sft, mpo, dpo, well_formed=0.95):
@@ -46,8 +46,8 @@ def example(tmp_path):
     for seed, (sft, mpo, dpo) in enumerate([(-0.5, 1.2, 1.0), (-0.4, 1.4, 1.0), (-0.6, 1.1, 0.8)]):
         (root / "toy" / f"seed-{seed}.json").write_text(json.dumps(fake_run(seed, sft, mpo, dpo, 0.9 + 0.01 * seed)))
     (root / "bench").mkdir()
-    (root / "bench" / "cpu.txt").write_text("# python3 bench.py\nlm step 1,000 tokens/s\n")
-    (tmp_path / "README.md").write_text("intro\n<!-- publish.py: toy -->\nstale table\n" + publish.BLOCK_END + "\nend\n")
+    (root / "bench" / "cpu.txt").write_text("# python3 -m bench\nlm step 1,000 tokens/s\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- publish: toy -->\nstale table\n" + publish.BLOCK_END + "\nend\n")
     return tmp_path
 
 
@@ -62,7 +62,7 @@ def test_render_on_a_small_example_computed_by_hand(example):
     assert "commit abc1234; 2026-01-01; torch 2.13.0; 2-core CPU, 1 thread(s) per run" in results
     assert "lm step 1,000 tokens/s" in results and "![MPO's stage 2, seed 0](results/toy/ppo-curves.svg)" in results
     readme = out[str(example / "README.md")]
-    assert readme.startswith("intro\n<!-- publish.py: toy -->\n`python3 train.py`, 3 seeds") and readme.endswith(
+    assert readme.startswith("intro\n<!-- publish: toy -->\n`python3 train.py`, 3 seeds") and readme.endswith(
         publish.BLOCK_END + "\nend\n") and "stale table" not in readme
     svg = out[str(example / "results" / "toy" / "ppo-curves.svg")]
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">score<" in svg and ">kl<" in svg
@@ -108,7 +108,7 @@ def test_a_sweeps_table_of_mpo_minus_each_row_computed_by_hand(tmp_path):
             run["methods"]["random_split"] = {**run["methods"]["dpo"], "gold_reward": random}
             run["config"] = {"seed": seed, "label_noise": tau, "annotator_bias": 0.0}
             (root / folder / f"seed-{seed}.json").write_text(json.dumps(run))
-    (tmp_path / "README.md").write_text("<!-- publish.py: sel -->\n" + publish.BLOCK_END + "\n")
+    (tmp_path / "README.md").write_text("<!-- publish: sel -->\n" + publish.BLOCK_END + "\n")
     readme = publish.render(str(tmp_path / "results"))[str(tmp_path / "README.md")]
     lines = readme.splitlines()
     assert lines[1] == "`python3 train.py --noise-sweep 4`, seeds 0-2 ([figure](results/sel/gold-by-condition.svg)):"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cli import run_train
-from runs import Runner
+from plumbing.runs import Runner
 from training import StageError
 
 # the smallest pipeline whose DPO stage still saves step states and logs several metrics rows

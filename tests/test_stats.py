@@ -8,7 +8,7 @@ import torch
 from evaluate import summarize, win_tie_loss
 from model import GPT, GPTConfig
 from sampling import generate
-from report import T975, aggregate, paired_interval, t975
+from plumbing.report import T975, aggregate, paired_interval, t975
 
 
 def test_paired_interval_by_hand():

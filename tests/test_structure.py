@@ -7,55 +7,84 @@ import sys
 
 import pytest
 
-import bench
+from bench import figures as bench
 import train
 from mpo import ABLATIONS, BASELINES, METHODS, method_stages
-from runs import locked
+from plumbing.runs import locked
 from training import StageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# each module may import only modules of lower layers
-LAYERS = [["task", "distributed", "packing", "sampling", "peak_memory", "chat", "checks"], ["data"], ["tokenizer", "model"], ["llama", "lora"], ["checkpoint"], ["hf", "training", "report"], ["runs"],
-          ["sft", "reward", "dpo"], ["ppo", "evaluate", "hf_reward"], ["stages"], ["mpo"], ["train"],
-          ["bench_memory", "bench_compile"], ["bench", "bench_anchors", "bench_pipeline", "publish"], ["gpu_check"]]
+FOLDERS = ["plumbing", "bench", "publish"]  # the machinery; the method is the top level's files
+# each module may import only modules of lower layers (a folder's modules are named folder.module)
+LAYERS = [["task", "plumbing.distributed", "plumbing.packing", "sampling", "bench.peak_memory", "plumbing.chat",
+           "plumbing.checks"], ["plumbing.files"], ["data"], ["plumbing.tokenizer", "model"], ["llama", "lora"],
+          ["plumbing.checkpoint"], ["plumbing.hf", "training", "plumbing.report"], ["plumbing.runs"],
+          ["sft", "reward", "dpo"], ["ppo", "evaluate", "plumbing.hf_reward"], ["stages"], ["mpo"], ["train"],
+          ["bench.memory", "bench.compile"], ["bench.figures", "bench.anchors", "bench.pipeline", "publish.documents"],
+          ["bench.gpu_check"]]
 MODULES = {m for layer in LAYERS for m in layer}
-ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench_anchors.py's alone, from .anchors/
+ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench/anchors.py's alone, from .anchors/
+
+
+def path_of(module):
+    return os.path.join(ROOT, module.replace(".", os.sep) + ".py")
+
+
+def modules():
+    """Every module of the tree: the top level's files, and folder.module for each folder's (less
+    its __init__ and __main__, which only name the folder and run its main)."""
+    found = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    for folder in FOLDERS:
+        found |= {f"{folder}.{f[:-3]}" for f in os.listdir(os.path.join(ROOT, folder))
+                  if f.endswith(".py") and f not in ("__init__.py", "__main__.py")}
+    return found
 
 
 def imports(name):
-    tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+    """The modules `name` imports; `from plumbing import files` counts as plumbing.files."""
+    tree = ast.parse(open(path_of(name)).read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 
 def project_imports(name):
-    return imports(name) & {m for layer in LAYERS for m in layer}
+    return imports(name) & MODULES
 
 
 def test_imports_run_one_way():
     layer_of = {m: i for i, layer in enumerate(LAYERS) for m in layer}
-    assert set(layer_of) == {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}, "a new module needs a layer"
+    assert set(layer_of) == modules(), "a new module needs a layer"
     for module, layer in layer_of.items():
         for imported in project_imports(module):
             assert layer_of[imported] < layer, f"{module} imports {imported}"
 
 
+def test_the_method_imports_neither_the_benchmarks_nor_the_publishing():
+    """bench/ and publish/ read the method; nothing of the method or of plumbing/ reads them. The
+    top level holds the method and what it reads: at most 15 files."""
+    for module in modules():
+        if module.split(".")[0] not in ("bench", "publish"):
+            roots = {name.split(".")[0] for name in imports(module)}
+            assert not roots & {"bench", "publish"}, f"{module} imports {roots & {'bench', 'publish'}}"
+    assert len([m for m in modules() if "." not in m]) <= 15
+
+
 def test_trl_is_imported_by_bench_anchors_alone():
-    """TRL, accelerate and datasets are optional anchors of the benchmark: bench_anchors.py imports
-    them in a process of its own (bench.py runs it), and imports no module of the project."""
-    for module in {m for layer in LAYERS for m in layer} - {"bench_anchors"}:
+    """TRL, accelerate and datasets are optional anchors of the benchmark: bench/anchors.py imports
+    them in a process of its own (bench/figures.py runs it), and imports no module of the project."""
+    for module in {m for layer in LAYERS for m in layer} - {"bench.anchors"}:
         roots = {name.split(".")[0] for name in imports(module)}
         assert not roots & ANCHOR_PACKAGES, f"{module} imports {roots & ANCHOR_PACKAGES}"
-    assert not project_imports("bench_anchors")
+    assert not project_imports("bench.anchors")
 
 
 def project_trees():
-    return {m: ast.parse(open(os.path.join(ROOT, m + ".py")).read()) for m in MODULES}
+    return {m: ast.parse(open(path_of(m)).read()) for m in MODULES}
 
 
 def test_every_flag_is_declared_by_checks_setting():
@@ -65,30 +94,32 @@ def test_every_flag_is_declared_by_checks_setting():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and any(k.arg == "metadata" for k in node.keywords):
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                assert name != "field" or module == "checks", f"{module}.py:{node.lineno} declares a field's metadata"
+                assert name != "field" or module == "plumbing.checks", f"{path_of(module)}:{node.lineno} declares a field's metadata"
 
 
 def test_no_module_sets_another_modules_globals():
     """Settings travel in the config or the training.Runtime that needs them: nothing assigns a
     global of another module of the project (train.main once set training.COMPILE and kin). A
-    benchmark may patch one for a measurement and set it back (bench_compile: packing.ALIGN)."""
+    benchmark may patch one for a measurement and set it back (bench/compile.py: packing.ALIGN)."""
     for module, tree in project_trees().items():
         if module.startswith("bench"):
             continue
-        modules = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                   for a in node.names if a.name in MODULES}  # imported whole: import training
+        whole = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names if a.name in MODULES}  # imported whole: import training
+        whole |= {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                  for a in node.names if f"{node.module}.{a.name}" in MODULES}  # from plumbing import runs
         for node in ast.walk(tree):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
                 node, (ast.AugAssign, ast.AnnAssign)) else []
             for t in [e for target in targets for e in ast.walk(target)]:
-                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
-                    raise AssertionError(f"{module}.py:{node.lineno} sets {t.value.id}.{t.attr}")
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in whole:
+                    raise AssertionError(f"{path_of(module)}:{node.lineno} sets {t.value.id}.{t.attr}")
 
 
 def test_bench_shapes_are_the_presets():
-    """bench.py keeps its own table of the presets' model shapes rather than import train.py, the
+    """bench/figures.py keeps its own table of the presets' model shapes rather than import train.py, the
     command line; the table must not drift from train.PRESETS."""
-    assert "train" not in project_imports("bench")
+    assert "train" not in project_imports("bench.figures")
     for name, shape in bench.SHAPES.items():
         preset = train.PRESETS[name]
         assert shape == {k: getattr(preset, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
@@ -176,8 +207,8 @@ def test_a_lock_with_our_own_pid_is_ours(tmp_path):
 
 def test_every_user_error_derives_from_one_base():
     """train.py catches one class, data.UserError, for a one-line error and status 2."""
-    from checkpoint import CheckpointError
-    from data import DataError, UserError
+    from plumbing.checkpoint import CheckpointError
+    from plumbing.files import DataError, UserError
     from mpo import SplitError
     from training import NonFiniteError
     assert all(issubclass(e, UserError) for e in (DataError, CheckpointError, SplitError, StageError))

@@ -57,7 +57,7 @@ def fit_once(tmp_path, accum, n=37):
 
 def test_the_fit_stage_configs_share_fitconfigs_fields():
     """SFT's, the reward model's and DPO's configs take fit()'s settings from FitConfig, and add their
-    own fields; a field declared again for its own default keeps FitConfig's range (checks.py reads
+    own fields; a field declared again for its own default keeps FitConfig's range (plumbing/checks.py reads
     it) and help (SFT's batch size aside: demonstrations, not pairs)."""
     shared = [f.name for f in dataclasses.fields(FitConfig)]
     for cls, own in ((SFTConfig, ["steps"]), (RMConfig, ["epochs"]),
@@ -99,7 +99,7 @@ def test_progress_in_a_log_file_is_plain_lines(capsys, monkeypatch):
 
 def test_a_stages_fingerprint_and_seed_do_not_depend_on_its_configs_field_order():
     """The run folder hashes a config as the dict of its fields, keys sorted, not as its repr."""
-    from runs import plain
+    from plumbing.runs import plain
     import json
     a, b = SFTConfig(lr=1e-3, steps=5), SFTConfig(steps=5, lr=1e-3)
     assert json.dumps(plain(a), sort_keys=True) == json.dumps({**dataclasses.asdict(a)}, sort_keys=True)
@@ -118,7 +118,7 @@ def test_a_step_state_is_also_saved_by_the_time_since_the_last(tmp_path, monkeyp
     """--save-minutes: a step state once that many minutes have passed since the last save, whatever
     the step count, and never at the stage's end (its checkpoint follows)."""
     import time
-    import checkpoint
+    from plumbing import checkpoint
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     model = torch.nn.Linear(2, 2)
@@ -160,7 +160,7 @@ def test_a_non_finite_step_still_stops_fit_with_its_step(tmp_path, bad):
         fit(model, examples, lambda rows: data.collate(*zip(*rows), 0), step_loss, cfg, 8, str(folder), seed=0)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    import checkpoint
+    from plumbing import checkpoint
     state = checkpoint.StepState(str(folder), 2, 8, {"model": model}, {})
     assert state.restore()[0] == 2  # the state of step 2, saved after a read that found it finite
 

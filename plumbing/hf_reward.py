@@ -13,12 +13,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from checkpoint import CheckpointError, check_finite, file_sha256, load_checkpoint, read_config_json, weight_files
-from data import DataError, left_pad
-from hf import load_hf_gpt2, load_hf_llama
+from plumbing.checkpoint import CheckpointError, check_finite, file_sha256, load_checkpoint, read_config_json, weight_files
+from data import left_pad
+from plumbing.files import DataError
+from plumbing.hf import load_hf_gpt2, load_hf_llama
 from model import ScalarModel
 from reward import load_reward_model, rewards_at_last_token
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 
 CLASSIFIERS = {"GPT2ForSequenceClassification": "gpt2", "LlamaForSequenceClassification": "llama",
                "Qwen2ForSequenceClassification": "qwen2"}  # config.json's architectures: its model_type
@@ -47,7 +48,7 @@ def pad_token_id(folder):
 
 
 def load_sequence_classifier(folder, device="cpu", dtype=torch.float32):
-    """A ScalarModel from a *ForSequenceClassification folder: the backbone as hf.py loads it (in
+    """A ScalarModel from a *ForSequenceClassification folder: the backbone as plumbing/hf.py loads it (in
     dtype) and the score head (1, C), which has no bias, as a float32 head whose bias is zero."""
     file = os.path.join(folder, "config.json")
     hf = read_config_json(file)

@@ -1,7 +1,7 @@
 """Peak memory without the memory: PeakMemory counts the bytes of every tensor storage alive at
 each op and keeps the peak, on real tensors or on fake ones (torch's FakeTensorMode: shapes and
 dtypes, no storage, no arithmetic), so that a step of a 7B model is measured on a laptop.
-bench_memory.py runs the stages' steps under it; materialize gives models built on the meta
+bench/memory.py runs the stages' steps under it; materialize gives models built on the meta
 device their tensors in it, and CudaPeak stands in for it on a GPU, where the allocator counts."""
 import contextlib
 import weakref

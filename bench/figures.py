@@ -1,16 +1,16 @@
 """Benchmarks that print figures (never timed tests), one line per figure, side by side in one run.
 
-    python bench.py                         # GPT-2 124M shape on CUDA (bf16), the tiny preset on a CPU
-    python bench.py --preset tiny --figures sample,cache
-    python bench.py --preset qwen2-0.5b     # the Llama layout (llama.py) at Qwen2.5-0.5B's shape, random weights
-    python bench.py --figures lm,dpo,sample,ppo --runs 3   # then each figure's minimum and median over the runs
+    python3 -m bench                         # GPT-2 124M shape on CUDA (bf16), the tiny preset on a CPU
+    python3 -m bench --preset tiny --figures sample,cache
+    python3 -m bench --preset qwen2-0.5b     # the Llama layout (llama.py) at Qwen2.5-0.5B's shape, random weights
+    python3 -m bench --figures lm,dpo,sample,ppo --runs 3   # then each figure's minimum and median over the runs
 
 Figures: lm (training step tokens/s and MFU), dpo (pairs/s and MFU, reference precomputed),
 sample (new tokens/s), ppo (an iteration by phase, the mean of two after a warm-up), cache (KV
 cache against recomputing the prefix), logp (the error of bf16 log-probs and of a TF32 head), ops
 (aten ops per sampled token: kernel launches on a GPU), graphs (torch.compile's graphs per training
-forward; these two in bench_compile.py), and, when transformers is installed, its GPT-2 of the same shape for lm
-and sample, and, when `python3 bench_anchors.py --install` has put them in .anchors/, TRL's
+forward; these two in bench/compile.py), and, when transformers is installed, its GPT-2 of the same shape for lm
+and sample, and, when `python3 -m bench.anchors --install` has put them in .anchors/, TRL's
 DPOTrainer and PPOTrainer of the same shape for dpo and ppo (each in its own process).
 MFU counts 6 x parameters (without position embeddings) per trained token against --peak-tflops.
 --arch llama times the Llama layout at a preset's shape; the MODELS presets are real small open
@@ -29,19 +29,19 @@ import time
 
 import torch
 
-from hf import hf_llama_config
+from plumbing.hf import hf_llama_config
 from dpo import pair_logps
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, ScalarModel, response_logprobs, token_logprobs
 from sampling import generate
 from ppo import PPOConfig, train_ppo
-import bench_compile
-import bench_memory
+from bench import compile as bench_compile
+from bench import memory as bench_memory
 import training
-from bench_memory import MODELS  # real small open models of the Llama layout: their shapes
+from bench.memory import MODELS  # real small open models of the Llama layout: their shapes
 from training import Runtime, autocast, compiled, default_dtype, optimizer_step
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 MEASURED = collections.defaultdict(list)  # (figure, anchor, unit, format) -> [(ours, theirs, speed-up)], a row per run
 SHAPES = {  # the model shapes of train.py's presets (tests/test_structure.py keeps them equal)
@@ -151,16 +151,16 @@ def hf_twin(cfg, device):
 
 
 def trl_anchor(figure, cfg, a, dtype):
-    """TRL's figure of the same shape from bench_anchors.py, run in its own process: (version, value),
+    """TRL's figure of the same shape from bench/anchors.py, run in its own process: (version, value),
     or None when the anchors are not installed or the run failed (one line says so)."""
     if isinstance(cfg, LlamaConfig):
-        return None  # bench_anchors.py builds TRL's GPT-2
-    if not os.path.isdir(os.path.join(HERE, ".anchors")):
-        print("  TRL          not installed: python3 bench_anchors.py --install")
+        return None  # bench/anchors.py builds TRL's GPT-2
+    if not os.path.isdir(os.path.join(ROOT, ".anchors")):
+        print("  TRL          not installed: python3 -m bench.anchors --install")
         return None
     shape = dict(vocab=cfg.vocab_size, layers=cfg.n_layer, width=cfg.n_embd, heads=cfg.n_head, positions=cfg.block_size,
                  device=a.device, dtype=dtype, batch=a.batch, prompt=a.prompt, new=a.new, rollouts=a.rollouts)
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench_anchors.py"), figure,
+    run = subprocess.run([sys.executable, "-m", "bench.anchors", figure,
                           *(f"--{k}={v}" for k, v in shape.items())], capture_output=True, text=True)
     if run.returncode:
         print(f"  TRL          failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -316,7 +316,7 @@ def main():
     p.add_argument("--rollouts", type=int, default=64, help="PPO rollouts per iteration; sampling batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
     p.add_argument("--figures", default="lm,dpo,sample,ppo,cache,logp", help="comma list; or memory alone: each "
-                   "stage's peak memory at real shapes (bench_memory.py)")
+                   "stage's peak memory at real shapes (bench/memory.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     p.add_argument("--profile", action="store_true", help="after each timed figure, a few calls under torch.profiler: "
                    "the ops by their own time, printed")
@@ -325,7 +325,7 @@ def main():
     a = p.parse_args()
     if a.runs < 1:
         p.error(f"--runs must be at least 1, not {a.runs}")
-    if a.figures == "memory":  # measured on fake tensors at real shapes: bench_memory.py
+    if a.figures == "memory":  # measured on fake tensors at real shapes: bench/memory.py
         return bench_memory.main([])
     dtype = a.dtype or default_dtype(a.device)
     training.float32_matmuls(a.device, dtype)  # as train.py sets it

@@ -1,15 +1,15 @@
-"""TRL's DPO and PPO as anchors for bench.py: one figure per process, never imported by the project.
+"""TRL's DPO and PPO as anchors for bench/figures.py: one figure per process, never imported by the project.
 
-    python3 bench_anchors.py --install   # TRL 1.16 (DPO), TRL 0.29.1 (PPO) and what they import, under .anchors/
-    python3 bench_anchors.py --install --wheels .whl   # the same offline, from wheels (gpu_check.py)
-    python3 bench_anchors.py dpo         # TRL 1.16 DPOTrainer pairs/s, reference log-probs precomputed (its best)
-    python3 bench_anchors.py ppo         # TRL 0.29.1 PPOTrainer seconds per iteration (after a warm-up one)
+    python3 -m bench.anchors --install   # TRL 1.16 (DPO), TRL 0.29.1 (PPO) and what they import, under .anchors/
+    python3 -m bench.anchors --install --wheels .whl   # the same offline, from wheels (bench/gpu_check.py)
+    python3 -m bench.anchors dpo         # TRL 1.16 DPOTrainer pairs/s, reference log-probs precomputed (its best)
+    python3 -m bench.anchors ppo         # TRL 0.29.1 PPOTrainer seconds per iteration (after a warm-up one)
 
-Each prints one last line, "TRL <version> <figure> <unit>", which bench.py reads for its dpo and ppo
+Each prints one last line, "TRL <version> <figure> <unit>", which bench/figures.py reads for its dpo and ppo
 figures. TRL 1.x ships no PPO and two TRL versions cannot share a process, so each version has its
 own folder, put first on sys.path; accelerate, datasets and their dependencies lie in
 .anchors/site-packages/deps. torch, transformers and tokenizers are the installed ones (never
-upgraded here). The models are transformers' GPT-2 of bench.py's shape (its hf_twin), random
+upgraded here). The models are transformers' GPT-2 of bench/figures.py's shape (its hf_twin), random
 weights; the tokenizer maps one character to one token id, built in code. Everything offline.
 """
 import argparse
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-ANCHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".anchors")
+ANCHORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".anchors")
 # dill (datasets' fingerprints) pickles a module by value unless its path holds "site-packages"
 SITE = os.path.join(ANCHORS, "site-packages")
 TRL = {"dpo": "1.16.0", "ppo": "0.29.1"}  # 0.29.1: the last TRL with PPOTrainer (trl.experimental.ppo)

@@ -151,7 +151,7 @@ def align_plan(attention_mask, T):
     (B, S, ...), a padding position holding a copy of a real one of its row. Made on the host from
     the longest row (plan), or on the device from the batch's width (pack without a plan): there no
     value is read back and no shape comes from the data, so under torch.compile the forward stays
-    one graph (bench.py --figures graphs), the columns that are padding in every row computed."""
+    one graph (bench/figures.py --figures graphs), the columns that are padding in every row computed."""
     B, S = attention_mask.shape
     real = attention_mask.bool()
     rank = real.long().cumsum(1) - 1  # a real token's column in its aligned row

@@ -1,6 +1,6 @@
 """This project's checkpoint folders, through safetensors only (never pickle): model.safetensors
 (or, for a stage on a frozen base, adapter.safetensors) and config.json; and the step states a
-killed stage resumes from. Hugging Face folders, both ways, are in hf.py.
+killed stage resumes from. Hugging Face folders, both ways, are in plumbing/hf.py.
 """
 import hashlib
 import json
@@ -12,9 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import distributed
+from plumbing import distributed
 
-from data import DataError, UserError, atomic_write, read_json, write_text
+from plumbing.files import DataError, UserError, atomic_write, read_json, write_text
 from llama import Llama, LlamaConfig, rope_frequencies, rope_scaling_problem
 from lora import LoRALinear, adapters, hold, holding
 from model import GPT, GPTConfig, ScalarModel, new_head

@@ -1,6 +1,6 @@
 """What a run shows a reader: the gap histogram, training curves, the results table, the mean
 and spread over seeds and paired intervals. Pictures need matplotlib, which is optional: without
-it, text only. (publish.py makes RESULTS.md from the committed runs.)"""
+it, text only. (publish/documents.py makes RESULTS.md from the committed runs.)"""
 import datetime
 import json
 import math
@@ -10,8 +10,8 @@ import subprocess
 
 import torch
 
-import distributed
-from data import write_text
+from plumbing import distributed
+from plumbing.files import write_text
 
 
 def text_histogram(gaps, delta, bins=16, width=40):
@@ -320,7 +320,7 @@ def paired_interval(a, b):
 def provenance():
     """Where and how a run ran, for its results.json: the commit of the code (None outside a git
     checkout; "+changes" when the work tree differs from it), the date, torch, the machine."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, text=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD") or None

@@ -2,12 +2,12 @@
 torch._dynamo.explain (it traces, it does not compile): the log-probs forward of SFT, DPO and PPO
 (model.logps_at) and the hidden-state forward of the reward model and the critic, on CUDA's aligned
 rows (packing.align_plan) and on the CPU's packed rows (packing.pack), at a model's shape with two
-layers (a block adds no break). bench.py --figures graphs prints them; --figures ops prints the aten
+layers (a block adds no break). bench/figures.py --figures graphs prints them; --figures ops prints the aten
 ops per sampled token (OpCount), each a kernel launch on a GPU; --profile follows each timed figure
 with a profile of where its time goes (profile):
 
-    python3 bench.py --preset gpt2 --vocab 50257 --figures graphs
-    python3 bench.py --preset qwen2-0.5b --figures graphs
+    python3 -m bench --preset gpt2 --vocab 50257 --figures graphs
+    python3 -m bench --preset qwen2-0.5b --figures graphs
 """
 import dataclasses
 import time
@@ -17,7 +17,7 @@ import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
-import packing
+from plumbing import packing
 from model import LOGIT_CHUNK_BYTES, positions
 from sampling import generate
 from training import DYNAMO, autocast

@@ -3,8 +3,8 @@ loaded from a tokenizer.json (a Hugging Face folder's configs name its special t
 import json
 import os
 
-import chat
-from data import DataError, atomic_write, read_json, write_text
+from plumbing import chat
+from plumbing.files import DataError, atomic_write, read_json, write_text
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

@@ -11,13 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import (CheckpointError, assign, check_config, check_finite, empty, file_sha256, load_checkpoint,
+from plumbing.checkpoint import (CheckpointError, assign, check_config, check_finite, empty, file_sha256, load_checkpoint,
                         load_weights, read_config_json, weight_files)
-from data import DataError, atomic_write, write_text
+from plumbing.files import DataError, atomic_write, write_text
 from llama import Llama, LlamaConfig, rope_scaling_problem
 from lora import merge, missing_target
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from plumbing.tokenizer import Tokenizer
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -160,7 +160,7 @@ def load_hf_llama(path, device="cpu", classifier=False, dtype=torch.float32):
     model.safetensors, or shards listed in model.safetensors.index.json. The weights come in dtype
     (checkpoint.load_checkpoint's: float32, the master copy a stage trains, though the files are
     often bf16). classifier: the body of a *ForSequenceClassification folder, which has a score head
-    (hf_reward.py) and no lm_head."""
+    (plumbing/hf_reward.py) and no lm_head."""
     file = os.path.join(path, "config.json")
     hf = read_config_json(file)
     if hf.get("model_type") not in HF_LLAMA:

@@ -14,9 +14,10 @@ import torch
 from tqdm import tqdm
 
 import data
-import distributed
-from data import write_text
+from plumbing import distributed
+from plumbing.files import write_text
 from training import NonFiniteError, StageError, epoch_steps
+from plumbing import files
 
 
 class Stop(Exception):
@@ -71,12 +72,12 @@ class Runner:
         if name in self.shared:  # made by the main run of the same command (a sweep's): used as it is
             if not os.path.exists(done_path):
                 raise StageError(f"stage {name} is shared with {self.shared[name]} but not complete there")
-            self.done[name] = done = data.read_json(done_path)
+            self.done[name] = done = files.read_json(done_path)
             self.seconds[name] = done["seconds"]
             self.reused.append(name)
             return done["summary"]
         if os.path.exists(done_path) and name not in self.force:
-            done = data.read_json(done_path)
+            done = files.read_json(done_path)
             if done["fingerprint"] == fingerprint:
                 if distributed.is_main():  # left by a kill after done.json, before its removal below
                     with contextlib.suppress(FileNotFoundError):
@@ -107,7 +108,7 @@ class Runner:
                 if torch.cuda.is_initialized() else {})
         done = distributed.broadcast({"fingerprint": fingerprint, "seconds": round(time.time() - t0, 2), **peak,
                                       "summary": summary, "finished": time.time()})  # one time: one fingerprint
-        data.write_json(done_path, done)  # written last: the stage is complete
+        files.write_json(done_path, done)  # written last: the stage is complete
         if os.path.exists(step_state) and distributed.is_main():
             os.remove(step_state)
         distributed.barrier()  # the stage's files are written before any rank reads them
@@ -131,7 +132,7 @@ class Runner:
         os.makedirs(folder, exist_ok=True)
         done, started = os.path.join(folder, "done.json"), os.path.join(folder, "started.json")
         if (name not in self.force and not os.path.exists(done) and os.path.exists(started)
-                and data.read_json(started)["fingerprint"] == fingerprint):
+                and files.read_json(started)["fingerprint"] == fingerprint):
             for entry in os.scandir(folder):
                 if data.temporary(entry.name):
                     os.remove(entry.path)
@@ -141,7 +142,7 @@ class Runner:
                 os.remove(path)
         for entry in os.scandir(folder):
             shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
-        data.write_json(started, {"fingerprint": fingerprint})
+        files.write_json(started, {"fingerprint": fingerprint})
         return step_state
 
     def check_not_read(self, name, folder):

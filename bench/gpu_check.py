@@ -1,30 +1,30 @@
 """The GPU check, prepared for one call on a lent GPU (under 9 minutes), every figure side by side:
 
-    python3 gpu_check.py --download       # here, with a registry: the anchors' wheels into .whl/
-    python3 gpu_check.py --out DIR        # on the GPU machine (offline): the steps below
-    python3 gpu_check.py --dry --out DIR  # on the CPU at tiny sizes, in seconds: the test suite runs it
+    python3 -m bench.gpu_check --download       # here, with a registry: the anchors' wheels into .whl/
+    python3 -m bench.gpu_check --out DIR        # on the GPU machine (offline): the steps below
+    python3 -m bench.gpu_check --dry --out DIR  # on the CPU at tiny sizes, in seconds: the test suite runs it
 
 Through the device tool (600 s a command, at most 8 files of 16 MiB each brought back from $OUT;
 .whl/ is ignored by git, so the call carries it):
 
-    run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --out $OUT", carry=[".whl"], timeout_s=600)
+    run(command="PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $OUT", carry=[".whl"], timeout_s=600)
 
 The steps, in order of what they are worth; each has its own time limit, all of them one deadline
 for the whole call (--deadline, 540 s), and one that fails or runs out does not stop the next:
   env       the GPU's name, torch and CUDA versions, the date             -> env.json
-  anchors   TRL 1.16 (DPO) and 0.29.1 (PPO) from .whl/, offline (bench_anchors.py --install --wheels)
+  anchors   TRL 1.16 (DPO) and 0.29.1 (PPO) from .whl/, offline (bench/anchors.py --install --wheels)
   cuda      the tests that need CUDA (-k cuda in tests/test_precision.py, tests/test_bench_memory.py),
             each test's outcome printed as it ends                             -> tests.txt
-  bench     bench.py at the GPT-2 124M shape, TRL and transformers beside it, each figure's profile
-            (bench.py --profile: where the time goes), then the LM step compiled      -> bench.txt
-  memory    bench_memory.py --device cuda: the README's rows and GPT-2's  -> memory-cuda.json, .txt
+  bench     bench/figures.py at the GPT-2 124M shape, TRL and transformers beside it, each figure's profile
+            (bench/figures.py --profile: where the time goes), then the LM step compiled      -> bench.txt
+  memory    bench/memory.py --device cuda: the README's rows and GPT-2's  -> memory-cuda.json, .txt
   pipeline  train.py --preset gpt2 with a few steps per stage, in a folder outside --out: each
             stage's seconds and peak GiB                                   -> pipeline.txt
   suite     the whole test suite (not by default: it does not fit the deadline with the rest)
 Every file lands in --out (these 8 at most, each cut to 16 MiB), each step's output streamed into
 its file (or log.txt) as it runs, and summary.md (each step's status and seconds) rewritten as
 each step ends: a call stopped from outside keeps what it had. Copy the figures into
-results/bench/ and run python3 publish.py.
+results/bench/ and run python3 -m publish.
 """
 import argparse
 import glob
@@ -37,8 +37,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WHEELS = os.path.join(HERE, ".whl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHEELS = os.path.join(ROOT, ".whl")
 # what the GPU machine's image lacks of the anchors (bench_anchors.FOLDERS): it has accelerate,
 # pandas, pyarrow, psutil, xxhash and dateutil (the device tool's KINDS.md); Python 3.12 there
 GPU_WHEELS = ["trl==1.16.0", "trl==0.29.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
@@ -65,11 +65,11 @@ def steps(out, run, dry):
                  "--dpo-epochs", "1", "--ppo-iterations", "4", "--eval-prompts", "32"])
     tests = [py, "-m", "pytest", "-v", "--tb=short", "-rs"]  # -v: each outcome as it ends, kept if the step is stopped
     return [  # each step's seconds: 500 in all, with env's in the 540 s deadline
-        ("anchors", [py, "bench_anchors.py", "--install", "--wheels", WHEELS], 40, None),
+        ("anchors", [py, "-m", "bench.anchors", "--install", "--wheels", WHEELS], 40, None),
         ("cuda", [*tests, "tests/test_precision.py", "tests/test_bench_memory.py", "-k", "cuda"], 100, "tests.txt"),
-        ("bench", [py, "bench.py", *bench], 160, "bench.txt"),
-        ("bench-compiled", [py, "bench.py", *bench[:-1], "lm", "--compile"] if not dry else [py, "-c", "pass"], 50, "bench.txt"),
-        ("memory", [py, "bench_memory.py", "--out", os.path.join(out, "memory-cuda.json"), *memory], 60, None),
+        ("bench", [py, "-m", "bench", *bench], 160, "bench.txt"),
+        ("bench-compiled", [py, "-m", "bench", *bench[:-1], "lm", "--compile"] if not dry else [py, "-c", "pass"], 50, "bench.txt"),
+        ("memory", [py, "-m", "bench.memory", "--out", os.path.join(out, "memory-cuda.json"), *memory], 60, None),
         ("pipeline", [py, "train.py", "--out", run, *pipeline], 90, None),
         ("suite", [*tests, "-x"], 420, "tests.txt"),
     ]
@@ -81,7 +81,7 @@ def run_step(name, argv, seconds, path):
     with open(path, "a") as f:
         f.write(f"### {name}: {' '.join(argv)}\n")
         f.flush()
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, process_group=0)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, process_group=0)
         try:
             return False, proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
@@ -136,15 +136,15 @@ def main(argv=None):
                             *[f"--platform={x}" for x in PLATFORMS], "-d", WHEELS, pin], check=True)
         return
     if not a.out:
-        p.exit(2, "gpu_check.py: error: --out DIR: the folder the files land in\n")
+        p.exit(2, "bench/gpu_check.py: error: --out DIR: the folder the files land in\n")
     known = [name for name, *_ in steps("", "", False)]
     wrong = [s for s in a.steps.split(",") if s not in known]
     if wrong:
-        p.exit(2, f"gpu_check.py: error: --steps {wrong[0]!r}: choose from {', '.join(known)}\n")
+        p.exit(2, f"bench/gpu_check.py: error: --steps {wrong[0]!r}: choose from {', '.join(known)}\n")
     os.makedirs(a.out, exist_ok=True)
     env = environment()
     json.dump(env, open(os.path.join(a.out, "env.json"), "w"), indent=1)
-    summary = [f"# gpu_check.py{' --dry' if a.dry else ''}: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, "
+    summary = [f"# bench/gpu_check.py{' --dry' if a.dry else ''}: {env['device']}, torch {env['torch']}, CUDA {env['cuda']}, "
                f"{env['date']}, deadline {a.deadline:.0f} s", "", "| step | status | seconds |", "|---|---|---|"]
     run = tempfile.mkdtemp(prefix="gpu_check_run")  # the pipeline's weights: never in --out
     for name, argv, limit, target in steps(a.out, run, a.dry):
@@ -153,7 +153,7 @@ def main(argv=None):
         left = a.deadline - RESERVE - (time.time() - t0)
         started = time.time()
         if name == "anchors" and not os.path.isdir(WHEELS):
-            status = "skipped: no .whl/ (gpu_check.py --download here; the device call carries .whl)"
+            status = "skipped: no .whl/ (bench/gpu_check.py --download here; the device call carries .whl)"
         elif left < 1:
             status = f"skipped: the {a.deadline:.0f} s deadline is reached"
         else:

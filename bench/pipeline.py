@@ -1,4 +1,4 @@
-"""A whole MPO pipeline from a random Qwen2.5-0.5B-shaped folder, on the CPU: python3 bench_pipeline.py
+"""A whole MPO pipeline from a random Qwen2.5-0.5B-shaped folder, on the CPU: python3 -m bench.pipeline
 (minutes; a benchmark, not a test).
 
 The folder has Qwen2.5-0.5B's shape (bench_memory.MODELS) with random bf16 weights and a small
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["tokenizer", "sft", "rm", "split", "dpo", "ppo", "eval"]
 FLAGS = ["--preset", "micro", "--dtype", "bf16", "--lora-rank", "16", "--lora-stages", "sft,rm,dpo,ppo",
          "--checkpointing", "--n-sft", "64", "--n-pref", "32", "--max-new-tokens", "16", "--easy-fraction", "0.5",
@@ -29,11 +29,11 @@ PEAK = "import resource, sys, train; train.main(sys.argv[1:]); print('peak KiB',
 
 def random_folder(path):
     """Qwen2.5-0.5B's shape, random weights stored in bf16, a tokenizer of the built-in task."""
-    from bench_memory import MODELS
-    from hf import save_hf_llama
+    from bench.memory import MODELS
+    from plumbing.hf import save_hf_llama
     from llama import Llama
     from task import make_task
-    from tokenizer import Tokenizer
+    from plumbing.tokenizer import Tokenizer
     tokenizer = Tokenizer.train([p + r for p, r in make_task(0, n_sft=300, n_pref=0)["sft"]], 400)
     torch.manual_seed(0)
     model = Llama(MODELS["qwen2-0.5b"]).to(torch.bfloat16)
@@ -51,25 +51,25 @@ def main():
             continue
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-c", PEAK, *FLAGS, "--init", init, "--out", out,
-                               "--stages", ",".join(STAGES[:i + 1])], cwd=HERE, capture_output=True, text=True)
+                               "--stages", ",".join(STAGES[:i + 1])], cwd=ROOT, capture_output=True, text=True)
         seconds = time.time() - t0
         text = (proc.stdout + proc.stderr).replace(out, "RUN").replace(init, "INIT")
         log.append(f"### --stages ...,{stage}\n{text}")
         if proc.returncode:
-            sys.exit(f"bench_pipeline.py: stage {stage} failed:\n{text[-3000:]}")
+            sys.exit(f"bench/pipeline.py: stage {stage} failed:\n{text[-3000:]}")
         peak = int(proc.stdout.strip().splitlines()[-1].split()[-1]) / 2 ** 20
         rows.append(f"| {stage} | {seconds:.0f} | {peak:.2f} |")
         print(rows[-1], flush=True)
     sizes = {stage: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(os.path.join(out, stage))
                         for f in files) for stage in STAGES}
-    text = ("# python3 bench_pipeline.py: the whole pipeline from a random Qwen2.5-0.5B-shaped bf16 folder on the CPU,\n"
+    text = ("# python3 -m bench.pipeline: the whole pipeline from a random Qwen2.5-0.5B-shaped bf16 folder on the CPU,\n"
             f"# torch {torch.__version__}, {os.cpu_count()} CPUs; flags: {' '.join(FLAGS)}\n"
             "# each stage in its own process (train.py --stages up to it, which also loads --init once to check it;\n"
             "# the tokenizer, copied from --init, in SFT's)\n"
             "| stage | seconds (process) | peak resident GiB |\n|---|---|---|\n" + "\n".join(rows)
             + "\n\n# the run folder's size by stage (MiB): a LoRA stage keeps its adapters alone\n| stage | MiB |\n|---|---|\n"
             + "\n".join(f"| {s} | {sizes[s] / 2 ** 20:.1f} |" for s in STAGES))
-    base = os.path.join(HERE, "results", "bench", "pipeline-qwen2-0.5b-cpu")
+    base = os.path.join(ROOT, "results", "bench", "pipeline-qwen2-0.5b-cpu")
     with open(base + ".txt", "w") as f:
         f.write(text + "\n")
     with open(base + ".log", "w") as f:

@@ -1,5 +1,5 @@
 """Peak memory of each stage's step, measured at real model shapes without a GPU or the memory:
-python3 bench_memory.py (bench.py --figures memory runs it).
+python3 -m bench.memory (bench/figures.py --figures memory runs it).
 
 Each step (an SFT step, a reward-model step, a DPO step, a whole PPO iteration: sampling,
 scoring, old and reference log-probs, the update) runs the project's own code on fake tensors
@@ -26,11 +26,11 @@ import time
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from data import write_json, write_text
+from plumbing.files import write_json, write_text
 from llama import LlamaConfig
-from peak_memory import CudaPeak, PeakMemory, fake_world, materialize
+from bench.peak_memory import CudaPeak, PeakMemory, fake_world, materialize
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
 # on top of the live tensors: CUDA's workspaces and the caching allocator's fragmentation; the check's
 # resident growth on the CPU (glibc's allocator) came to at most 18% above them
@@ -227,7 +227,7 @@ def resident_growth(setting, stage, folder):
             f"before = b.rss('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); "
             f"b.measure(b.check_shape(), {setting!r}, {stage!r}, {folder!r}, fake=False); "
             f"print((b.rss('VmHWM') - before) / 2**30)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     return float(out.stdout.split()[-1])
 
 
@@ -316,12 +316,12 @@ def main(argv=None):
                    help="cuda: each step for real on the GPU, torch.cuda.max_memory_allocated")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
-        p.exit(2, "bench_memory.py: error: --device cuda: torch sees no CUDA device\n")
-    a.out = a.out or os.path.join(HERE, "results", "bench", "memory-cuda.json" if a.device == "cuda" else "memory.json")
+        p.exit(2, "bench/memory.py: error: --device cuda: torch sees no CUDA device\n")
+    a.out = a.out or os.path.join(ROOT, "results", "bench", "memory-cuda.json" if a.device == "cuda" else "memory.json")
     for name, allowed in (("models", shapes()), ("settings", SETTINGS), ("stages", STAGES)):
         wrong = [x for x in getattr(a, name).split(",") if x not in allowed]
         if wrong:
-            p.exit(2, f"bench_memory.py: error: --{name} {wrong[0]!r}: choose from {', '.join(allowed)}\n")
+            p.exit(2, f"bench/memory.py: error: --{name} {wrong[0]!r}: choose from {', '.join(allowed)}\n")
     folder = tempfile.mkdtemp()
     done = json.load(open(a.out)) if os.path.exists(a.out) else {"measured": {}, "check": None}
     if a.device == "cuda":  # the allocator's own figures: no method to check, the GPU to name
@@ -355,17 +355,17 @@ def by_row(done):
 
 
 def report(done):
-    """What bench.py --figures memory prints, and results/bench/memory.txt holds, from the JSON."""
+    """What bench/figures.py --figures memory prints, and results/bench/memory.txt holds, from the JSON."""
     rows = by_row(done)
     if "device" in done:  # --device cuda
-        return (f"# python3 bench_memory.py --device cuda: torch.cuda.max_memory_allocated per stage (GiB), on\n"
+        return (f"# python3 -m bench.memory --device cuda: torch.cuda.max_memory_allocated per stage (GiB), on\n"
                 f"# {done['device']}, at the sizes of bench_memory.Sizes; PPO is one whole iteration.\n"
                 f"# Fits: the largest stage times {MARGIN} (fragmentation, workspaces) within the card.\n" + table(rows))
     if done["check"] is None:  # --no-check
         return table(rows)
     cell = lambda x: "" if x is None else f"{x:.3f}"
     check = "\n".join(f"| {stage} | " + " | ".join(cell(x) for x in figures) + " |" for stage, *figures in done["check"])
-    return (f"# python3 bench_memory.py: peak GiB of live tensor storage per stage, measured on fake tensors\n"
+    return (f"# python3 -m bench.memory: peak GiB of live tensor storage per stage, measured on fake tensors\n"
             f"# (FakeTensorMode) at the sizes of bench_memory.Sizes; PPO is one whole iteration. Fits: the\n"
             f"# largest stage times {MARGIN} (CUDA workspaces, the allocator's fragmentation) within the card.\n"
             + table(rows) + "\n\n# the check of the method, full fp32 at bench_memory.check_shape() (GiB): "
@@ -378,7 +378,7 @@ ONE_GPU = {"gpu24": ("qwen2-1.5b", "LoRA bf16 + ckpt"), "full": ("qwen2-0.5b", "
 
 
 def doc_blocks(path):
-    """publish.py's blocks from memory.json at `path`: the measured peaks of README.md's one-GPU
+    """publish/documents.py's blocks from memory.json at `path`: the measured peaks of README.md's one-GPU
     commands (memory-gpu24, memory-full), docs/running.md's table (memory) and its cards."""
     if not os.path.exists(path):
         return {}
@@ -392,7 +392,7 @@ def doc_blocks(path):
     for name, row in ONE_GPU.items():
         peaks = rows.get(row, {})
         figures = ", ".join(f"{stage.upper()} {peaks[stage]:.1f}" for stage in STAGES if stage in peaks)
-        blocks[f"memory-{name}"] = (f"Measured peak GiB per stage (`bench_memory.py`, {row[0]} shape, {row[1]}): "
+        blocks[f"memory-{name}"] = (f"Measured peak GiB per stage (`bench/memory.py`, {row[0]} shape, {row[1]}): "
                                     + (figures or "not measured yet"))
     return blocks
 

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (python -m bench), TRL beside them (bench.anchors), peak memory (bench.memory), torch.compile's graphs (bench.compile), a whole CPU run at a real shape (bench.pipeline) and all of it on one GPU (bench.gpu_check)."""

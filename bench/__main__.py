@@ -1,0 +1,4 @@
+"""python -m bench: bench.figures's main."""
+from bench.figures import main
+
+main()

@@ -1,0 +1,1 @@
+"""The machinery the method stands on: files and user errors, run folders and checkpoints, Hugging Face folders in and out, chat templates, the command line's checks, data parallel, packing, the tokenizer and a run's tables."""

@@ -1,0 +1,4 @@
+"""python -m publish: publish.documents's main."""
+from publish.documents import main
+
+main()
