@@ -13,7 +13,6 @@ import time
 import torch
 from tqdm import tqdm
 
-import data
 from plumbing import distributed
 from plumbing.files import write_text
 from training import NonFiniteError, StageError, epoch_steps
@@ -134,7 +133,7 @@ class Runner:
         if (name not in self.force and not os.path.exists(done) and os.path.exists(started)
                 and files.read_json(started)["fingerprint"] == fingerprint):
             for entry in os.scandir(folder):
-                if data.temporary(entry.name):
+                if files.temporary(entry.name):
                     os.remove(entry.path)
             return step_state
         for path in (done, started):

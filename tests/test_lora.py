@@ -269,7 +269,8 @@ def load_file_keys(path):
 
 # runs train.py's main in this process and exits with 7 right after PPO's first step state is saved
 KILL_AFTER_STEP_STATE = """
-import sys, checkpoint, train
+import sys, train
+from plumbing import checkpoint
 save = checkpoint.StepState.save
 def save_then_die(self, step, extra=None):
     save(self, step, extra)
