@@ -18,8 +18,8 @@ from lora import LoRAConfig, adapters, add_adapters
 from model import GPT, GPTConfig
 from plumbing.runs import Runner
 from sampling import generate
+from test_sampling import V, left_padded_prompts  # the same vocabulary and prompts as the eager sampler's tests
 
-V = 97
 
 
 def llama():
@@ -136,16 +136,6 @@ def test_a_replay_reads_no_float32_weight_through_a_cast(layout, monkeypatch):
     products = [out.dtype for func, *_, out in cuda.graphs[0].ops if func in (torch.ops.aten.mm.default,
                                                                               torch.ops.aten.addmm.default)]
     assert set(products[:-1]) == {torch.bfloat16} and products[-1] == torch.float32  # the vocabulary's: model.py
-
-
-def left_padded_prompts(B=6, P=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, V, (B, P), generator=g)
-    mask = torch.ones_like(prompt)
-    for b, pad in enumerate([0, 3, 1, 5, 0, 2][:B]):
-        mask[b, :pad] = 0
-        prompt[b, :pad] = 0
-    return prompt, mask
 
 
 def two_calls_and_a_step_between(layout, dtype, monkeypatch, graphs):
