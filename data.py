@@ -126,7 +126,8 @@ def detect_format(row):
 
 
 def load_preferences(path, format="auto", log=print, template=None):
-    """A preference file -> [{"prompt", "chosen", "rejected", "line"}], responses alone.
+    """A preference file -> [{"prompt", "chosen", "rejected", "line"}], responses alone; a
+    conversation's (and an HH-RLHF dialogue's) also with "messages", its prompt's (conversations).
 
     Formats: hh (Anthropic HH-RLHF), tldr (OpenAI summarize-from-feedback comparisons), jsonl
     ({"prompt", "chosen", "rejected"}, as in TRL), chat (TRL's conversational form), or auto (told
@@ -150,6 +151,8 @@ def load_preferences(path, format="auto", log=print, template=None):
             record = FORMATS[format](row, where)
             if isinstance(record, dict) and (format == "chat" or format == "hh" and template):
                 record = _rendered(record, template, where)
+            elif isinstance(record, dict) and format == "hh":  # its dialogue as messages too (conversations)
+                record = {**record, "messages": chat.hh_messages(record["prompt"])}
         except DataError as e:
             seen = detect_format(row)
             raise DataError(f"{e} (reading as {format}{f'; the line looks like {seen}' if seen and seen != format else ''})") from None
@@ -173,7 +176,7 @@ def _rendered(record, template, where):
                   "rejected": record["rejected"].removeprefix(" ")}
     prompt, (chosen, rejected) = _chat(chat.rendered, template, record["prompt"],
                                        [record["chosen"], record["rejected"]], where)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "messages": record["prompt"]}
 
 
 def load_demonstrations(path, format="auto", log=print, template=None):
@@ -228,7 +231,7 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                                                   if annotator_bias else {}),
                                                **({"on_policy": True} if on_policy_pairs else {}),
                                                **({"flips": label_flips} if label_flips else {})}},
-                "judge": None}
+                "judge": None, "conversations": {}}
     n, text = read_lines(data)[0]
     template, note = _chat(chat.choose, chat_template, tokenizer, data,
                            detect_format(_json(n, text, data)) if format == "auto" else format)
@@ -263,7 +266,13 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
            "judge_fraction": judge_fraction, **({"chat_template": template.sha256()} if template else {})}
     return {"sft": demos, "pref": records, "held_out": held_out, "judge": judge, "eval": prompts, "gold": None,
             "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
-            "key": key, "template": template}
+            "key": key, "template": template, "conversations": conversations(records + held_out + judge)}
+
+
+def conversations(records):
+    """{a rendered prompt: its messages} of the records that have them (load_preferences), so that a
+    reward model of another tokenizer can render them anew in its own chat template (hf_reward)."""
+    return {r["prompt"]: r["messages"] for r in records if "messages" in r}
 
 
 def report_long_prompts(task, tokenizer, block_size, max_new_tokens, path, log=print):
@@ -310,7 +319,7 @@ def collate(prompts, responses, pad_id):
 def to_device(batch, device):
     """A collated batch, made on the host, on `device`, with what its forward passes would otherwise
     read back from the device found here, where the masks are: "plan", its packing
-    (packing.plan), and "scored", the flat positions of the response tokens that have a token
+    (packing.plan), and "response_at", the flat positions of the response tokens that have a token
     before them (model.response_token_logps). On CUDA the copies start from pinned memory and do
     not block the host."""
     out = {k: packing.to_device(v, device) for k, v in batch.items()}
@@ -319,7 +328,7 @@ def to_device(batch, device):
     if "response_mask" in batch:
         scored = batch["response_mask"].bool().clone()
         scored[:, 0] = False  # the first token of a row has no logits before it
-        out["scored"] = packing.to_device(packing.positions(scored), device)
+        out["response_at"] = packing.to_device(packing.positions(scored), device)
     return out
 
 

@@ -320,34 +320,36 @@ def token_logprobs(logits, tokens):
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def spread(values, at, shape):
-    """The values (M,) at the flat positions at (M,) laid out in a tensor of `shape`, 0 elsewhere."""
+def spread(values, flat_positions, shape):
+    """values (M,) at the flat positions flat_positions (M,), laid out in a tensor of `shape`, 0 elsewhere."""
     out = torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device)
-    return out.index_copy(0, at, values).view(shape)
+    return out.index_copy(0, flat_positions, values).view(shape)
 
 
 def response_token_logps(model, batch):
     """log pi(y_t | x, y_<t) of each response token of a collated batch: (B, T), 0 off the response.
     One forward pass, projecting to the vocabulary only the positions whose next token is a
     response token. Summed over a row: log pi(y | x) (DPO); averaged over tokens: the SFT loss.
-    batch["scored"] and batch["plan"] (data.to_device), when there, are its positions and packing
-    found on the host."""
-    at = batch.get("scored")
-    if at is None:
+    batch["response_at"] and batch["plan"] (data.to_device), when there, are those flat positions
+    and its packing, found on the host."""
+    response_at = batch.get("response_at")
+    if response_at is None:
         mask = batch["response_mask"].bool().clone()
         mask[:, 0] = False  # the first token of a row has no logits before it
-        at = positions(mask)
-    return logps_at(model, batch["input_ids"], batch["attention_mask"], at, plan=batch.get("plan"))[0]
+        response_at = positions(mask)
+    return logps_at(model, batch["input_ids"], batch["attention_mask"], response_at, plan=batch.get("plan"))[0]
 
 
-def logps_at(model, seq, attn, at, temperature=1.0, entropy=False, plan=None):
-    """Log-probs of the tokens of seq (B, T) at the flat positions at (M,) (positions(mask) of a
-    boolean (B, T) mask), laid out as seq (0 elsewhere), and with entropy=True the entropy of the
+def logps_at(model, seq, attn, flat_positions, temperature=1.0, entropy=False, plan=None):
+    """Log-probs of the tokens of seq (B, T) at flat_positions (M,) (positions(mask) of a boolean
+    (B, T) mask), laid out as seq (0 elsewhere), and with entropy=True the entropy of the
     distribution each was drawn from (B, T), else None: one forward pass projecting only the
     positions before them (scored_logps). A position in column 0 has none before it: never asked."""
-    logps, entropies = model(seq, attn, logits_from=at - 1, targets=seq.flatten()[at], temperature=temperature,
-                             entropy=entropy, plan=plan)  # at - 1: the position before a token predicts it
-    return spread(logps, at, seq.shape), None if entropies is None else spread(entropies, at, seq.shape)
+    # logits_from: the position before a token predicts it
+    logps, entropies = model(seq, attn, logits_from=flat_positions - 1, targets=seq.flatten()[flat_positions],
+                             temperature=temperature, entropy=entropy, plan=plan)
+    return (spread(logps, flat_positions, seq.shape),
+            None if entropies is None else spread(entropies, flat_positions, seq.shape))
 
 
 def sft_loss(token_logps, mask):
@@ -356,20 +358,21 @@ def sft_loss(token_logps, mask):
     return -token_logps.sum() / mask[:, 1:].sum()
 
 
-def response_logprobs(model, seq, attn, P, temperature=1.0, mask=None, entropy=False, plan=None, at=None):
-    """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (P) + response,
-    at the sampling temperature (and, with entropy=True, the entropies there, else None): one
-    forward pass, the computation of the rollout and of the update. Only positions that predict a
-    response token of the response mask (B, N) are projected, log-probs 0 elsewhere (PPO's
-    responses are padded to the longest, most of their columns after an eos); without a mask, all
-    N columns. plan and at: the packing and the flat positions in seq of the mask's tokens, found
-    on the host (ppo.py); without them, found here."""
-    if at is None:
+def response_logprobs(model, seq, attn, prompt_len, temperature=1.0, mask=None, entropy=False, plan=None,
+                      response_at=None):
+    """Token log-probs (B, N) of the N response tokens of seq = left-padded prompt (prompt_len
+    columns) + response, at the sampling temperature (and, with entropy=True, the entropies there,
+    else None): one forward pass, the computation of the rollout and of the update. Only positions
+    that predict a response token of the response mask (B, N) are projected, log-probs 0 elsewhere
+    (PPO's responses are padded to the longest, most of their columns after an eos); without a
+    mask, all N columns. plan and response_at: the packing and the flat positions in seq of the
+    mask's tokens, found on the host (ppo.py); without them, found here."""
+    if response_at is None:
         full = torch.zeros_like(seq, dtype=torch.bool)
-        full[:, P:] = True if mask is None else mask.bool()
-        at = positions(full)
-    logps, entropies = logps_at(model, seq, attn, at, temperature, entropy, plan)
-    return logps[:, P:], None if entropies is None else entropies[:, P:]
+        full[:, prompt_len:] = True if mask is None else mask.bool()
+        response_at = positions(full)
+    logps, entropies = logps_at(model, seq, attn, response_at, temperature, entropy, plan)
+    return logps[:, prompt_len:], None if entropies is None else entropies[:, prompt_len:]
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):

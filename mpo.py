@@ -11,8 +11,6 @@ each method in the paper's order (the stages around the method, SFT, the reward 
 evaluation, are in stages.py); evaluate.py judges the policies. This file adds no loss: those
 live in model.py (log-probs, SFT), reward.py, dpo.py and ppo.py.
 """
-import collections
-import copy
 import dataclasses
 import math
 import os
@@ -24,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 import data
-from plumbing import distributed
 from plumbing.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from plumbing.checks import setting
 from plumbing.files import read_json, write_json
@@ -32,12 +29,11 @@ from dpo import reference_logps, train_dpo
 from lora import AdaptersOff, adapters
 from ppo import train_ppo
 from plumbing.report import assemble, plot_curves, plot_histogram, text_histogram, write_table
-from plumbing.hf_reward import as_reward_model, critic_start, reward_model_at
-from reward import score
-from stages import Setup, eval_stage, judge_stage, rm_stage, sft_stage, tokenizer_stage
-from task import label_agreement
+from stages import (Setup, critic_and_reward_model, eval_stage, judge_stage, rm_stage, score_pairs,
+                    sft_stage, tokenizer_stage)
+from task import split_labels
 from plumbing.tokenizer import Tokenizer
-from training import DTYPES, Memory, Runtime
+from training import Memory, Runtime
 from plumbing.runs import Runner, Stop, method_costs, run_record
 from plumbing import files
 
@@ -166,11 +162,7 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
     if gap == "gold":
         gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
     else:
-        reward_model = reward_model_at(rm_dir, tokenizer, device, DTYPES[dtype])  # frozen: in the compute dtype
-        mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
-        chosen, rejected = (torch.tensor(distributed.gather(score(
-            reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
-            dtype).tolist())) for side in ("chosen", "rejected"))
+        chosen, rejected = score_pairs(rm_dir, records, tokenizer, max_response, device, dtype)
         gaps = reward_gaps(chosen, rejected, "abs" if gap == "abs" else "signed")
     if easy_count is not None:
         order = torch.sort(gaps, descending=True, stable=True).indices
@@ -184,18 +176,7 @@ def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="
     write_json(os.path.join(out_dir, "easy.json"), easy)
     write_json(os.path.join(out_dir, "hard.json"), hard)
     summary = {"delta": delta, "easy": len(easy), "hard": len(hard), "gap": gap,
-               "win_probability_at_delta": 1 / (1 + math.exp(-delta)),
-               "easy_label_agreement": label_agreement([records[i] for i in easy]),
-               "hard_label_agreement": label_agreement([records[i] for i in hard]),
-               "all_label_agreement": label_agreement(records)}
-    sets = (("easy", easy), ("hard", hard), ("all", range(len(records))))
-    for mark in ("flipped", "biased"):  # labels flipped at random (--label-flips), or from biased annotators, by set
-        if any(r.get(mark) for r in records):
-            summary[f"{mark}_share"] = {name: sum(bool(records[i].get(mark)) for i in subset) / len(subset)
-                                        for name, subset in sets}
-    if kind_of:
-        summary["kinds"] = {name: dict(sorted(collections.Counter(kind_of(records[i]["prompt"]) for i in subset).items()))
-                            for name, subset in (("easy", easy), ("hard", hard))}
+               "win_probability_at_delta": 1 / (1 + math.exp(-delta)), **split_labels(records, easy, hard, kind_of)}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     print(text_histogram(gaps, delta))
     plot_histogram(gaps, delta, os.path.join(out_dir, "gaps.png"))
@@ -237,17 +218,6 @@ def reference_of(policy, starts_from_it, load, memory):
     return memory.frozen(load())
 
 
-def reward_model_of(critic, load, memory, read=None):
-    """Stage 2's frozen reward model, for a critic that starts as the reward model. With adapters it
-    is the critic's backbone with the adapters off under the reward model's own head (the critic's,
-    copied before training), read as the reward model is read (read: hf_reward.as_reward_model);
-    else a second model, load()."""
-    if adapters(critic):
-        model = AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False))
-        return read(model) if read else model
-    return memory.frozen(load())
-
-
 def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenizer, max_response,
               device="cpu", dtype="fp32", seed=0, probe=None, memory=Memory(), runtime=Runtime()):
     """Stage 1: DPO from init_dir against the frozen reference_dir (MPO: both SFT, easy pairs)."""
@@ -268,24 +238,18 @@ def dpo_stage(init_dir, reference_dir, records, held_out, cfg, out_dir, tokenize
 
 
 def ppo_stage(init_dir, reference_dir, rm_dir, sft_dir, prompts, cfg, out_dir, tokenizer, max_new_tokens,
-              device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory(), runtime=Runtime()):
+              device="cpu", dtype="fp32", seed=0, gold=None, memory=Memory(), runtime=Runtime(), conversations=None):
     """Stage 2: PPO from init_dir, KL to reference_dir (MPO: both the DPO policy, hard prompts).
 
-    The critic starts from the reward model (from SFT with a fresh value head where the reward
-    model cannot read the policy's tokens: hf_reward.critic_start); the reward model and the
-    reference stay frozen. With adapters, a critic that started as the reward model trains its own
-    adapter and value head on the reward model's backbone, and the reward model is that backbone
-    with the adapters off and its own head: one backbone for both.
+    The critic starts from the reward model (stages.critic_and_reward_model); the reward model and
+    the reference stay frozen.
     """
     policy = memory.trained(load_checkpoint(init_dir, "gpt", device, memory.held("ppo"))[0], "ppo")
     reference = reference_of(policy, init_dir == reference_dir, partial(policy_at, reference_dir, device, memory.held()),
                              memory)
-    critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, policy.config.block_size, device,
-                                           memory.held("ppo"))
-    critic = memory.trained(critic, "ppo")
-    load = partial(reward_model_at, rm_dir, tokenizer, device, memory.held())
-    reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer))
-                    if is_reward_model else memory.frozen(load()))
+    critic, reward_model, is_reward_model = critic_and_reward_model(rm_dir, sft_dir, tokenizer,
+                                                                    policy.config.block_size, device, memory,
+                                                                    conversations)
     final = train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                       out_dir, max_new_tokens, device, dtype, seed, gold, runtime)
     save_checkpoint(policy, out_dir, base=init_dir, init_sha256=file_sha256(init_dir),
@@ -363,7 +327,8 @@ def dpo_and_ppo_stages(runner, run, cfgs, methods, task, setup):
                             max_response=run.max_new_tokens, probe=probe, **common)
         else:
             stage = partial(ppo_stage, init_dir, reference_dir, path("rm"), path("sft"), [r["prompt"] for r in subset],
-                            cfg, max_new_tokens=run.max_new_tokens, gold=task["gold"], **common)
+                            cfg, max_new_tokens=run.max_new_tokens, gold=task["gold"],
+                            conversations=data.conversations(subset), **common)
         runner.run(name, kind, {**settings, **adapters_in(cfgs, kind)}, upstream, stage)
     return plan
 

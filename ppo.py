@@ -4,7 +4,6 @@ docs/method.md, "Stage 2". In MPO the policy starts from the DPO model, the KL r
 model, and the prompts are those of the hard set; the critic starts from the reward model.
 Shapes: B rollouts, N response tokens; `mask` (B, N) is 1 on response tokens (a prefix of each row).
 """
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -12,17 +11,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from plumbing import distributed
-from plumbing import packing
 from data import left_pad
-from plumbing.files import append_jsonl
-from model import kl_penalty, positions, response_logprobs
+from model import kl_penalty
+from plumbing import distributed, packing
 from plumbing.checkpoint import StepState
 from plumbing.checks import setting
-from training import (Figures, Runtime, autocast, backward, compiled, grad_scaler, optimizer_step, progress,
-                      truncate_jsonl)
+from plumbing.files import append_jsonl, truncate_jsonl
+from plumbing.ppo_batches import Learner, MicroBatch, host_plan
+from plumbing.progress import progress
 from reward import rewards_at_last_token
 from sampling import generate, is_stop
+from training import Figures, Runtime, autocast
 
 
 @dataclass
@@ -176,7 +175,7 @@ class Rollouts:
 
     def micro_batches(self, rows, size, device, n_tokens=None):
         """The rollouts `rows` (a host index tensor) in forward passes of at most `size` rollouts
-        (0: all at once), each planned on the host."""
+        (0: all at once), each planned on the host (ppo_batches.MicroBatch)."""
         return [MicroBatch(self, packing.to_device(r, device), *host_plan(self, r, device), n_tokens)
                 for r in (rows.split(size) if size else [rows])]
 
@@ -185,36 +184,6 @@ class Rollouts:
         count every part's loss divides by, so that the parts add up to the minibatch's token mean."""
         n_tokens = distributed.total(self.mask[packing.to_device(rows, device)].sum())
         return self.micro_batches(rows, size, device, n_tokens)
-
-
-class MicroBatch:
-    """Some rows of the rollouts, for one forward pass: their indices on the device, what the pass
-    would otherwise read back from the device, found on the host (host_plan), and in an update the
-    count its losses divide by (Rollouts.minibatch)."""
-
-    def __init__(self, rollouts, rows, plan, response_at, n_tokens=None):
-        self.rows, self.plan, self.response_at, self.n_tokens = rows, plan, response_at, n_tokens
-        self.seq, self.attn, self.mask = rollouts.seq[rows], rollouts.attn[rows], rollouts.mask[rows]
-        self.prompt_len = rollouts.prompt_len
-
-    def logprobs(self, policy, temperature, entropy=False):
-        """log pi(y_t) on the rows' response tokens (b, N), and their entropies (model.response_logprobs)."""
-        return response_logprobs(policy, self.seq, self.attn, self.prompt_len, temperature, self.mask,
-                                 entropy=entropy, plan=self.plan, at=self.response_at)
-
-    def values(self, critic):
-        """V(x, y_<t) before each response token (b, N)."""
-        return critic(self.seq, self.attn, plan=self.plan)[:, self.prompt_len - 1:-1].float()
-
-
-def host_plan(rollouts, rows, device):
-    """What a forward pass over the rollouts `rows` (a host index tensor) would read back from the
-    device, found on the host from their lengths: (its packing, packing.plan; the flat positions of
-    its response tokens, model.response_logprobs)."""
-    attn = rollouts.host_attn[rows]
-    response = attn.bool()
-    response[:, :rollouts.prompt_len] = False
-    return packing.plan(attn, device).to(device), packing.to_device(positions(response), device)
 
 
 @torch.no_grad()
@@ -301,37 +270,6 @@ def minibatch_value_loss(critic, part, old_values, returns, cfg, device, dtype):
     return distributed.world_size() * loss, {"value_loss": loss.detach()}
 
 
-class Learner:
-    """A model PPO trains, the policy or the critic, with what its steps need: its micro-batch loss
-    (the figure of that name checked for finiteness), optimizer and fp16 gradient scaler, and the
-    module its forward passes run (wrap)."""
-
-    def __init__(self, model, lr, loss, loss_name, cfg, device, dtype):
-        self.model, self.forward, self.loss, self.loss_name = model, model, loss, loss_name
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.opt = model.configure_optimizers(lr, 0.0, device_type=torch.device(device).type)
-        self.scaler = grad_scaler(device, dtype)
-
-    def wrap(self, compile=False):
-        """DDP(compile(model)) on purpose: see training.fit."""
-        self.forward = distributed.wrap(compiled(self.model, compile))
-        return self.forward
-
-    def step(self, minibatch, it, reads, *targets):
-        """One gradient step on a minibatch, accumulated over its micro-batches (each loss a token sum
-        over the whole minibatch's count, so the parts add up to its loss), DDP reducing at the last
-        part only; the figures, summed over the parts and checked when read, to reads (Figures)."""
-        no_sync = getattr(self.forward, "no_sync", contextlib.nullcontext)
-        figures = []
-        for j, part in enumerate(minibatch):
-            with (contextlib.nullcontext() if j == len(minibatch) - 1 else no_sync()):
-                loss, row = self.loss(self.forward, part, *targets, self.cfg, self.device, self.dtype)
-                backward(loss, self.scaler, it, check=False)
-            figures.append((distributed.world_size(), row))
-        norm = optimizer_step(None, self.opt, self.cfg.grad_clip, self.scaler, it, check=False)
-        reads.add(it, figures, norm if self.scaler is None else None, loss=self.loss_name)
-
-
 def ppo_update(learners, minibatch, old, advantages, returns, it, reads):
     """One minibatch's update: a step of the policy on the clipped surrogate loss, then one of the
     critic on the clipped value loss (docs/method.md, "Stage 2")."""
@@ -358,18 +296,37 @@ def read_figures(reads):
     return {**figures, **{k: sum(v) / len(v) for k, v in stats.items()}}
 
 
-def gold_figures(gold, tokenizer, prompts, rollouts):
-    """The gold reward's mean over the rollouts, and the time it took."""
-    t0 = time.time()
-    texts = [tokenizer.decode(t[:int(n)].tolist()) for t, n in zip(rollouts.tokens.cpu(), rollouts.lengths)]
-    return {"gold": sum(gold(p, t) for p, t in zip(prompts, texts)) / len(prompts), "seconds_gold": time.time() - t0}
+class Log:
+    """What an iteration leaves: its row of out_dir/metrics.jsonl (cut back to `start` on a resume;
+    data parallel, the means over the ranks), the progress bar's figures, and every
+    cfg.sample_every iterations the first two rollouts."""
 
+    def __init__(self, out_dir, cfg, start, tokenizer, gold=None):
+        self.path, self.cfg, self.tokenizer, self.gold = os.path.join(out_dir, "metrics.jsonl"), cfg, tokenizer, gold
+        truncate_jsonl(self.path, "iteration", start)
+        self.bar = progress(cfg.iterations, os.path.basename(out_dir), start)
 
-def print_samples(it, tokenizer, rollouts, scores):
-    """The first two rollouts' prompts and responses, with their scores after the EOS trick."""
-    for i in range(2):
-        tqdm.write(f"  [{it}] {tokenizer.decode(rollouts.seq[i, :rollouts.prompt_len].tolist())!r} -> "
-                   f"{tokenizer.decode(rollouts.tokens[i].tolist())!r}  score {scores[i]:.2f}")
+    def write(self, it, reads, rollouts, scores, prompts, t0, seconds_rollout):
+        """The row of iteration `it`, begun at t0: the figures of reads (the one read), the seconds
+        of its parts, and the gold reward of the rollouts when the task has one."""
+        figures = {**read_figures(reads), "seconds_generate": rollouts.seconds_generate,
+                   "seconds_rollout": seconds_rollout, "seconds_update": time.time() - t0 - seconds_rollout}
+        if self.gold is not None:  # evaluation, not training: runs.method_costs leaves seconds_gold out
+            t_gold = time.time()
+            texts = [self.tokenizer.decode(t[:int(n)].tolist())
+                     for t, n in zip(rollouts.tokens.cpu(), rollouts.lengths)]
+            figures.update(gold=sum(self.gold(p, t) for p, t in zip(prompts, texts)) / len(prompts),
+                           seconds_gold=time.time() - t_gold)
+        world = distributed.world_size()
+        row = {"iteration": it, **distributed.sum_row({k: v / world for k, v in figures.items()})}  # means over ranks
+        append_jsonl(self.path, row)
+        self.bar.update()
+        self.bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", ev=f"{row['explained_variance']:.2f}")
+        if self.cfg.sample_every and (it % self.cfg.sample_every == 0 or it == self.cfg.iterations - 1):
+            for i in range(2):
+                tqdm.write(f"  [{it}] {self.tokenizer.decode(rollouts.seq[i, :rollouts.prompt_len].tolist())!r} -> "
+                           f"{self.tokenizer.decode(rollouts.tokens[i].tolist())!r}  score {scores[i]:.2f}")
+        return row
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -396,10 +353,8 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
     state = step_state(out_dir, cfg, learners, [g, sample_g], runtime.save_minutes)
     start, extra = state.restore()
     kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    truncate_jsonl(metrics_path, "iteration", start)
+    log = Log(out_dir, cfg, start, tokenizer, gold)
     policy_forward, critic_forward = (learner.wrap(runtime.compile) for learner in learners)
-    bar = progress(cfg.iterations, os.path.basename(out_dir), start)
     for it in range(start, cfg.iterations):
         t0 = time.time()
         idx = distributed.shard(torch.randint(len(prompt_ids), (cfg.rollouts,), generator=g).tolist())
@@ -432,18 +387,8 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
                               "kl_coef": kl_ctl.value, "entropy": masked_mean(old["entropy"], mask),
                               "length": mask.sum(-1).mean(), "eos_fraction": has_eos.float().mean(),
                               "explained_variance": explained_variance(old["values"], returns, mask)})], loss=None)
-        figures = {**read_figures(reads), "seconds_generate": rollouts.seconds_generate,
-                   "seconds_rollout": t_rollout, "seconds_update": time.time() - t0 - t_rollout}
-        if gold is not None:  # evaluation, not training: runs.method_costs leaves seconds_gold out
-            figures.update(gold_figures(gold, tokenizer, [prompts[i] for i in idx], rollouts))
-        world = distributed.world_size()
-        row = {"iteration": it, **distributed.sum_row({k: v / world for k, v in figures.items()})}  # means over ranks
+        row = log.write(it, reads, rollouts, scores, [prompts[i] for i in idx], t0, t_rollout)
         kl_ctl.update(row["kl"], cfg.rollouts)  # adaptive KL coefficient (Ziegler et al. 2019), or fixed
-        append_jsonl(metrics_path, row)
-        bar.update()
-        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", ev=f"{row['explained_variance']:.2f}")
-        if cfg.sample_every and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
-            print_samples(it, tokenizer, rollouts, scores)
         state.save(it + 1, {"kl_coef": kl_ctl.value})
-    bar.close()
+    log.bar.close()
     return row

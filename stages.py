@@ -1,10 +1,14 @@
 """The stages around the method, in the order the pipeline runs them (mpo.pipeline): the
 tokenizer, SFT (pi_sft), the reward model (r_phi), on real data the judge, and the evaluation;
-and Setup, what they share. The method's own stages, the split, DPO and PPO, are in mpo.py.
+Setup, what they share; and the models the method's own stages (mpo.py: the split, DPO and PPO)
+read from a folder: the reward model's scores of the pairs, PPO's critic and reward model.
 """
+import copy
 import os
+from functools import partial
 from typing import NamedTuple
 
+import torch
 from tqdm import tqdm
 
 import data
@@ -14,11 +18,12 @@ from plumbing.hf import load_gpt
 from plumbing.files import write_json
 from evaluate import against_mpo, chosen_values, evaluate_policy, mean_gold, summarize
 from model import GPT, GPTConfig
-from plumbing.hf_reward import reward_model_at
-from reward import fact_accuracy, load_reward_model, train_reward_model
+from lora import AdaptersOff, adapters
+from plumbing.hf_reward import as_reward_model, critic_start, reward_model_at
+from reward import fact_accuracy, load_reward_model, score, train_reward_model
 from sft import train_sft
 from plumbing.tokenizer import Tokenizer
-from training import Memory, Runtime
+from training import DTYPES, Memory, Runtime
 
 
 class Setup(NamedTuple):
@@ -101,12 +106,50 @@ def judge_stage(folder, s, sft_dir, cfg):
     return {"pairs": len(task["judge"]), **summary}
 
 
+def score_pairs(rm_dir, records, tokenizer, max_response, device="cpu", dtype="fp32"):
+    """The split's scores: the reward model in rm_dir (the rm stage's, or --reward-model's), frozen
+    in the compute dtype, on the chosen and on the rejected side of every pair."""
+    reward_model = reward_model_at(rm_dir, tokenizer, device, DTYPES[dtype], data.conversations(records))
+    mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
+    return tuple(torch.tensor(distributed.gather(score(
+        reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
+        dtype).tolist())) for side in ("chosen", "rejected"))
+
+
+def critic_and_reward_model(rm_dir, sft_dir, tokenizer, block_size, device, memory, conversations=None):
+    """PPO's critic, to train, and its frozen reward model; and whether the critic starts as the
+    reward model (as in the paper's recipe: hf_reward.critic_start; else SFT with a fresh value
+    head, where the reward model cannot read the policy's tokens). With adapters, a critic that
+    starts as the reward model trains its own adapter and value head on the reward model's
+    backbone, and the reward model is that backbone with the adapters off and its own head: one
+    backbone for both. conversations: data.conversations, for a reward model of another tokenizer."""
+    critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, block_size, device, memory.held("ppo"))
+    critic = memory.trained(critic, "ppo")
+    load = partial(reward_model_at, rm_dir, tokenizer, device, memory.held(), conversations)
+    reward_model = (reward_model_of(critic, load, memory, partial(as_reward_model, rm_dir, tokenizer,
+                                                                  conversations=conversations))
+                    if is_reward_model else memory.frozen(load()))
+    return critic, reward_model, is_reward_model
+
+
+def reward_model_of(critic, load, memory, read=None):
+    """Stage 2's frozen reward model, for a critic that starts as the reward model. With adapters it
+    is the critic's backbone with the adapters off under the reward model's own head (the critic's,
+    copied before training), read as the reward model is read (read: hf_reward.as_reward_model);
+    else a second model, load()."""
+    if adapters(critic):
+        model = AdaptersOff(critic, copy.deepcopy(critic.head).requires_grad_(False))
+        return read(model) if read else model
+    return memory.frozen(load())
+
+
 def eval_stage(folder, s, policies, rm_dir, no_eos_score, judge_dir=None):
     """Every policy ({method: folder}) judged on the evaluation prompts, SFT first; with judge_dir
     (real data) the judge's reward model scores them too, beside the training reward model."""
     frozen, held = s.memory.frozen, s.memory.held()
     sft = frozen(load_checkpoint(policies["sft"], "gpt", s.device, held)[0])
-    reward_model = frozen(reward_model_at(rm_dir, s.tokenizer, s.device, held))  # the rm stage's, or --reward-model
+    # the rm stage's, or --reward-model's
+    reward_model = frozen(reward_model_at(rm_dir, s.tokenizer, s.device, held, s.task.get("conversations")))
     judge = frozen(load_reward_model(judge_dir, s.device, held)) if judge_dir else None
     judged, mine = {}, distributed.shard(s.task["eval"])  # data parallel: each rank judges its part
     for method, policy_dir in policies.items():

@@ -380,3 +380,21 @@ def label_agreement(records):
     agree = [1.0 if r["gold_chosen"] > r["gold_rejected"] else
              0.5 if r["gold_chosen"] == r["gold_rejected"] else 0.0 for r in records]
     return sum(agree) / len(agree)
+
+
+def split_labels(records, easy, hard, kind_of=None):
+    """What the labels of a split's sets are: their agreement with the gold ordering (label_agreement),
+    the shares of labels flipped at random (--label-flips) or given by biased annotators, and,
+    with kind_of(prompt), the kinds of prompts in each set."""
+    summary = {"easy_label_agreement": label_agreement([records[i] for i in easy]),
+               "hard_label_agreement": label_agreement([records[i] for i in hard]),
+               "all_label_agreement": label_agreement(records)}
+    sets = (("easy", easy), ("hard", hard), ("all", range(len(records))))
+    for mark in ("flipped", "biased"):
+        if any(r.get(mark) for r in records):
+            summary[f"{mark}_share"] = {name: sum(bool(records[i].get(mark)) for i in subset) / len(subset)
+                                        for name, subset in sets}
+    if kind_of:
+        summary["kinds"] = {name: dict(sorted(collections.Counter(kind_of(records[i]["prompt"]) for i in subset).items()))
+                            for name, subset in (("easy", easy), ("hard", hard))}
+    return summary

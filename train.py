@@ -5,7 +5,6 @@ Every setting is a field of RunConfig or of a stage's config, and every field is
 is a RunConfig. Stages: tokenizer, sft, rm, split, dpo, ppo, judge (real data), eval. Each writes a folder of the run
 folder and a done.json last; a stage whose done.json matches its settings and inputs is reused.
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -13,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plumbing import checks
-from plumbing import distributed
+from plumbing import checks, distributed
 import training
 from data import FORMATS
 from plumbing.files import UserError, write_json
@@ -179,38 +177,14 @@ PRESETS["gpu24"] = dataclasses.replace(
 PRESET_FIELDS = {f for p in PRESETS.values() for f in dataclasses.asdict(p) if getattr(p, f) != getattr(RunConfig(), f)}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Flag mistakes: one line on stderr and exit status 2, without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def add_flags(parser, cls, prefix, title):
-    """One flag per field of a config dataclass; None means "not given": the preset's value stays."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default is dataclasses.MISSING else f.default):
-            continue  # a stage's config: its own group
-        flag = "--" + prefix + f.name.replace("_", "-")
-        shown = "" if f.default is False or f.default == "" else f" (default: {f.default})"
-        if f.name in PRESET_FIELDS or prefix:
-            shown = f" (default: {f.default}, or the preset's)"
-        kw = dict(dest=prefix.replace("-", "_") + f.name, default=None, help=f.metadata["help"] + shown)
-        if f.type in (bool, "bool"):
-            group.add_argument(flag, action="store_const", const=True, **kw)
-        else:
-            group.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"), **kw)
-
-
 def parse_args(argv=None):
     """The command line -> a checked RunConfig: the preset's values, then the flags given."""
-    p = OneLineParser(description="MPO: reward-gap split, DPO on the easy pairs, then PPO on the hard "
+    p = checks.OneLineParser(description="MPO: reward-gap split, DPO on the easy pairs, then PPO on the hard "
                                   "prompts with the DPO model as reference. With no flags: the whole pipeline "
                                   "on the built-in task with the tiny preset.")
-    add_flags(p, RunConfig, "", "run")
+    checks.add_flags(p, RunConfig, "", "run", PRESET_FIELDS)
     for name, cls in STAGE_CONFIGS.items():
-        add_flags(p, cls, "" if name == "split" else f"{name}-", f"{name} stage")
+        checks.add_flags(p, cls, "" if name == "split" else f"{name}-", f"{name} stage", PRESET_FIELDS)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "tiny")
     if preset not in PRESETS:

@@ -1,23 +1,22 @@
 """Training plumbing shared by every stage: precision, the learning-rate schedule, the guarded
-optimizer step, progress lines, step states that let a killed stage resume where it was, and the
-one loop that SFT, the reward model and DPO share (fit). Run folders: plumbing/runs.py."""
+optimizer step, the figures read back from the device, and the one loop that SFT, the reward model
+and DPO share (fit), which resumes a killed stage from its step state. Run folders: plumbing/runs.py;
+progress lines: plumbing/progress.py."""
 import contextlib
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 import data
 from plumbing import distributed
 from plumbing.checkpoint import StepState
 from plumbing.checks import setting
-from plumbing.files import write_text
+from plumbing.progress import progress
+from plumbing.files import truncate_jsonl
 from lora import LoRAConfig, add_adapters, merge
 from model import set_checkpointing
 from plumbing import files
@@ -222,58 +221,9 @@ class Figures:
             yield step, figures
 
 
-class Lines:
-    """Progress for a log file: a plain line every `every` seconds and at the end, where tqdm would
-    redraw its bar with a carriage return on every update. Same calls as a tqdm bar."""
-
-    def __init__(self, total, desc, initial=0, every=15.0):
-        self.total, self.desc, self.n, self.every = total, desc, initial, every
-        self.start = self.last = time.time()
-        self.postfix, self.shown = {}, initial
-
-    def update(self, n=1):
-        self.n += n
-        if time.time() - self.last >= self.every or self.n == self.total:
-            self.show()
-
-    def set_postfix(self, figures=None, **more):
-        self.postfix = {**(figures or {}), **more}
-
-    def show(self):
-        self.last, self.shown = time.time(), self.n
-        figures = "".join(f" {k}={v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.n}/{self.total} in {self.last - self.start:.0f} s{figures}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.shown != self.n:
-            self.show()
-
-
-def progress(total, desc, initial=0):
-    """A tqdm bar on a terminal; plain lines (Lines) when stderr goes to a file; nothing on ranks
-    other than 0."""
-    if not distributed.is_main():
-        return tqdm(total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, dynamic_ncols=True, initial=initial)
-    return Lines(total, desc, initial)
-
-
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
-
-
-# ----------------------------------------------------------------------------- resuming inside a stage
-
-def truncate_jsonl(path, key, below):
-    """Keep the rows of a metrics file whose `key` is below `below` (the steps before a resume). A
-    last line without its newline is one a kill cut short: it goes too."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)[key] < below]
-    write_text(path, "".join(rows))
 
 
 # ----------------------------------------------------------------------------- one training loop
@@ -319,9 +269,9 @@ def fit(model, examples, collate, step_loss, cfg, steps, folder, seed, device="c
     os.makedirs(folder, exist_ok=True)
     if steps and not examples:
         raise StageError(f"{desc}: no examples to train on")
-    W, accum = distributed.world_size(), runtime.grad_accum
-    if cfg.batch_size < W * accum:  # train.py checks the flags before any work; this guards other callers
-        raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {W} ranks x {accum} "
+    world, accum = distributed.world_size(), runtime.grad_accum
+    if cfg.batch_size < world * accum:  # train.py checks the flags before any work; this guards other callers
+        raise StageError(f"{desc}: a batch of {cfg.batch_size} examples cannot feed {world} ranks x {accum} "
                          "micro-batches; raise the batch size or lower --grad-accum")
     plan = batch_plan(len(examples), cfg.batch_size, steps, torch.Generator().manual_seed(seed))
     opt = model.configure_optimizers(cfg.lr, cfg.weight_decay, device_type=torch.device(device).type)
@@ -369,9 +319,9 @@ def accumulate_gradients(forward, batches, step_loss, units, scaler, step, devic
     packing is planned on the host (data.to_device). Returns [(weight, {"loss": ..., figures})],
     one per micro-batch, for Figures.add.
     """
-    W = distributed.world_size()
+    world = distributed.world_size()
     sizes = [units(b) for b in batches]  # on the host, where collate made them
-    whole = float(sum(sizes)) if W == 1 else distributed.total(
+    whole = float(sum(sizes)) if world == 1 else distributed.total(
         torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device)).item()
     no_sync = getattr(forward, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the last micro-batch
     values = []
@@ -380,7 +330,7 @@ def accumulate_gradients(forward, batches, step_loss, units, scaler, step, devic
         with (contextlib.nullcontext() if j == len(batches) - 1 else no_sync()):
             with autocast(device, dtype):
                 loss, figure = step_loss(forward, data.to_device(batch, device))
-            backward(loss * (weight * W), scaler, step, check=False)  # DDP divides the gradient by W
+            backward(loss * (weight * world), scaler, step, check=False)  # DDP divides the gradient by world
         values.append((weight, {"loss": loss.detach(), **figure}))
     return values
 

@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from plumbing.files import write_json, write_text
 from llama import LlamaConfig
+from model import GPTConfig
 from bench.peak_memory import CudaPeak, PeakMemory, fake_world, materialize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,6 @@ MODELS = {  # real small open models of the Llama layout, from their config.json
 
 def shapes():
     """The models measured: GPT-2 124M, MODELS' small open models and a 7B-class Llama."""
-    from model import GPTConfig
     return {"gpt2-124m": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), **MODELS,
             "llama-7b-class": LlamaConfig(vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_embd=4096,
                                           n_kv_head=8, intermediate_size=14336, rms_norm_eps=1e-5,
@@ -65,7 +65,6 @@ def shapes():
 
 def check_shape():
     """The small shape the method is checked at, with real tensors beside the fake ones."""
-    from model import GPTConfig
     return GPTConfig(vocab_size=32000, block_size=512, n_layer=4, n_head=4, n_embd=256)
 
 
@@ -181,7 +180,8 @@ def step_ppo(config, memory, tracker, generator, folder, epochs=None):
     reference log-probs and values, and the update's epochs x minibatches. epochs=1 measures the
     first epoch alone: the others repeat its minibatches' shapes on the same optimizer state, so
     they reach the same peak (check_method compares the two)."""
-    from mpo import reference_of, reward_model_of
+    from mpo import reference_of
+    from stages import reward_model_of
     from ppo import PPOConfig, train_ppo
     with unset_fake_temporarily():  # built on the meta device, cast and adapted as mpo.ppo_stage does
         policy = memory.trained(build(config, "gpt"), "ppo")
@@ -234,7 +234,6 @@ def resident_growth(setting, stage, folder):
 def warm_up(folder):
     """Every stage once at a tiny shape: the kernels' code and the allocator's pools are paged in
     before the resident memory is read."""
-    from model import GPTConfig
     saved = {k: getattr(Sizes, k) for k in ("prompt", "response", "rows", "pairs", "rollouts")}
     for k, v in dict(prompt=16, response=8, rows=4, pairs=4, rollouts=8).items():
         setattr(Sizes, k, v)
@@ -392,7 +391,7 @@ def doc_blocks(path):
     for name, row in ONE_GPU.items():
         peaks = rows.get(row, {})
         figures = ", ".join(f"{stage.upper()} {peaks[stage]:.1f}" for stage in STAGES if stage in peaks)
-        blocks[f"memory-{name}"] = (f"Measured peak GiB per stage (`bench/memory.py`, {row[0]} shape, {row[1]}): "
+        blocks[f"memory-{name}"] = (f"Measured peak GiB per stage (`python3 -m bench.memory`, {row[0]} shape, {row[1]}): "
                                     + (figures or "not measured yet"))
     return blocks
 

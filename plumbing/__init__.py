@@ -1,1 +1,1 @@
-"""The machinery the method stands on: files and user errors, run folders and checkpoints, Hugging Face folders in and out, chat templates, the command line's checks, data parallel, packing, the tokenizer and a run's tables."""
+"""The machinery the method stands on: files and user errors, run folders and checkpoints, Hugging Face folders in and out, chat templates, the command line's checks, progress lines, data parallel, packing and PPO's batches, the tokenizer and a run's tables."""

@@ -117,6 +117,32 @@ def hh_text(conversation):
     return "".join(f"\n\n{HH_NAMES[m['role']]}: {m['content']}" for m in conversation) + "\n\nAssistant:"
 
 
+def generation_header(template):
+    """What a prompt ends with, after its conversation, for the assistant to answer: the template's
+    generation prompt (ChatML's "<|im_start|>assistant\\n"), or with template None the HH-RLHF text
+    form's "\\n\\nAssistant:"."""
+    if template is None:
+        return "\n\nAssistant:"
+    return template.render(PROBE[:1], True)[len(template.render(PROBE[:1], False)):]
+
+
+def conversation_of(text, header, conversations):
+    """A rendered prompt and answer (`text`, as a policy's tokens decode) -> (the prompt's messages,
+    the answer), or None: the prompt is the text up to a `header` that ends one of `conversations`
+    ({a rendered prompt: its messages}), or, for a prompt cut from the left to fit the context, ends
+    the end of one. The HH-RLHF text form's answer loses the space after its speaker."""
+    ends = [m.end() for m in re.finditer(re.escape(header), text)]
+    found = next(((conversations[text[:end]], end) for end in ends if text[:end] in conversations), None)
+    if found is None:  # a cut prompt: the end of a known one
+        found = next(((messages, end) for end in ends for prompt, messages in conversations.items()
+                      if prompt.endswith(text[:end])), None)
+    if found is None:
+        return None
+    messages, end = found
+    answer = text[end:]
+    return messages, answer.removeprefix(" ") if header == generation_header(None) else answer
+
+
 # ----------------------------------------------------------------------------- templates
 
 class Template(NamedTuple):
@@ -141,6 +167,14 @@ class Template(NamedTuple):
 
     def sha256(self):
         return hashlib.sha256(json.dumps([self.source, self.tokens]).encode()).hexdigest()
+
+    def rerendered(self, prompt, answer, ended):
+        """A prompt's messages and an answer in this template: the whole conversation with the answer
+        as the assistant's turn when the answer ended, else the prompt with the generation prompt and
+        the answer after it, unended (a response cut at the length limit)."""
+        if not ended:
+            return self.render(prompt, True) + answer
+        return self.render(prompt + [{"role": "assistant", "content": answer}], False)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,8 +1,9 @@
 """Every setting checked before any work. Each field of a config dataclass is declared by setting(),
-with its help and what it may hold; train.py makes a flag of each. problem() checks one value
+with its help and what it may hold; add_flags makes a flag of each (train.py). problem() checks one value
 against its field; train.check walks every field with settings() and then the settings that
 contradict each other. tests/test_errors.py fails on a field that declares nothing.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -25,6 +26,31 @@ def flag(stage, name):
     """A setting's flag: --ppo-kl-coef for the ppo stage's kl_coef; the run's own fields (stage "")
     and the split's have no prefix (--seed, --delta)."""
     return "--" + ("" if stage in ("", "split") else stage + "-") + name.replace("_", "-")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Flag mistakes: one line on stderr and exit status 2, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_flags(parser, cls, prefix, title, preset_fields=()):
+    """One flag per field of a config dataclass; None means "not given": the preset's value stays.
+    preset_fields: the run's fields a preset sets, whose help says so."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default is dataclasses.MISSING else f.default):
+            continue  # a stage's config: its own group
+        flag = "--" + prefix + f.name.replace("_", "-")
+        shown = "" if f.default is False or f.default == "" else f" (default: {f.default})"
+        if f.name in preset_fields or prefix:
+            shown = f" (default: {f.default}, or the preset's)"
+        kw = dict(dest=prefix.replace("-", "_") + f.name, default=None, help=f.metadata["help"] + shown)
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, action="store_const", const=True, **kw)
+        else:
+            group.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"), **kw)
 
 
 def settings(run):

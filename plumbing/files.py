@@ -61,3 +61,13 @@ def append_jsonl(path, row):
         return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path, key, below):
+    """Keep the rows of a metrics file whose `key` is below `below` (the steps before a resume). A
+    last line without its newline is one a kill cut short: it goes too."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)[key] < below]
+    write_text(path, "".join(rows))

@@ -3,7 +3,8 @@ Llama or Qwen2 layout (GPT2ForSequenceClassification, LlamaForSequenceClassifica
 Qwen2ForSequenceClassification: a backbone and a `score` head with one label) in the place of the
 rm stage's. Checked before any work (check_reward_model), then read as transformers reads it: the
 score at the rightmost token that is not config.json's pad_token_id. Its tokenizer may differ from
-the policy's: then each text is re-tokenised for it (ReadAsTransformers).
+the policy's: then each text is re-tokenised for it, and a conversation is re-rendered with the
+reward model's own chat template where it has one (ReadAsTransformers).
 """
 import hashlib
 import os
@@ -15,6 +16,7 @@ from torch import nn
 
 from plumbing.checkpoint import CheckpointError, check_finite, file_sha256, load_checkpoint, read_config_json, weight_files
 from data import left_pad
+from plumbing import chat
 from plumbing.files import DataError
 from plumbing.hf import load_hf_gpt2, load_hf_llama
 from model import ScalarModel
@@ -23,7 +25,8 @@ from plumbing.tokenizer import Tokenizer
 
 CLASSIFIERS = {"GPT2ForSequenceClassification": "gpt2", "LlamaForSequenceClassification": "llama",
                "Qwen2ForSequenceClassification": "qwen2"}  # config.json's architectures: its model_type
-SCORED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")  # besides weights
+SCORED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                "chat_template.jinja")  # besides the weights
 
 
 class RewardModel(NamedTuple):
@@ -94,16 +97,25 @@ class ReadAsTransformers(nn.Module):
     the left to the model's context, are scored as transformers' forward scores them: at the
     rightmost token that is not pad_token_id (None: the last one). With `own`, the model's tokenizer
     where it is not the policy's, the row's text (prompt and response) is encoded with it, and a
-    response the policy ended gets the model's own end-of-sequence token."""
+    response the policy ended gets the model's own end-of-sequence token. With `template`, the model's
+    own chat template, a row whose prompt is one of `conversations` ({a rendered prompt: its
+    messages}, data.conversations) is rendered anew in it, as TRL renders a conversation for a reward
+    model of another tokenizer: the messages and the answer, ended by the template's end of turn."""
 
-    def __init__(self, model, pad_token_id, tokenizer, own=None):
+    def __init__(self, model, pad_token_id, tokenizer, own=None, template=None, conversations=None):
         super().__init__()
         self.model, self.config = model, model.config
         self.pad_token_id, self.tokenizer, self.own = pad_token_id, tokenizer, own
+        self.template, self.conversations = template, conversations or {}
+        self.header = chat.generation_header(policy_template(tokenizer)) if template else None
 
     def retokenized(self, ids):
         ended = bool(ids) and ids[-1] in self.tokenizer.stop_ids
-        return self.own.encode(self.tokenizer.decode(ids[:-1] if ended else ids)) + ([self.own.eos_id] if ended else [])
+        text = self.tokenizer.decode(ids[:-1] if ended else ids)
+        found = self.template and chat.conversation_of(text, self.header, self.conversations)
+        if found:
+            return self.own.encode(self.template.rerendered(*found, ended))
+        return self.own.encode(text) + ([self.own.eos_id] if ended else [])
 
     @torch.no_grad()
     def forward(self, idx, attention_mask, plan=None):  # plan: the policy's rows', not the ones scored here
@@ -116,22 +128,42 @@ class ReadAsTransformers(nn.Module):
         return rewards_at_last_token(values, read)[:, None].expand(idx.shape)
 
 
-def as_reward_model(folder, tokenizer, model):
+def policy_template(tokenizer):
+    """The chat template a policy's prompts were rendered with (Tokenizer.chat), or None: the HH-RLHF
+    text form."""
+    if not tokenizer.chat:
+        return None
+    source, tokens = tokenizer.chat["chat_template"], {k: v for k, v in tokenizer.chat.items() if k != "chat_template"}
+    return chat.Template(source, "the policy's tokenizer", tokens, "", None)
+
+
+def own_template(folder):
+    """The sequence classifier's own chat template (chat.load), or None where it has none."""
+    try:
+        return chat.load("auto", os.path.join(folder, "tokenizer.json"))
+    except chat.ChatError as e:
+        raise DataError(f"--reward-model: {e}") from None
+
+
+def as_reward_model(folder, tokenizer, model, conversations=None):
     """`model`, the scalar model of the reward model in `folder`, read as that reward model is read:
-    as it is for the run's own, through ReadAsTransformers for a sequence classifier."""
+    as it is for the run's own, through ReadAsTransformers for a sequence classifier (conversations:
+    data.conversations, which it renders anew in its own chat template)."""
     if not is_sequence_classifier(folder):
         return model
     own = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    return ReadAsTransformers(model, pad_token_id(folder), tokenizer, None if same_tokenizer(own, tokenizer) else own)
+    if same_tokenizer(own, tokenizer):
+        return ReadAsTransformers(model, pad_token_id(folder), tokenizer)
+    return ReadAsTransformers(model, pad_token_id(folder), tokenizer, own, own_template(folder), conversations)
 
 
-def reward_model_at(folder, tokenizer, device="cpu", dtype=torch.float32):
+def reward_model_at(folder, tokenizer, device="cpu", dtype=torch.float32, conversations=None):
     """The reward model in `folder`, frozen, scoring the policy's token ids: the rm stage's, or a
     sequence classifier (--reward-model); its weights in dtype."""
     if not is_sequence_classifier(folder):
         return load_reward_model(folder, device, dtype)
     model = load_sequence_classifier(folder, device, dtype).eval().requires_grad_(False)
-    return as_reward_model(folder, tokenizer, model).eval()
+    return as_reward_model(folder, tokenizer, model, conversations).eval()
 
 
 def critic_start(rm_dir, sft_dir, tokenizer, block_size, device="cpu", dtype=torch.float32):
@@ -180,6 +212,8 @@ def check_reward_model(path):
                         "of the model's config.json")
     pad = pad_token_id(path)
     where = f"the last token that is not {pad}" if pad is not None else "the last token"
-    print(f"--reward-model {path}: {type(model.gpt).__name__} sequence classifier, scores read at {where}; "
-          "the rm stage is skipped")
+    template = own_template(path)  # checked here: it compiles and renders
+    print(f"--reward-model {path}: {type(model.gpt).__name__} sequence classifier, scores read at {where}"
+          + (f"; conversations rendered anew with its chat template ({template.path}) when its tokenizer is not the "
+             "policy's" if template else "") + "; the rm stage is skipped")
     return RewardModel(path, content_sha256(path))

@@ -8,15 +8,16 @@ in the documents is typed by hand; tests/test_publish.py checks that they are wh
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
 
 from bench import memory as bench_memory
 from plumbing.checks import flag
-from plumbing.files import DataError, UserError, read_json, write_json, write_text
-from plumbing.report import LABELS, aggregate, closing, interval_text, paired_interval, summary_table, svg_plot, t975, table_text
+from plumbing.files import DataError, UserError, read_json, write_text
+from plumbing.report import (LABELS, REFERENCE_ROWS, aggregate, closing, interval_text, paired_interval, summary_table,
+                             svg_plot, t975, table_text)
+from publish.collect import collect
 from task import gold_reward, prompt_kind, well_formed  # the built-in task's judges, for the samples
 from train import PRESETS
 
@@ -103,7 +104,26 @@ def experiment_section(folder, meta, runs):
     if runs[0].get("samples") and runs[0].get("reference"):
         lines += ["", f"The first sample of each method on seed {seeds[0]} (gold reward in brackets):", "",
                   samples_table(runs[0])]
+    if meta.get("readme") == "excerpt":  # the README shows a few of its columns: here, every one
+        lines += ["", f"Seed {seeds[0]}'s own results.md, every column ([docs/metrics.md](docs/metrics.md)):", "",
+                  f"```\n{table_text(runs[0]).rstrip()}\n```"]
     return "\n".join(lines)
+
+
+def first_screen(run):
+    """The README's first table: each method's gold reward, well formed, KL to SFT and seconds on one
+    seed, then MPO minus stage 1 with its interval, and where it ran."""
+    methods, ref = run["methods"], run.get("reference") or {}
+    lines = ["| method | gold reward | well formed | KL vs SFT | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {LABELS.get(m, m)} | {row['gold_reward']:+.3f} | {row['well_formed']:.2f} | {row['kl_vs_sft']:.2f} | "
+              f"{row['seconds']:.0f} |" for m, row in methods.items()]
+    lines += [f"| *{name}* (no training) | {ref[key]:+.3f} | | | |" for key, name in REFERENCE_ROWS if key in ref]
+    d = run["vs_mpo"]["mpo_stage1"]
+    p = run.get("provenance") or {}
+    return "\n".join(lines) + (
+        f"\n\nMPO − MPO stage 1: {interval_text(d)} in gold reward (95% t interval, paired over {d['n']} prompts). "
+        f"Seed {run['config']['seed']}, commit {p.get('commit')}, {p.get('machine')}; seconds: a method's DPO and PPO "
+        "stages and the shared stages it needs.")
 
 
 def setting(run, vary):
@@ -299,9 +319,8 @@ def render(root="results"):
             sections[-1] += f"\n\n![MPO's stage 2, seed {seed}]({rel}/{name}/ppo-curves.svg)"
         if meta.get("readme") == "table":  # README.md's block: the table over seeds
             blocks[name] = f"{command_text(meta, runs)}, {len(runs)} seed{'s' * (len(runs) > 1)}:\n\n{summary_table(runs)}"
-        elif meta.get("readme") == "excerpt":  # README.md's block: results.md of the first seed, and its figure
-            blocks[name] = (f"```\n{table_text(runs[0]).rstrip()}\n```\n\n"
-                            + (f"![MPO's stage 2]({rel}/{name}/ppo-curves.svg)" if curves else ""))
+        elif meta.get("readme") == "excerpt":  # README.md's block: the first seed's main figures, and its curve
+            blocks[name] = first_screen(runs[0]) + (f"\n\n![MPO's stage 2]({rel}/{name}/ppo-curves.svg)" if curves else "")
     bench = os.path.join(root, "bench")
     for path in sorted(os.listdir(bench)) if os.path.isdir(bench) else []:
         if not path.endswith(".txt"):  # the figures as printed; memory.json is their data, a .log what a run printed
@@ -322,49 +341,6 @@ def render(root="results"):
                     text = head + start + "\n" + block + "\n" + BLOCK_END + rest.split(BLOCK_END, 1)[1]
             out[doc] = text
     return out
-
-
-def first_of_each_kind(samples, results):
-    """The samples of the first prompt of each kind of question (the built-in task's), or the first
-    three prompts' (real data)."""
-    if results.get("reference") is None:
-        return samples[:3]
-    firsts = {}
-    for s in samples:
-        firsts.setdefault(prompt_kind(s["prompt"]), s)
-    return list(firsts.values())
-
-
-def collect(name, command, title, run_dirs, root="results"):
-    """Files finished runs as results/NAME/seed-S.json: each run's results.json with samples of
-    eval/samples.json (first_of_each_kind) and MPO's PPO curve (ppo/metrics.jsonl). No weights."""
-    folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
-    meta_path = os.path.join(folder, "experiment.json")
-    meta = read_json(meta_path) if os.path.exists(meta_path) else {}
-    sweep = False
-    for run in run_dirs:  # a sweep's conditions are folders of the run folder, each with its results.json
-        conditions = sorted(c for c in os.listdir(run) if os.path.exists(os.path.join(run, c, "results.json")))
-        sweep = sweep or bool(conditions)
-        for source, target in [(run, "default" if conditions else "")] + [(os.path.join(run, c), c) for c in conditions]:
-            collect_one(source, os.path.join(folder, target), curves=not conditions)
-    write_json(meta_path, {**meta, "title": title or meta.get("title", name), "command": command or meta["command"],
-                           **({"sweep": True} if sweep else {})})
-
-
-def collect_one(run, folder, curves=True):
-    """One run folder's results.json, with its samples and (curves) MPO's PPO curve, as FOLDER/seed-S.json."""
-    results = read_json(os.path.join(run, "results.json"))
-    results["samples"] = first_of_each_kind(read_json(os.path.join(run, "eval", "samples.json")), results)
-    summary = os.path.join(run, "split", "summary.json")  # runs from before results.json kept the flipped share
-    if "flipped_share" not in results["split"] and os.path.exists(summary) and "flipped_share" in read_json(summary):
-        results["split"]["flipped_share"] = read_json(summary)["flipped_share"]
-    ppo = os.path.join(run, results.get("policies", {}).get("mpo", "ppo"), "metrics.jsonl")
-    if curves and os.path.exists(ppo):
-        keep = ("iteration", "score", "rm_score", "gold", "kl")
-        results["curves"] = [{k: row[k] for k in keep if k in row} for row in map(json.loads, open(ppo))]
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, f"seed-{results['config']['seed']}.json"), results)
 
 
 def main(argv=None):

@@ -188,6 +188,61 @@ def test_sampling_stops_at_the_end_of_turn_and_at_the_end_of_sequence(tmp_path):
     assert response_mask(tokens, again.stop_ids, 0).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+# ----------------------------------------------------------------------------- a reward model of its own
+
+@pytest.mark.parametrize("policy_family", ["llama3", None], ids=["llama3-policy", "hh-text-policy"])
+def test_a_reward_model_of_another_tokenizer_renders_each_conversation_in_its_own_template(tmp_path, policy_family):
+    """--reward-model whose tokenizer is not the policy's and whose folder has a chat template (ChatML
+    here): each row the policy wrote, in its own template (Llama 3) or in the HH-RLHF text form, is
+    scored as transformers scores the conversation rendered by the reward model's template, as TRL
+    renders it for such a reward model: whole, with the answer and its end of turn, where the policy
+    ended the answer; the prompt with the generation prompt and the answer after it, where the answer
+    was cut at the length limit; and so for a prompt cut from the left. A row whose prompt is no known
+    conversation is its text re-tokenised, as before."""
+    import torch
+    from plumbing.hf_reward import reward_model_at
+    from test_hf_reward import WIDEST, hf_classifier
+    from tolerance import network_atol
+    folder = tmp_path / "rm"
+    rm_tok = Tokenizer.load(family_folder(folder, "chatml-qwen2.5", ["a reward model's own vocabulary"] * 50))
+    hf = hf_classifier("qwen2", vocab_size=rm_tok.vocab_size, pad=rm_tok.pad_id, max_position_embeddings=256)
+    hf.save_pretrained(folder)
+    oracle_tok = oracle(str(folder / "tokenizer.json"))
+    if policy_family:
+        path = family_folder(tmp_path / "policy", policy_family)
+        template = chat.load("auto", path)
+        policy = Tokenizer.load(path).for_chat(template)
+    else:  # no template: the HH-RLHF text form
+        loaded = Tokenizer.load(family_folder(tmp_path / "policy", "zephyr-system"))
+        template, policy = None, Tokenizer(loaded.tok, loaded.eos_id, loaded.pad_id)  # as stages.tokenizer_stage keeps it
+    assert policy.tok.to_str() != rm_tok.tok.to_str()
+    (p0, a0), (p1, a1) = CONVERSATIONS[2], CONVERSATIONS[1]
+    (head0, (text0,)), (head1, (text1,)) = (chat.rendered(template, p, [a], "x") for p, a in ((p0, a0), (p1, a1)))
+    conversations = {head0: p0, head1: p1}
+    rm = reward_model_at(str(folder), policy, conversations=conversations)
+    ended, cut = policy.encode(head0) + data.encode_response(policy, text0), policy.encode(head1) + policy.encode(text1)
+    left_cut = policy.encode(head1)[5:] + data.encode_response(policy, text1)
+    unknown = policy.encode("\n\nHuman: Who?\n\nAssistant:") + data.encode_response(policy, " Me.")
+    rows = [ended, cut, left_cut, unknown]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, ids.size(1) - len(r):], mask[i, ids.size(1) - len(r):] = torch.tensor(r), 1
+    render = lambda conversation, generation: oracle_tok.apply_chat_template(conversation, tokenize=False,
+                                                                              add_generation_prompt=generation)
+    answer = lambda a: [{"role": "assistant", "content": a.removeprefix(" ") if template is None else a}]
+    texts = [render(p0 + answer(text0), False), render(p1, True) + answer(text1)[0]["content"],
+             render(p1 + answer(text1), False)]
+    expected = [oracle_tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+    expected.append(rm_tok.encode("\n\nHuman: Who?\n\nAssistant: Me.") + [rm_tok.eos_id])  # re-tokenised
+    with torch.no_grad():
+        want = torch.stack([hf(torch.tensor([e])).logits[0, 0] for e in expected])
+        got = rm(ids, mask)[:, -1]
+    assert texts[0].count("<|im_start|>system") == 1 and texts[0].endswith("<|im_end|>\n")
+    assert (got - want).abs().max() < network_atol(want, WIDEST, 2)  # from magnitudes (tolerance.py)
+    assert want.std() > 0.05  # rows scored apart: a wrong rendering shows
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def write(path, rows):
@@ -249,7 +304,7 @@ def test_explicit_and_implicit_prompts_and_demonstrations(tmp_path):
     explicit = data.load_preferences(write(tmp_path / "e.jsonl", [GOOD]), "auto", logs.append)
     implicit = data.load_preferences(write(tmp_path / "i.jsonl", [IMPLICIT]), "auto", logs.append)
     assert explicit == implicit == [{"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello.",
-                                     "rejected": " Go away.", "line": 1}]
+                                     "rejected": " Go away.", "messages": [USER], "line": 1}]
     assert "format chat (from its first line)" in logs[0]
     two = {"messages": [USER, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"},
                         {"role": "assistant", "content": "Bye."}]}

@@ -32,7 +32,9 @@ def test_hh_prompt_is_everything_up_to_the_last_assistant_turn(tmp_path):
              hh(DIALOGUE, " Same.", resp_r=" Same.")]                      # identical: skipped
     logs = []
     records = data.load_preferences(write(tmp_path / "hh.jsonl", lines), "hh", logs.append)
-    assert records == [{"prompt": DIALOGUE, "chosen": " 4.", "rejected": " No.", "line": 1}]
+    assert records == [{"prompt": DIALOGUE, "chosen": " 4.", "rejected": " No.", "line": 1,
+                        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                     {"role": "user", "content": "What is 2+2?"}]}]  # for a reward model's template
     assert "empty response lines: 1" in logs[-1] and "prompt differs lines: 1" in logs[-1]
     assert "chosen equals rejected lines: 1" in logs[-1]
 

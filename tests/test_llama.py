@@ -426,7 +426,7 @@ def test_the_gpu24_pipeline_starts_each_stage_from_the_one_before_as_trained(tmp
         monkeypatch.setattr(module, "save_checkpoint", keep(module.save_checkpoint))
     reads(mpo, "train_dpo", ("dpo start",))
     reads(mpo, "reference_logps", ("dpo reference",))
-    reads(mpo, "reward_model_at", returned="split reward model")  # the split's; PPO's is the critic's backbone
+    reads(stages, "reward_model_at", returned="split reward model")  # the split's (first); PPO's is the critic's backbone
     reads(mpo, "train_ppo", ("ppo start", "ppo reference", "ppo reward model", "critic start"))
     # eval_stage judges SFT first, then each method in order
     reads(stages, "evaluate_policy", ("eval sft", None, "eval reward model"), ("eval mpo_stage1",), ("eval mpo",))

@@ -109,8 +109,8 @@ class Rounding(torch.nn.Module):
 def test_the_old_log_probs_come_from_the_updates_own_forward(tokenizer, tmp_path, monkeypatch):
     """log pi_old must come from the module the update runs (compiled, DDP) on the update's
     minibatches; computed by the plain model on the whole batch, the first ratio is off 1."""
-    import ppo
-    monkeypatch.setattr(ppo, "compiled", Rounding)
+    from plumbing import ppo_batches
+    monkeypatch.setattr(ppo_batches, "compiled", Rounding)
     row = run(tokenizer, tmp_path, lr=0.0, critic_lr=0.0)
     assert row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from publish import documents as publish
+from publish import collect, documents as publish
 from task import make_task, prompt_kind
 from train import PRESETS
 
@@ -81,7 +81,7 @@ def test_collect_files_a_run_without_weights(tmp_path):
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "score": 1.0, "entropy": 2.0}) + "\n"
                                                        for i in range(4)))
     (run / "ppo" / "model.safetensors").write_bytes(b"weights")
-    publish.collect("toy", "python3 train.py --seed 3", "Toy", [str(run)], str(tmp_path / "results"))
+    collect.collect("toy", "python3 train.py --seed 3", "Toy", [str(run)], str(tmp_path / "results"))
     filed = json.loads((tmp_path / "results" / "toy" / "seed-3.json").read_text())
     kinds = [prompt_kind(s["prompt"]) for s in filed["samples"]]  # the first prompt of each kind
     assert sorted(kinds) == sorted(set(map(prompt_kind, prompts))) and filed["samples"][0]["prompt"] == prompts[0]

@@ -17,10 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = ["plumbing", "bench", "publish"]  # the machinery; the method is the top level's files
 # each module may import only modules of lower layers (a folder's modules are named folder.module)
 LAYERS = [["task", "plumbing.distributed", "plumbing.packing", "sampling", "bench.peak_memory", "plumbing.chat",
-           "plumbing.checks"], ["plumbing.files"], ["data"], ["plumbing.tokenizer", "model"], ["llama", "lora"],
-          ["plumbing.checkpoint"], ["plumbing.hf", "training", "plumbing.report"], ["plumbing.runs"],
+           "plumbing.checks"], ["plumbing.files", "plumbing.progress"], ["data"], ["plumbing.tokenizer", "model"], ["llama", "lora"],
+          ["plumbing.checkpoint"], ["plumbing.hf", "training", "plumbing.report"],
+          ["plumbing.runs", "plumbing.ppo_batches"],
           ["sft", "reward", "dpo"], ["ppo", "evaluate", "plumbing.hf_reward"], ["stages"], ["mpo"], ["train"],
-          ["bench.memory", "bench.compile"], ["bench.figures", "bench.anchors", "bench.pipeline", "publish.documents"],
+          ["bench.memory", "bench.compile", "publish.collect"], ["bench.figures", "bench.anchors", "bench.pipeline", "publish.documents"],
           ["bench.gpu_check"]]
 MODULES = {m for layer in LAYERS for m in layer}
 ANCHOR_PACKAGES = {"trl", "accelerate", "datasets"}  # bench/anchors.py's alone, from .anchors/
@@ -72,6 +73,13 @@ def test_the_method_imports_neither_the_benchmarks_nor_the_publishing():
             roots = {name.split(".")[0] for name in imports(module)}
             assert not roots & {"bench", "publish"}, f"{module} imports {roots & {'bench', 'publish'}}"
     assert len([m for m in modules() if "." not in m]) <= 15
+
+
+def test_the_papers_file_reads_no_hugging_face_folder_and_has_no_lambda():
+    """mpo.py, the paper's file, reads no model from a Hugging Face folder itself: a reward model
+    or a critic from a folder reaches it through the stage that loads it (stages.py)."""
+    assert not project_imports("mpo") & {"plumbing.hf", "plumbing.hf_reward", "plumbing.chat"}
+    assert "lambda" not in {type(n).__name__.lower() for n in ast.walk(ast.parse(open(path_of("mpo")).read()))}
 
 
 def test_trl_is_imported_by_bench_anchors_alone():

@@ -11,6 +11,7 @@ import torch
 
 import data
 import training
+from plumbing import files, progress
 from dpo import DPOConfig
 from model import GPT, GPTConfig, response_token_logps, sft_loss
 from reward import RMConfig
@@ -84,9 +85,9 @@ def test_progress_in_a_log_file_is_plain_lines(capsys, monkeypatch):
     """Redirected (stderr not a terminal), progress is a plain line every few seconds and one at the
     end, never tqdm's carriage-return redraws, which made a log of the default run 360 KB."""
     clock = iter(range(0, 1000, 1))
-    monkeypatch.setattr(training.time, "time", lambda: float(next(clock)))
-    bar = training.progress(100, "sft")
-    assert isinstance(bar, training.Lines)
+    monkeypatch.setattr(progress.time, "time", lambda: float(next(clock)))
+    bar = progress.progress(100, "sft")
+    assert isinstance(bar, progress.Lines)
     for step in range(100):
         bar.update()
         bar.set_postfix({"loss": f"{1 / (step + 1):.3f}"})
@@ -110,7 +111,7 @@ def test_a_stages_fingerprint_and_seed_do_not_depend_on_its_configs_field_order(
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
-    training.truncate_jsonl(str(path), "step", 2)
+    files.truncate_jsonl(str(path), "step", 2)
     assert path.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'
 
 
