@@ -124,24 +124,25 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # the cache holds the n_kv_head heads only
-        y = grouped_attention(q, k, v, mask)
+        y = grouped_attention(q, k, v, mask, causal=cache is None or T > 1)  # as model.CausalSelfAttention
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, causal=True):
     """Grouped-query attention, q (B, H, T, D) on k, v (B, KV, S, D): key/value head j serves query
     heads j * G ... (j + 1) * G - 1, G = H / KV, and no key or value is copied per query head.
     Without a mask (causal rows): SDPA's enable_gqa, which its flash kernel runs on CUDA. With one
     (a KV cache's padding, packed rows): the G query heads of each key/value head become G times
     as many queries on that head, the mask repeated to match (a boolean (B, 1, G T, S), small).
+    causal: whether rows without a mask attend causally (not a decode step's one query on a cache).
     The output (B, H, T, D) may not be contiguous: CUDA's fused kernels return (B, T, H, D) memory."""
     B, H, T, D = q.shape
     KV, S = k.size(1), k.size(2)
     G = H // KV
     if G == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     mask = mask[:, :, None].expand(mask.size(0), 1, G, T, S).reshape(mask.size(0), 1, G * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, KV, G * T, D), k, v, attn_mask=mask)
     return y.reshape(B, H, T, D)  # a view, or on CUDA's fused layout a copy (tests/cuda_like.py)

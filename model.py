@@ -45,8 +45,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # mask=None means plain causal attention: SDPA can take its fused (flash) kernel
-        is_causal = mask is None and T > 1
+        # mask=None means plain causal attention: SDPA can take its fused (flash) kernel. A decode step
+        # (one query on a cache) is not causal; without a cache, asking T > 1 would make a symbolic
+        # bool under torch.compile, and one query on one key is the same either way
+        is_causal = mask is None and (cache is None or T > 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.fx.experimental._config as shapes
 
 import data
 from plumbing import distributed
@@ -46,12 +47,15 @@ def compiled(model, use):
     """The model itself, or (use: --compile) a torch.compile'd view of it sharing its parameters.
 
     dynamic=True: batches are padded to different lengths, and a recompile per shape would cost
-    more than it saves.
+    more than it saves. Without duck shaping: two sizes equal by chance in the first batch (packed
+    rows and rows; on CUDA, the aligned length and the padded one) would share one symbol, and the
+    first batch where they differ would compile the graph again.
     """
     if not use:
         return model
     for name, value in DYNAMO.items():  # read when a forward is traced, not here: set for the process
         setattr(torch._dynamo.config, name, value)
+    shapes.use_duck_shape = False
     return torch.compile(model, dynamic=True)
 
 

@@ -180,3 +180,35 @@ def test_the_aligned_training_forward_is_one_graph_under_compile(layout):
         for planned in (True, False):  # a stage's batch (data.to_device's plan), or a mask alone
             graphs, breaks = bench_compile.graph_breaks(model, args, kwargs, aligned=True, planned=planned)
             assert graphs == 1 and not breaks, (name, planned, breaks)
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "packed"])
+def test_batches_of_other_sizes_reuse_the_compiled_training_forward(aligned, monkeypatch):
+    """--compile's model (training.compiled) compiles the training forward once for batches of every
+    size and length: on CUDA's aligned rows one graph; on the CPU's packed rows one per plan kind
+    (packed, or run as it is where packing saves nothing). With duck shaping, a size equal by chance
+    to another in the first batch (packed rows and rows) became a guard, and later batches compiled
+    the graph again."""
+    import torch.fx.experimental._config as shapes
+    from torch._dynamo.testing import CompileCounter
+    from bench.compile import training_batch
+    from model import response_token_logps
+    from plumbing import packing
+    import training
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile(model, backend=counter, **kw))
+    monkeypatch.setattr(shapes, "use_duck_shape", True)  # torch's default, set back after the test
+    monkeypatch.setattr(packing, "ALIGN", aligned)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    forward = training.compiled(LAYOUTS["gpt"](), True)
+    # first, a batch whose sizes coincide: no two rows fit in one (3 packed rows of 3), and the longest
+    # prompt and response, 7 + 9, make the padded length 16, the aligned one
+    first = data.collate([[5] * 7, [6] * 3, [7] * 6], [[8] * 2, [9] * 9, [10] * 5], pad_id=0)
+    kinds = set()
+    for seed, rows in enumerate((first, 6, 4, 9, 7, 5, 8, 3)):
+        batch = data.to_device(rows if seed == 0 else training_batch(V, rows, seed), "cpu")  # as a stage's: planned
+        kinds.add(batch["plan"].kind)
+        response_token_logps(forward, batch).sum().backward()
+    torch._dynamo.reset()
+    assert counter.frame_count == len(kinds) and (kinds == {"align"} if aligned else "pack" in kinds), kinds
