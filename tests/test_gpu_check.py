@@ -60,11 +60,12 @@ def test_one_deadline_ends_the_call_and_every_step_reports(tmp_path, monkeypatch
                    ("bench", "import time; print('slow', flush=True); time.sleep(60)", 30, "bench.txt"),
                    ("memory", "print('never')", 30, None))
     t0 = time.time()
-    gpu_check.main(["--out", str(tmp_path), "--steps", "cuda,bench,memory", "--deadline", "12"])
-    assert time.time() - t0 < 12
+    deadline = gpu_check.RESERVE + 3  # 3 s for the steps
+    gpu_check.main(["--out", str(tmp_path), "--steps", "cuda,bench,memory", "--deadline", str(deadline)])
+    assert time.time() - t0 < deadline
     rows = [line.split(" | ")[:2] for line in (tmp_path / "summary.md").read_text().splitlines()[4:]]
-    assert rows == [["| cuda", "ok"], ["| bench", "stopped by the 12 s deadline"],
-                    ["| memory", "skipped: the 12 s deadline is reached"]]
+    assert rows == [["| cuda", "ok"], ["| bench", f"stopped by the {deadline} s deadline"],
+                    ["| memory", f"skipped: the {deadline} s deadline is reached"]]
     assert "slow" in (tmp_path / "bench.txt").read_text()  # what the stopped step printed
     assert what_comes_back(tmp_path) == ["bench.txt", "env.json", "summary.md", "tests.txt"]
 
