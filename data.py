@@ -231,7 +231,8 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                                                   if annotator_bias else {}),
                                                **({"on_policy": True} if on_policy_pairs else {}),
                                                **({"flips": label_flips} if label_flips else {})}},
-                "judge": None, "conversations": {}}
+                "judge": None, "conversations": {p: chat.hh_messages(p) for p in dict.fromkeys(
+                    [r["prompt"] for r in task["pref"] + task["held_out"]] + task["eval"])}}  # HH-RLHF dialogues
     n, text = read_lines(data)[0]
     template, note = _chat(chat.choose, chat_template, tokenizer, data,
                            detect_format(_json(n, text, data)) if format == "auto" else format)

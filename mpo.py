@@ -153,16 +153,16 @@ def split_by_gap(gaps, delta):
 
 
 def split_stage(rm_dir, records, cfg, out_dir, tokenizer, max_response, device="cpu", dtype="fp32",
-                gap="rm", easy_count=None, kind_of=None):
+                gap="rm", easy_count=None, kind_of=None, conversations=None):
     """Score every pair, split by gap, and write out_dir/{gaps,easy,hard,summary}.json.
 
     gap: "rm" (the paper), "abs" (|g|) or "gold" (the built-in task's gold gap). easy_count, if
     given, fixes the easy set's size: the pairs of the largest gaps, ties broken by position.
-    kind_of(prompt), if given, names a prompt's kind: the summary counts the kinds of each set."""
+    kind_of(prompt) names a prompt's kind (the summary counts each set's); conversations: stages.score_pairs."""
     if gap == "gold":
         gaps = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in records])
     else:
-        chosen, rejected = score_pairs(rm_dir, records, tokenizer, max_response, device, dtype)
+        chosen, rejected = score_pairs(rm_dir, records, tokenizer, max_response, device, dtype, conversations)
         gaps = reward_gaps(chosen, rejected, "abs" if gap == "abs" else "signed")
     if easy_count is not None:
         order = torch.sort(gaps, descending=True, stable=True).indices
@@ -302,7 +302,8 @@ def gold_probe(setup, prompts, policy):
 def split_stages(runner, run, cfgs, methods, task, tokenizer, rm):
     """The paper's split, then the ablations' splits on |g| and on the gold gap (with its easy size)."""
     split = partial(split_stage, runner.path("rm"), task["pref"], cfgs["split"], tokenizer=tokenizer,
-                    max_response=run.max_new_tokens, device=run.device, dtype=run.dtype, kind_of=task["kind"])
+                    max_response=run.max_new_tokens, device=run.device, dtype=run.dtype, kind_of=task["kind"],
+                    conversations=task["conversations"])
     summary = runner.run("split", "split", {"cfg": cfgs["split"]}, rm, partial(split, gap="rm"))
     needed = {recipe["split"] for m in methods for _, _, recipe in method_stages(m)[0]}
     if "split_abs" in needed:
@@ -328,7 +329,7 @@ def dpo_and_ppo_stages(runner, run, cfgs, methods, task, setup):
         else:
             stage = partial(ppo_stage, init_dir, reference_dir, path("rm"), path("sft"), [r["prompt"] for r in subset],
                             cfg, max_new_tokens=run.max_new_tokens, gold=task["gold"],
-                            conversations=data.conversations(subset), **common)
+                            conversations=task["conversations"], **common)
         runner.run(name, kind, {**settings, **adapters_in(cfgs, kind)}, upstream, stage)
     return plan
 

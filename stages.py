@@ -106,10 +106,11 @@ def judge_stage(folder, s, sft_dir, cfg):
     return {"pairs": len(task["judge"]), **summary}
 
 
-def score_pairs(rm_dir, records, tokenizer, max_response, device="cpu", dtype="fp32"):
+def score_pairs(rm_dir, records, tokenizer, max_response, device="cpu", dtype="fp32", conversations=None):
     """The split's scores: the reward model in rm_dir (the rm stage's, or --reward-model's), frozen
-    in the compute dtype, on the chosen and on the rejected side of every pair."""
-    reward_model = reward_model_at(rm_dir, tokenizer, device, DTYPES[dtype], data.conversations(records))
+    in the compute dtype, on the chosen and on the rejected side of every pair. conversations: the
+    task's (data.load_task), for a reward model of another tokenizer."""
+    reward_model = reward_model_at(rm_dir, tokenizer, device, DTYPES[dtype], conversations)
     mine = distributed.shard(records)  # data parallel: each rank scores its part of the pairs
     return tuple(torch.tensor(distributed.gather(score(
         reward_model, tokenizer, [r["prompt"] for r in mine], [r[side] for r in mine], max_response, device,
@@ -122,7 +123,7 @@ def critic_and_reward_model(rm_dir, sft_dir, tokenizer, block_size, device, memo
     head, where the reward model cannot read the policy's tokens). With adapters, a critic that
     starts as the reward model trains its own adapter and value head on the reward model's
     backbone, and the reward model is that backbone with the adapters off and its own head: one
-    backbone for both. conversations: data.conversations, for a reward model of another tokenizer."""
+    backbone for both. conversations: the task's, for a reward model of another tokenizer."""
     critic, is_reward_model = critic_start(rm_dir, sft_dir, tokenizer, block_size, device, memory.held("ppo"))
     critic = memory.trained(critic, "ppo")
     load = partial(reward_model_at, rm_dir, tokenizer, device, memory.held(), conversations)

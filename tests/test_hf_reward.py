@@ -221,14 +221,24 @@ def test_micro_run_with_the_policys_tokenizer(tmp_path):
     assert "== sft" not in proc.stdout and "== split" in proc.stdout and "== ppo" in proc.stdout
 
 
-def test_micro_run_with_another_tokenizer(tmp_path):
-    """A Qwen2 classifier whose tokenizer is not the run's: the text is re-tokenised, and PPO's critic
-    starts from SFT with a fresh value head."""
+def test_micro_run_with_another_tokenizer(tmp_path, monkeypatch):
+    """A Qwen2 classifier whose tokenizer is not the run's, with a chat template of its own: every
+    row the split, PPO and the evaluation score is the built-in task's dialogue rendered anew in that
+    template (tests/test_chat.py checks the rendering against transformers), and PPO's critic starts
+    from SFT with a fresh value head."""
+    from plumbing import chat
     own = task_tokenizer(400, seed=3)
     folder = save_classifier(hf_classifier("qwen2", vocab_size=own.vocab_size, pad=own.pad_id), tmp_path / "rm", own)
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    found, conversation_of = [], chat.conversation_of
+    monkeypatch.setattr(chat, "conversation_of", lambda *a: found.append(conversation_of(*a)) or found[-1])
     out = tmp_path / "run"
     proc = run_train(*FAST, "--out", str(out), "--reward-model", str(folder))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "conversations rendered anew with its chat template" in proc.stdout
+    assert len(found) > 2 * 120 and all(found)  # the split's 120 pairs, then PPO's rollouts and the evaluation
     assert "the rm stage is skipped" in proc.stdout and not (out / "rm").exists()
     assert json.loads((out / "ppo" / "done.json").read_text())["summary"]["critic_from"] == "sft"
     assert "the rm stage was skipped" in (out / "results.md").read_text()
