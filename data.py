@@ -231,8 +231,7 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
                                                   if annotator_bias else {}),
                                                **({"on_policy": True} if on_policy_pairs else {}),
                                                **({"flips": label_flips} if label_flips else {})}},
-                "judge": None, "conversations": {p: chat.hh_messages(p) for p in dict.fromkeys(
-                    [r["prompt"] for r in task["pref"] + task["held_out"]] + task["eval"])}}  # HH-RLHF dialogues
+                "judge": None, "conversations": hh_conversations(task)}
     n, text = read_lines(data)[0]
     template, note = _chat(chat.choose, chat_template, tokenizer, data,
                            detect_format(_json(n, text, data)) if format == "auto" else format)
@@ -268,6 +267,13 @@ def load_task(seed, tau, log=print, *, data="", format="auto", eval_data="", sft
     return {"sft": demos, "pref": records, "held_out": held_out, "judge": judge, "eval": prompts, "gold": None,
             "well_formed": None, "reference": None, "entropy_floor": None, "kind": None, "answers": None,
             "key": key, "template": template, "conversations": conversations(records + held_out + judge)}
+
+
+def hh_conversations(task):
+    """The built-in task's conversations (its prompts are HH-RLHF dialogues), as conversations gives
+    a file's."""
+    prompts = dict.fromkeys([r["prompt"] for r in task["pref"] + task["held_out"]] + task["eval"])
+    return {p: chat.hh_messages(p) for p in prompts}
 
 
 def conversations(records):

@@ -337,10 +337,9 @@ def train_ppo(policy, reference, reward_model, critic, tokenizer, prompts, cfg,
 
     gold(prompt, response) -> float, when the task has one, is logged per iteration on the
     rollouts (free: the samples exist) to show where the policy starts to hack the reward model.
-
-    Data parallel (plumbing/distributed.py), each rank samples rollouts / world of the iteration's prompts
-    with its own generator, whitens the advantages with the whole batch's statistics, and DDP
-    averages the gradients of its minibatches; the logged figures are means over the ranks.
+    Data parallel (plumbing/distributed.py), each rank samples rollouts / world of the iteration's
+    prompts with its own generator, whitens the advantages with the whole batch's statistics, and
+    DDP averages the gradients of its minibatches; the logged figures are means over the ranks.
     """
     os.makedirs(out_dir, exist_ok=True)
     room = policy.config.block_size - max_new_tokens

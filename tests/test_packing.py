@@ -197,18 +197,18 @@ def test_batches_of_other_sizes_reuse_the_compiled_training_forward(aligned, mon
     import training
     counter, compile = CompileCounter(), torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile(model, backend=counter, **kw))
-    monkeypatch.setattr(shapes, "use_duck_shape", True)  # torch's default, set back after the test
     monkeypatch.setattr(packing, "ALIGN", aligned)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    forward = training.compiled(LAYOUTS["gpt"](), True)
-    # first, a batch whose sizes coincide: no two rows fit in one (3 packed rows of 3), and the longest
-    # prompt and response, 7 + 9, make the padded length 16, the aligned one
-    first = data.collate([[5] * 7, [6] * 3, [7] * 6], [[8] * 2, [9] * 9, [10] * 5], pad_id=0)
-    kinds = set()
-    for seed, rows in enumerate((first, 6, 4, 9, 7, 5, 8, 3)):
-        batch = data.to_device(rows if seed == 0 else training_batch(V, rows, seed), "cpu")  # as a stage's: planned
-        kinds.add(batch["plan"].kind)
-        response_token_logps(forward, batch).sum().backward()
-    torch._dynamo.reset()
+    with shapes.patch(use_duck_shape=True):  # torch's default, set back after the test
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        forward = training.compiled(LAYOUTS["gpt"](), True)
+        # first, a batch whose sizes coincide: no two rows fit in one (3 packed rows of 3), and the longest
+        # prompt and response, 7 + 9, make the padded length 16, the aligned one
+        first = data.collate([[5] * 7, [6] * 3, [7] * 6], [[8] * 2, [9] * 9, [10] * 5], pad_id=0)
+        kinds = set()
+        for seed, rows in enumerate((first, 6, 4, 9, 7, 5, 8, 3)):
+            batch = data.to_device(rows if seed == 0 else training_batch(V, rows, seed), "cpu")  # as a stage's: planned
+            kinds.add(batch["plan"].kind)
+            response_token_logps(forward, batch).sum().backward()
+        torch._dynamo.reset()
     assert counter.frame_count == len(kinds) and (kinds == {"align"} if aligned else "pack" in kinds), kinds
