@@ -227,18 +227,13 @@ def test_a_loaded_adapter_keeps_a_small_update_on_a_bf16_base(tmp_path):
     assert lost < 0.01, f"{lost:.0%} of the adapter's effect lost"
 
 
-def micro(out, *flags):
-    return subprocess.run([sys.executable, "train.py", "--preset", "micro", "--out", str(out), *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_exactly(tmp_path):
     """Adapters on the reward model, DPO and PPO (policy and critic), with checkpointing: the whole
     pipeline runs; a PPO stage killed after a step state resumes to the same policy as one run
     straight through, and its step state holds the adapters and heads alone."""
     flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2",
              "--eval-prompts", "12", "--sft-steps", "30", "--rm-epochs", "1", "--easy-fraction", "0.5"]  # short: no quality checked
-    whole = run_train("--preset", "micro", "--out", tmp_path / "whole", *flags)  # in this process; the resume in its own
+    whole = run_train("--preset", "micro", "--out", tmp_path / "whole", *flags)  # in this process; the kill in its own
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert (tmp_path / "whole" / "results.json").exists()
     for stage in ("rm", "dpo", "ppo"):  # adapters and heads alone, a fraction of SFT's weights
@@ -254,8 +249,8 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
     state = load_file_keys(tmp_path / "killed" / "ppo" / "step_state.safetensors")
     model_keys = [k for k in state if k.startswith(("policy.", "critic."))]
     assert model_keys and all("lora_" in k or k.startswith("critic.head.") for k in model_keys)
-    resumed = micro(tmp_path / "killed", *flags)
-    assert resumed.returncode == 0 and "resuming from step 2" in resumed.stdout, resumed.stderr[-2000:]
+    resumed = run_train("--preset", "micro", "--out", tmp_path / "killed", *flags)  # the same command again
+    assert resumed.returncode == 0 and "resuming from step 2" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
     a = load_checkpoint(str(tmp_path / "whole" / "ppo"))[0].state_dict()
     b = load_checkpoint(str(tmp_path / "killed" / "ppo"))[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -91,8 +91,7 @@ def test_killed_twice_then_resumed_matches_an_uninterrupted_run(reference_run, t
 
 def test_non_finite_loss_stops_the_stage_and_keeps_the_last_state(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(command(out, "--sft-lr", "1e4", "--sft-save-every", "1"),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_train(*FLAGS, "--out", out, "--sft-lr", "1e4", "--sft-save-every", "1")  # in this process (tests/cli.py)
     assert proc.returncode == 3
     assert "error: stage sft, step 1: the gradient norm is nan (learning rate too high?)" in proc.stderr
     assert "Traceback" not in proc.stderr
