@@ -126,16 +126,34 @@ def generation_header(template):
     return template.render(PROBE[:1], True)[len(template.render(PROBE[:1], False)):]
 
 
+class Conversations:
+    """{a rendered prompt: its messages} (data.conversations), found by the whole prompt or, for one
+    cut from the left to fit a context, by its end: prompts indexed by their last END characters,
+    so that a cut prompt is looked up among a few, not all of a data set's."""
+    END = 32
+
+    def __init__(self, prompts):
+        self.prompts, self.by_end = dict(prompts), {}
+        for prompt in self.prompts:
+            self.by_end.setdefault(prompt[-self.END:], []).append(prompt)
+
+    def cut(self, head):
+        """The messages of the prompt that `head`, a prompt cut from the left, ends, or None."""
+        candidates = self.by_end.get(head[-self.END:], []) if len(head) >= self.END else self.prompts
+        return next((self.prompts[p] for p in candidates if p.endswith(head)), None)
+
+
 def conversation_of(text, header, conversations):
     """A rendered prompt and answer (`text`, as a policy's tokens decode) -> (the prompt's messages,
     the answer), or None: the prompt is the text up to a `header` that ends one of `conversations`
-    ({a rendered prompt: its messages}), or, for a prompt cut from the left to fit the context, ends
-    the end of one. The HH-RLHF text form's answer loses the space after its speaker."""
+    (Conversations), or, for a prompt cut from the left to fit the context, ends the end of one. The
+    HH-RLHF text form's answer loses the space after its speaker."""
     ends = [m.end() for m in re.finditer(re.escape(header), text)]
-    found = next(((conversations[text[:end]], end) for end in ends if text[:end] in conversations), None)
+    whole = conversations.prompts
+    found = next(((whole[text[:end]], end) for end in ends if text[:end] in whole), None)
     if found is None:  # a cut prompt: the end of a known one
-        found = next(((messages, end) for end in ends for prompt, messages in conversations.items()
-                      if prompt.endswith(text[:end])), None)
+        found = next(((messages, end) for end in ends for messages in [conversations.cut(text[:end])] if messages),
+                     None)
     if found is None:
         return None
     messages, end = found

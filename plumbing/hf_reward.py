@@ -106,7 +106,7 @@ class ReadAsTransformers(nn.Module):
         super().__init__()
         self.model, self.config = model, model.config
         self.pad_token_id, self.tokenizer, self.own = pad_token_id, tokenizer, own
-        self.template, self.conversations = template, conversations or {}
+        self.template, self.conversations = template, chat.Conversations(conversations or {}) if template else None
         self.header = chat.generation_header(policy_template(tokenizer)) if template else None
 
     def retokenized(self, ids):
