@@ -201,7 +201,7 @@ def test_a_reward_model_of_another_tokenizer_renders_each_conversation_in_its_ow
     conversation is its text re-tokenised, as before."""
     import torch
     from plumbing.hf_reward import reward_model_at
-    from test_hf_reward import WIDEST, hf_classifier
+    from test_hf_reward import WIDEST, hf_classifier, padded
     from tolerance import network_atol
     folder = tmp_path / "rm"
     rm_tok = Tokenizer.load(family_folder(folder, "chatml-qwen2.5", ["a reward model's own vocabulary"] * 50))
@@ -223,11 +223,7 @@ def test_a_reward_model_of_another_tokenizer_renders_each_conversation_in_its_ow
     ended, cut = policy.encode(head0) + data.encode_response(policy, text0), policy.encode(head1) + policy.encode(text1)
     left_cut = policy.encode(head1)[5:] + data.encode_response(policy, text1)
     unknown = policy.encode("\n\nHuman: Who?\n\nAssistant:") + data.encode_response(policy, " Me.")
-    rows = [ended, cut, left_cut, unknown]
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, ids.size(1) - len(r):], mask[i, ids.size(1) - len(r):] = torch.tensor(r), 1
+    ids, mask = padded([ended, cut, left_cut, unknown], left=True)
     render = lambda conversation, generation: oracle_tok.apply_chat_template(conversation, tokenize=False,
                                                                               add_generation_prompt=generation)
     answer = lambda a: [{"role": "assistant", "content": a.removeprefix(" ") if template is None else a}]
