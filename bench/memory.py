@@ -223,7 +223,7 @@ def measure(config, setting, stage, folder, fake=True, epochs=1, device="cpu"):
 def resident_growth(setting, stage, folder):
     """The process's peak resident memory over the step, less what it held before (GiB): a real run
     in a process of its own, on the CPU."""
-    code = (f"import bench_memory as b, torch; torch.manual_seed(0); b.warm_up({folder!r}); "
+    code = (f"import torch; from bench import memory as b; torch.manual_seed(0); b.warm_up({folder!r}); "
             f"before = b.rss('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); "
             f"b.measure(b.check_shape(), {setting!r}, {stage!r}, {folder!r}, fake=False); "
             f"print((b.rss('VmHWM') - before) / 2**30)")
@@ -358,16 +358,16 @@ def report(done):
     rows = by_row(done)
     if "device" in done:  # --device cuda
         return (f"# python3 -m bench.memory --device cuda: torch.cuda.max_memory_allocated per stage (GiB), on\n"
-                f"# {done['device']}, at the sizes of bench_memory.Sizes; PPO is one whole iteration.\n"
+                f"# {done['device']}, at the sizes of bench.memory.Sizes; PPO is one whole iteration.\n"
                 f"# Fits: the largest stage times {MARGIN} (fragmentation, workspaces) within the card.\n" + table(rows))
     if done["check"] is None:  # --no-check
         return table(rows)
     cell = lambda x: "" if x is None else f"{x:.3f}"
     check = "\n".join(f"| {stage} | " + " | ".join(cell(x) for x in figures) + " |" for stage, *figures in done["check"])
     return (f"# python3 -m bench.memory: peak GiB of live tensor storage per stage, measured on fake tensors\n"
-            f"# (FakeTensorMode) at the sizes of bench_memory.Sizes; PPO is one whole iteration. Fits: the\n"
+            f"# (FakeTensorMode) at the sizes of bench.memory.Sizes; PPO is one whole iteration. Fits: the\n"
             f"# largest stage times {MARGIN} (CUDA workspaces, the allocator's fragmentation) within the card.\n"
-            + table(rows) + "\n\n# the check of the method, full fp32 at bench_memory.check_shape() (GiB): "
+            + table(rows) + "\n\n# the check of the method, full fp32 at bench.memory.check_shape() (GiB): "
             "on fake tensors, PeakMemory\n# on real tensors, the CPU allocator's peak (torch.profiler), "
             "the process's resident growth\n| stage | fake | real | allocator | resident |\n|---|---|---|---|---|\n"
             + check)

@@ -2,6 +2,8 @@
 PeakMemory's own count and by torch's CPU allocator (torch.profiler), at a tiny shape, every
 stage and setting; the table by hand."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,6 +42,24 @@ def test_the_allocator_agrees_and_adapters_hold_less(tiny, tmp_path, monkeypatch
     counted = bench_memory.measure(SHAPES["gpt"], "full fp32", "dpo", str(tmp_path), fake=False)
     assert bench_memory.allocated_peak("full fp32", "dpo", str(tmp_path)) == pytest.approx(counted, rel=0.01)
     assert bench_memory.measure(SHAPES["gpt"], "LoRA bf16 + ckpt", "dpo", str(tmp_path)) < counted
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the resident memory is read from Linux's /proc")
+def test_the_resident_growth_process_runs_the_step_it_names(monkeypatch, capsys):
+    """resident_growth's process is code in a string, which no import checks: it is run here, in this
+    process, against stand-ins of the step (a real one costs seconds), from the package it names."""
+    argv = []
+    monkeypatch.setattr(bench_memory.subprocess, "run",
+                        lambda a, **kw: argv.extend(a) or subprocess.CompletedProcess(a, 0, "0.5\n", ""))
+    assert bench_memory.resident_growth("full fp32", "dpo", "F") == 0.5
+    assert argv[:2] == [sys.executable, "-c"]
+    calls, rss = [], {"VmRSS": 2 ** 30, "VmHWM": 3 * 2 ** 30}
+    monkeypatch.setattr(bench_memory, "warm_up", lambda folder: calls.append(folder))
+    monkeypatch.setattr(bench_memory, "measure", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(bench_memory, "rss", rss.get)
+    exec(argv[2], {})
+    assert calls == ["F", ((bench_memory.check_shape(), "full fp32", "dpo", "F"), {"fake": False})]
+    assert capsys.readouterr().out == "2.0\n"
 
 
 def test_the_table_by_hand():
