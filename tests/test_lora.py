@@ -4,7 +4,6 @@ MPO stage's reference is its starting policy, and a killed LoRA stage resumes ex
 import copy
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import run_train
+from plumbing import checkpoint
 from plumbing.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from llama import Llama, LlamaConfig
 from lora import AdaptersOff, LoRAConfig, LoRALinear, add_adapters, adapters, merge, switched_off
@@ -227,13 +227,13 @@ def test_a_loaded_adapter_keeps_a_small_update_on_a_bf16_base(tmp_path):
     assert lost < 0.01, f"{lost:.0%} of the adapter's effect lost"
 
 
-def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_exactly(tmp_path):
+def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_exactly(tmp_path, monkeypatch):
     """Adapters on the reward model, DPO and PPO (policy and critic), with checkpointing: the whole
     pipeline runs; a PPO stage killed after a step state resumes to the same policy as one run
     straight through, and its step state holds the adapters and heads alone."""
     flags = ["--lora-rank", "4", "--lora-stages", "rm,dpo,ppo", "--checkpointing", "--ppo-save-every", "2",
              "--eval-prompts", "12", "--sft-steps", "30", "--rm-epochs", "1", "--easy-fraction", "0.5"]  # short: no quality checked
-    whole = run_train("--preset", "micro", "--out", tmp_path / "whole", *flags)  # in this process; the kill in its own
+    whole = run_train("--preset", "micro", "--out", tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert (tmp_path / "whole" / "results.json").exists()
     for stage in ("rm", "dpo", "ppo"):  # adapters and heads alone, a fraction of SFT's weights
@@ -243,8 +243,15 @@ def test_the_micro_pipeline_runs_with_adapters_and_a_killed_lora_stage_resumes_e
                 < 0.5 * os.path.getsize(tmp_path / "whole" / "sft" / "model.safetensors"))
     # the same run, killed in PPO right after its step state at iteration 2 (the stages before it reused)
     shutil.copytree(tmp_path / "whole", tmp_path / "killed", ignore=shutil.ignore_patterns("ppo", "eval*", "results*"))
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP_STATE, str(tmp_path / "killed"), *flags],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    save = checkpoint.StepState.save
+
+    def save_then_exit(self, step, extra=None):
+        save(self, step, extra)
+        if "ppo" in self.path and step == 2:
+            sys.exit(7)
+    with monkeypatch.context() as m:  # in this process, as the kill is an exit, not a signal
+        m.setattr(checkpoint.StepState, "save", save_then_exit)
+        killed = run_train("--preset", "micro", "--out", tmp_path / "killed", *flags)
     assert killed.returncode == 7, killed.stderr[-2000:]
     state = load_file_keys(tmp_path / "killed" / "ppo" / "step_state.safetensors")
     model_keys = [k for k in state if k.startswith(("policy.", "critic."))]
@@ -261,16 +268,3 @@ def load_file_keys(path):
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
 
-
-# runs train.py's main in this process and exits with 7 right after PPO's first step state is saved
-KILL_AFTER_STEP_STATE = """
-import sys, train
-from plumbing import checkpoint
-save = checkpoint.StepState.save
-def save_then_die(self, step, extra=None):
-    save(self, step, extra)
-    if "ppo" in self.path and step == 2:
-        sys.exit(7)
-checkpoint.StepState.save = save_then_die
-train.main(["--preset", "micro", "--out", sys.argv[1], *sys.argv[2:]])
-"""
