@@ -25,14 +25,10 @@ def what_comes_back(folder):
 
 
 def test_the_dry_run_runs_every_step_and_leaves_what_comes_back(tmp_path, monkeypatch):
-    """gpu_check --dry with its steps' commands run in this process (tests/cli.py: each new
-    interpreter costs seconds of imports), but for the test suite's step, pytest, which stays a
-    process; how a step runs as a process is the part of the stand-in tests below."""
-    as_a_process = gpu_check.run_step
-
+    """gpu_check --dry with each step's command run in this process (tests/cli.run_python; a new
+    interpreter costs seconds of imports, five of them here), the test suite's step as a pytest
+    session inside this one; how a step runs as a process is the part of the stand-in tests below."""
     def run_step(name, argv, seconds, path):
-        if argv[1:3] == ["-m", "pytest"]:
-            return as_a_process(name, argv, seconds, path)
         with open(path, "a") as f:
             f.write(f"### {name}: {' '.join(argv)} (in the test's process)\n")
             return False, run_python(argv[1:], f)
@@ -71,7 +67,8 @@ def test_one_deadline_ends_the_call_and_every_step_reports(tmp_path, monkeypatch
                    ("bench", "import time; print('slow', flush=True); time.sleep(60)", 30, "bench.txt"),
                    ("memory", "print('never')", 30, None))
     t0 = time.time()
-    deadline = gpu_check.RESERVE + 3  # 3 s for the steps
+    monkeypatch.setattr(gpu_check, "RESERVE", 1)
+    deadline = gpu_check.RESERVE + 2  # 2 s for the steps: the first one, a bare interpreter, takes 0.1 s
     gpu_check.main(["--out", str(tmp_path), "--steps", "cuda,bench,memory", "--deadline", str(deadline)])
     assert time.time() - t0 < deadline
     rows = [line.split(" | ")[:2] for line in (tmp_path / "summary.md").read_text().splitlines()[4:]]
