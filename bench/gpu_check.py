@@ -63,7 +63,9 @@ def steps(out, run, dry):
                  "--sft-steps", "2", "--rm-epochs", "1"] if dry else
                 ["--preset", "gpt2", "--n-sft", "2000", "--n-pref", "1000", "--sft-steps", "100", "--rm-epochs", "1",
                  "--dpo-epochs", "1", "--ppo-iterations", "4", "--eval-prompts", "32"])
-    tests = [py, "-m", "pytest", "-v", "--tb=short", "-rs"]  # -v: each outcome as it ends, kept if the step is stopped
+    # -v: each outcome as it ends, kept if the step is stopped; -n 0: one test after another, in one
+    # process (pytest.ini's workers would share the GPU)
+    tests = [py, "-m", "pytest", "-n", "0", "-v", "--tb=short", "-rs"]
     return [  # each step's seconds: 500 in all, with env's in the 540 s deadline
         ("anchors", [py, "-m", "bench.anchors", "--install", "--wheels", WHEELS], 40, None),
         ("cuda", [*tests, "tests/test_precision.py", "tests/test_bench_memory.py", "-k", "cuda"], 100, "tests.txt"),
