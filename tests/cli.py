@@ -1,9 +1,9 @@
 """train.py's command line, or another python3 command, run inside the test process: train.main(argv)
-or the module, its printed output and its exit status caught as subprocess.run gives them. A new interpreter spends about 4 s on imports
-before any work (torch, then torch._dynamo, which the first optimizer imports), a micro run's
-whole length; the suite runs dozens of them. Each run starts from the same state a process would:
-the flags travel in the run's settings (train.main sets no module's globals), and each stage seeds
-the global random stream from its name and settings (plumbing/runs.py).
+or the module, its printed output and its exit status caught as subprocess.run gives them. A new
+interpreter spends about 4 s on imports before any work (torch, then torch._dynamo, which the first
+optimizer imports), a micro run's whole length; the suite runs dozens of them. Each run starts from
+the same state a process would: the flags travel in the run's settings (train.main sets no module's
+globals), and each stage seeds the global random stream from its name and settings (plumbing/runs.py).
 
 Tests of what only a real process shows (a kill and a resume, torchrun's ranks, the exit status and
 the one line a shell sees) start one."""

@@ -20,7 +20,6 @@ from tolerance import assert_exact
 from mpo import reference_of
 from training import Memory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = {"gpt": lambda: GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16)),
            "llama": lambda: Llama(LlamaConfig(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
                                               n_embd=16, intermediate_size=24, qkv_bias=True, tie_word_embeddings=False))}
